@@ -1,0 +1,172 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Allocator probes: libc's malloc family and CPython's allocator API.
+ *
+ * One entry program serves every allocation function: the loader attaches it with a
+ * cookie that says which argument holds the size (ALLOC_OP_*) and which allocator family
+ * it belongs to. The entry stashes the request per thread; the shared return program
+ * turns it into an event once the address is known.
+ *
+ * Calls nest: PyObject_Malloc may call malloc, reallocarray calls realloc. Only the
+ * outermost call of a thread is reported; nested ones are the allocator's own business.
+ */
+#ifndef PSLEAK_ALLOC_BPF_H
+#define PSLEAK_ALLOC_BPF_H
+
+#include "common.bpf.h"
+
+/* Cookie layout: bits 0-7 the op, bits 8-15 the domain (enum alloc_domain). */
+enum alloc_op {
+	ALLOC_OP_SIZE_ARG1 = 1,     /* malloc(size), valloc, pvalloc, Py*_Malloc */
+	ALLOC_OP_CALLOC = 2,        /* calloc(n, size) */
+	ALLOC_OP_REALLOC = 3,       /* realloc(ptr, size) */
+	ALLOC_OP_REALLOCARRAY = 4,  /* reallocarray(ptr, n, size) */
+	ALLOC_OP_POSIX_MEMALIGN = 5,/* posix_memalign(&ptr, align, size) */
+	ALLOC_OP_SIZE_ARG2 = 6,     /* aligned_alloc(align, size), memalign(align, size) */
+};
+
+struct alloc_call {
+	__u64 size;
+	__u64 old_addr;
+	__u64 out_ptr; /* posix_memalign's result slot */
+	__u64 caller;
+	__s32 stack_id;
+	__u32 depth;   /* nesting of probed calls of this layer in this thread */
+	__u8 op;
+	__u8 domain;
+};
+
+/* In-flight calls per thread, one map per layer, so a libc call can tell it is inside Python's. */
+struct alloc_calls {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct alloc_call);
+};
+struct alloc_calls libc_calls SEC(".maps");
+struct alloc_calls python_calls SEC(".maps");
+
+static __always_inline void *calls_of(__u8 domain)
+{
+	return domain == DOMAIN_LIBC ? (void *)&libc_calls : (void *)&python_calls;
+}
+
+/* True while the thread is inside a probed allocator call (used by mmap and free). */
+static __always_inline bool in_allocator(__u32 tid)
+{
+	return bpf_map_lookup_elem(&libc_calls, &tid) || bpf_map_lookup_elem(&python_calls, &tid);
+}
+
+SEC("uprobe")
+int BPF_UPROBE(alloc_enter)
+{
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u8 op = cookie & 0xff, domain = (cookie >> 8) & 0xff;
+	__u32 tid = current_tid();
+	void *calls = calls_of(domain);
+
+	/* malloc under PyObject_Malloc belongs to the Python allocation. */
+	if (domain == DOMAIN_LIBC && bpf_map_lookup_elem(&python_calls, &tid))
+		return 0;
+	struct alloc_call *outer = bpf_map_lookup_elem(calls, &tid);
+	if (outer) {
+		outer->depth++;
+		return 0;
+	}
+
+	struct alloc_call call = { .op = op, .domain = domain, .depth = 1 };
+	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx), a3 = PT_REGS_PARM3(ctx);
+	switch (op) {
+	case ALLOC_OP_SIZE_ARG1: call.size = a1; break;
+	case ALLOC_OP_CALLOC: call.size = a1 * a2; break;
+	case ALLOC_OP_REALLOC: call.old_addr = a1; call.size = a2; break;
+	case ALLOC_OP_REALLOCARRAY: call.old_addr = a1; call.size = a2 * a3; break;
+	case ALLOC_OP_POSIX_MEMALIGN: call.out_ptr = a1; call.size = a3; break;
+	case ALLOC_OP_SIZE_ARG2: call.size = a2; break;
+	default: return 0;
+	}
+	call.caller = return_address_at(PT_REGS_SP(ctx));
+	call.stack_id = user_stack_id(ctx);
+	bpf_map_update_elem(calls, &tid, &call, BPF_ANY);
+	return 0;
+}
+
+static __always_inline void emit_alloc(struct alloc_call *call, __u8 kind, __u64 addr)
+{
+	struct event *e = reserve_event(kind);
+	if (!e)
+		return;
+	e->domain = call->domain;
+	e->addr = addr;
+	e->size = kind == EV_FREE ? 0 : call->size;
+	e->old_addr = kind == EV_REALLOC ? call->old_addr : 0;
+	e->caller = call->caller;
+	e->stack_id = call->stack_id;
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("uretprobe")
+int BPF_URETPROBE(alloc_exit, __u64 ret)
+{
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u32 tid = current_tid();
+	void *calls = calls_of((cookie >> 8) & 0xff);
+	struct alloc_call *call = bpf_map_lookup_elem(calls, &tid);
+	if (!call)
+		return 0;
+	if (call->depth > 1) {
+		call->depth--;
+		return 0;
+	}
+
+	switch (call->op) {
+	case ALLOC_OP_REALLOC:
+	case ALLOC_OP_REALLOCARRAY:
+		if (ret)
+			emit_alloc(call, EV_REALLOC, ret);
+		else if (call->size == 0 && call->old_addr)
+			emit_alloc(call, EV_FREE, call->old_addr); /* realloc(p, 0) frees p */
+		break;
+	case ALLOC_OP_POSIX_MEMALIGN: {
+		__u64 addr = 0;
+		if (ret == 0 && bpf_probe_read_user(&addr, sizeof(addr), (void *)call->out_ptr) == 0 && addr)
+			emit_alloc(call, EV_ALLOC, addr);
+		break;
+	}
+	default:
+		if (ret)
+			emit_alloc(call, EV_ALLOC, ret);
+	}
+	bpf_map_delete_elem(calls, &tid);
+	return 0;
+}
+
+/*
+ * free(ptr) and Py*_Free(ptr). The loader may attach this past the function's NULL check
+ * (glibc's free starts with `test %rdi,%rdi; je`): the probe then sits on a `push`, which
+ * the kernel emulates, instead of the `test`, which it must single-step at five times the cost.
+ */
+SEC("uprobe")
+int BPF_UPROBE(free_enter)
+{
+	__u8 domain = (bpf_get_attach_cookie(ctx) >> 8) & 0xff;
+	__u64 addr = PT_REGS_PARM1(ctx);
+	__u32 tid = current_tid();
+	if (!addr)
+		return 0;
+	/* free inside realloc, or PyObject_Free's own free: part of the outer call. */
+	if (bpf_map_lookup_elem(&python_calls, &tid))
+		return 0;
+	if (domain == DOMAIN_LIBC && bpf_map_lookup_elem(&libc_calls, &tid))
+		return 0;
+
+	struct event *e = reserve_event(EV_FREE);
+	if (!e)
+		return 0;
+	e->domain = domain;
+	e->addr = addr;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+#endif

@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: MIT */
+/* What every probe shares: the target, the event ring, the stack map and the loss counters. */
+#ifndef PSLEAK_COMMON_BPF_H
+#define PSLEAK_COMMON_BPF_H
+
+#include "kernel.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "events.h"
+
+
+/* Set by the loader before load; the verifier then prunes every other process's path. */
+const volatile __u32 target_tgid = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 32 << 20); /* resized by the loader */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, PSLEAK_STACK_DEPTH * sizeof(__u64));
+	__uint(max_entries, 32768);
+} stacks SEC(".maps");
+
+/* Index 0: events dropped because the ring was full. Index 1: stacks that could not be stored. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+	__uint(max_entries, 2);
+} losses SEC(".maps");
+
+#define LOSS_RING_FULL 0
+#define LOSS_NO_STACK 1
+
+static __always_inline void count_loss(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&losses, &which);
+	if (n)
+		(*n)++;
+}
+
+static __always_inline __u32 current_tid(void)
+{
+	return (__u32)bpf_get_current_pid_tgid();
+}
+
+static __always_inline bool is_target(void)
+{
+	return (bpf_get_current_pid_tgid() >> 32) == target_tgid;
+}
+
+/* The word at the user stack pointer: at a function's first instruction (or in a leaf
+ * syscall wrapper) it is the return address, i.e. the caller, frame pointers or not. */
+static __always_inline __u64 return_address_at(__u64 user_sp)
+{
+	__u64 ret = 0;
+	bpf_probe_read_user(&ret, sizeof(ret), (void *)user_sp);
+	return ret;
+}
+
+static __always_inline __s32 user_stack_id(void *ctx)
+{
+	__s32 id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+	if (id < 0)
+		count_loss(LOSS_NO_STACK);
+	return id;
+}
+
+static __always_inline struct event *reserve_event(__u8 kind)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RING_FULL);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = kind;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->tid = current_tid();
+	return e;
+}
+
+/* An event raised inside a syscall made by the target: the caller is found in userspace from a
+ * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
+static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, __u64 user_sp)
+{
+	struct event_with_scan *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r) {
+		count_loss(LOSS_RING_FULL);
+		return NULL;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	r->event.kind = kind;
+	r->event.ts_ns = bpf_ktime_get_ns();
+	r->event.tid = current_tid();
+	r->event.flags = EVF_STACK_SCAN;
+	r->event.stack_id = user_stack_id(ctx);
+	bpf_probe_read_user(&r->scan, sizeof(r->scan), (void *)user_sp);
+	return &r->event;
+}
+
+/* The user stack pointer of the current task, from inside the kernel. */
+static __always_inline __u64 current_user_sp(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	return BPF_CORE_READ(regs, sp);
+}
+
+#endif

@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The one definition of every event psleak's probes send to userspace.
+ * The BPF side fills `struct event`; libbpf-cargo generates the Rust type from
+ * this object's BTF, so userspace decodes exactly this layout and nothing else.
+ */
+#ifndef PSLEAK_EVENTS_H
+#define PSLEAK_EVENTS_H
+
+/* Depth of the user stacks kept in the stack map (frames per stack). */
+#define PSLEAK_STACK_DEPTH 32
+
+enum event_kind {
+	/* addr = new block, size = bytes asked for, domain = allocator family */
+	EV_ALLOC = 1,
+	/* addr = block freed, domain = allocator family */
+	EV_FREE = 2,
+	/* addr = new block (0 if the call failed), old_addr = block passed in, size = bytes asked for */
+	EV_REALLOC = 3,
+	/* addr = start, size = length; flags may hold EVF_ALLOCATOR_INTERNAL */
+	EV_MMAP = 4,
+	/* addr = start, size = length */
+	EV_MUNMAP = 5,
+	/* addr = new start, size = new length, old_addr = old start, aux = old length */
+	EV_MREMAP = 6,
+	/* addr = fd, aux = inode mode (S_IFMT bits), sock_family/sock_type for sockets */
+	EV_FD_OPEN = 7,
+	/* addr = first fd closed, aux = last fd closed (equal for close()) */
+	EV_FD_CLOSE = 8,
+	/* addr = tid of the new thread */
+	EV_THREAD_START = 9,
+	/* addr = tid of the thread that ended */
+	EV_THREAD_EXIT = 10,
+};
+
+/* Allocator families, counted apart: a Python object allocation and the malloc under it are one leak. */
+enum alloc_domain {
+	DOMAIN_LIBC = 0,      /* malloc, calloc, realloc, posix_memalign, ... in the target's libc */
+	DOMAIN_PYMEM_RAW = 1, /* PyMem_RawMalloc & co. */
+	DOMAIN_PYMEM = 2,     /* PyMem_Malloc & co. */
+	DOMAIN_PYOBJECT = 3,  /* PyObject_Malloc & co. */
+};
+
+/* The mapping was made inside an allocator call: its bytes are already counted as heap. */
+#define EVF_ALLOCATOR_INTERNAL 1
+/* A `struct stack_scan` follows the event in the same ring record. */
+#define EVF_STACK_SCAN 2
+
+/* Words read upward from the user stack pointer for events raised inside a syscall, where the
+ * libc wrapper may have pushed a frame: userspace picks the first word that is a return address. */
+#define PSLEAK_SCAN_WORDS 16
+
+struct event {
+	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 addr;     /* see enum event_kind */
+	__u64 size;
+	__u64 old_addr;
+	__u64 aux;
+	__u64 caller;   /* return address of the probed call: the immediate caller, even without frame pointers */
+	__s32 stack_id; /* user stack in the `stacks` map, or a negative errno when none could be taken */
+	__u32 tid;      /* thread that caused the event */
+	__u8 kind;      /* enum event_kind */
+	__u8 domain;    /* enum alloc_domain, for allocation events */
+	__u8 flags;     /* EVF_* */
+	__u8 pad;
+	__u16 sock_family;
+	__u16 sock_type;
+};
+
+struct stack_scan {
+	__u64 words[PSLEAK_SCAN_WORDS];
+};
+
+/* The record layout of an event carrying EVF_STACK_SCAN. */
+struct event_with_scan {
+	struct event event;
+	struct stack_scan scan;
+};
+
+#endif

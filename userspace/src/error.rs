@@ -1,0 +1,50 @@
+//! The errors a user can meet, each one line that says what is wrong and what to do.
+
+use std::fmt;
+use std::io;
+
+use psleak_ebpf::AttachError;
+
+#[derive(Debug)]
+pub enum Error {
+    NoSuchProcess(u32),
+    NotTraceable(u32, String),
+    NoDynamicLibc(u32),
+    NotPrivileged,
+    NoBtf(String),
+    Attach(AttachError),
+    Io(String, io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchProcess(pid) => write!(f, "no process with pid {pid}: check the pid with `ps -p {pid}`"),
+            Self::NotTraceable(pid, why) => write!(f, "cannot trace pid {pid}: {why}"),
+            Self::NoDynamicLibc(pid) => write!(
+                f,
+                "pid {pid} has no shared libc mapped (statically linked?): psleak probes the allocator in libc.so; \
+                 link the program dynamically to trace it"
+            ),
+            Self::NotPrivileged => write!(
+                f,
+                "loading eBPF probes needs root or CAP_BPF and CAP_PERFMON: rerun with sudo, or connect to a psleak daemon"
+            ),
+            Self::NoBtf(what) => write!(
+                f,
+                "{what}: psleak relocates its probes with the kernel's BTF; use a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF=y, or pass its BTF file with --btf"
+            ),
+            Self::Attach(err) => err.fmt(f),
+            Self::Io(what, err) => write!(f, "{what}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<AttachError> for Error {
+    fn from(err: AttachError) -> Self {
+        Self::Attach(err)
+    }
+}

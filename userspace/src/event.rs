@@ -1,0 +1,176 @@
+//! The event model every backend feeds the ledger with. The eBPF backend decodes
+//! `ebpf/src/bpf/events.h` into it; nothing here is re-derived from anything but the event.
+
+use serde::Serialize;
+
+/// Allocator families, counted apart (`enum alloc_domain` in events.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Domain {
+    Libc,
+    PymemRaw,
+    Pymem,
+    Pyobject,
+}
+
+impl Domain {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Libc => "malloc",
+            Self::PymemRaw => "PyMem_Raw",
+            Self::Pymem => "PyMem",
+            Self::Pyobject => "PyObject",
+        }
+    }
+}
+
+/// What an fd refers to, as the kernel saw it when the fd was installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum FdKind {
+    File,
+    Directory,
+    Pipe,
+    Socket {
+        family: u16,
+        sock_type: u16,
+    },
+    Device,
+    /// eventfd, epoll, memfd, timerfd, signalfd, pidfd...: anonymous inodes.
+    Other,
+}
+
+impl FdKind {
+    /// From the inode mode and, for sockets, the socket's family and type.
+    pub fn from_mode(mode: u64, family: u16, sock_type: u16) -> Self {
+        match mode & 0o170000 {
+            0o100000 => Self::File,
+            0o040000 => Self::Directory,
+            0o010000 => Self::Pipe,
+            0o140000 => Self::Socket { family, sock_type },
+            0o020000 | 0o060000 => Self::Device,
+            _ => Self::Other,
+        }
+    }
+
+    /// `AF_INET SOCK_STREAM`, `pipe`, `file`...
+    pub fn describe(self) -> String {
+        match self {
+            Self::Socket { family, sock_type } => {
+                format!("{} {}", family_name(family), sock_type_name(sock_type))
+            }
+            Self::File => "file".into(),
+            Self::Directory => "directory".into(),
+            Self::Pipe => "pipe".into(),
+            Self::Device => "device".into(),
+            Self::Other => "anonymous inode".into(),
+        }
+    }
+}
+
+fn family_name(family: u16) -> String {
+    match i32::from(family) {
+        libc::AF_UNIX => "AF_UNIX".into(),
+        libc::AF_INET => "AF_INET".into(),
+        libc::AF_INET6 => "AF_INET6".into(),
+        libc::AF_NETLINK => "AF_NETLINK".into(),
+        libc::AF_PACKET => "AF_PACKET".into(),
+        other => format!("AF_{other}"),
+    }
+}
+
+fn sock_type_name(sock_type: u16) -> String {
+    match i32::from(sock_type) {
+        libc::SOCK_STREAM => "SOCK_STREAM".into(),
+        libc::SOCK_DGRAM => "SOCK_DGRAM".into(),
+        libc::SOCK_RAW => "SOCK_RAW".into(),
+        libc::SOCK_SEQPACKET => "SOCK_SEQPACKET".into(),
+        other => format!("SOCK_{other}"),
+    }
+}
+
+/// Where a resource was created: the immediate caller of the probed function (exact even
+/// without frame pointers) and the recorded user stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Origin {
+    pub caller: Option<u64>,
+    pub stack_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Alloc {
+        domain: Domain,
+        addr: u64,
+        size: u64,
+    },
+    Free {
+        domain: Domain,
+        addr: u64,
+    },
+    /// `new` replaces `old` (which may be 0, as for realloc(NULL, n)).
+    Realloc {
+        domain: Domain,
+        old: u64,
+        new: u64,
+        size: u64,
+    },
+    /// `allocator_internal`: made inside an allocator call, so already counted as heap.
+    Map {
+        addr: u64,
+        len: u64,
+        allocator_internal: bool,
+    },
+    Unmap {
+        addr: u64,
+        len: u64,
+    },
+    Remap {
+        old: u64,
+        old_len: u64,
+        new: u64,
+        new_len: u64,
+        allocator_internal: bool,
+    },
+    FdOpen {
+        fd: i32,
+        kind: FdKind,
+    },
+    /// Closes every fd in `first..=last`.
+    FdClose {
+        first: i32,
+        last: i32,
+    },
+    ThreadStart {
+        tid: u32,
+    },
+    ThreadExit {
+        tid: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The thread that caused it.
+    pub tid: u32,
+    pub origin: Origin,
+    pub change: Change,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_fd_kinds() {
+        assert_eq!(
+            FdKind::from_mode(0o140000, 2, 1).describe(),
+            "AF_INET SOCK_STREAM"
+        );
+        assert_eq!(FdKind::from_mode(0o100644, 0, 0), FdKind::File);
+        assert_eq!(FdKind::from_mode(0o010600, 0, 0).describe(), "pipe");
+        assert_eq!(FdKind::from_mode(0, 0, 0), FdKind::Other);
+    }
+}

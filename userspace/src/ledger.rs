@@ -1,0 +1,599 @@
+//! The ledger: every resource created since attach that is still live, keyed by address, fd
+//! or tid, each with the site that created it. Resources that existed before attach are
+//! unknown to it, and their release is ignored.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::event::{Change, Domain, Event, FdKind, Origin};
+
+/// An interned creation site.
+pub type SiteId = u32;
+
+/// A point in the event stream; resources created after it are "since" it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Mark(u64);
+
+/// What a byte-counted resource is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "domain")]
+pub enum Memory {
+    Heap(Domain),
+    Mmap,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Created {
+    site: SiteId,
+    seq: u64,
+    ts_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    size: u64,
+    created: Created,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    end: u64,
+    allocator_internal: bool,
+    created: Created,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OpenFd {
+    pub kind: FdKind,
+    pub site: SiteId,
+    pub ts_ns: u64,
+    seq: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LiveThread {
+    pub site: SiteId,
+    pub ts_ns: u64,
+    seq: u64,
+}
+
+/// Which live memory a query counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter {
+    /// Only what was created at or after this mark.
+    pub since: Mark,
+    /// Only what was created before this mark (None: up to now).
+    pub until: Option<Mark>,
+    /// Only what was created at or before this CLOCK_MONOTONIC time (a minimum age).
+    pub created_by_ns: Option<u64>,
+    pub min_size: u64,
+    pub max_size: Option<u64>,
+}
+
+impl Filter {
+    fn admits(&self, created: &Created, size: u64) -> bool {
+        created.seq >= self.since.0
+            && self.until.is_none_or(|until| created.seq < until.0)
+            && self.created_by_ns.is_none_or(|t| created.ts_ns <= t)
+            && size >= self.min_size
+            && self.max_size.is_none_or(|max| size <= max)
+    }
+}
+
+/// Live memory created at one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SiteTotals {
+    pub memory: Memory,
+    #[serde(skip)]
+    pub site: SiteId,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    seq: u64,
+    sites: Vec<Origin>,
+    site_ids: HashMap<Origin, SiteId>,
+    heap: HashMap<(Domain, u64), Block>,
+    mappings: BTreeMap<u64, Mapping>,
+    fds: BTreeMap<i32, OpenFd>,
+    threads: BTreeMap<u32, LiveThread>,
+    /// Releases of resources the ledger never saw created (made before attach).
+    pub untracked_releases: u64,
+}
+
+const PAGE: u64 = 4096;
+
+fn page_align(len: u64) -> u64 {
+    len.div_ceil(PAGE) * PAGE
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current point of the stream.
+    pub fn mark(&self) -> Mark {
+        Mark(self.seq)
+    }
+
+    /// Number of events applied.
+    pub fn events(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn origin(&self, site: SiteId) -> Origin {
+        self.sites[site as usize]
+    }
+
+    fn intern(&mut self, origin: Origin) -> SiteId {
+        if let Some(&id) = self.site_ids.get(&origin) {
+            return id;
+        }
+        let id = self.sites.len() as SiteId;
+        self.sites.push(origin);
+        self.site_ids.insert(origin, id);
+        id
+    }
+
+    pub fn apply(&mut self, event: &Event) {
+        let created = Created {
+            site: self.intern(event.origin),
+            seq: self.seq,
+            ts_ns: event.ts_ns,
+        };
+        self.seq += 1;
+        match event.change {
+            Change::Alloc { domain, addr, size } => {
+                self.heap.insert((domain, addr), Block { size, created });
+            }
+            Change::Free { domain, addr } => self.release_block(domain, addr),
+            Change::Realloc {
+                domain,
+                old,
+                new,
+                size,
+            } => {
+                if old != 0 {
+                    self.release_block(domain, old);
+                }
+                self.heap.insert((domain, new), Block { size, created });
+            }
+            Change::Map {
+                addr,
+                len,
+                allocator_internal,
+            } => {
+                self.unmap(addr, len);
+                let end = addr + page_align(len);
+                self.mappings.insert(
+                    addr,
+                    Mapping {
+                        end,
+                        allocator_internal,
+                        created,
+                    },
+                );
+            }
+            Change::Unmap { addr, len } => {
+                if !self.unmap(addr, len) {
+                    self.untracked_releases += 1;
+                }
+            }
+            Change::Remap {
+                old,
+                old_len,
+                new,
+                new_len,
+                allocator_internal,
+            } => {
+                self.unmap(old, old_len);
+                self.unmap(new, new_len);
+                let end = new + page_align(new_len);
+                self.mappings.insert(
+                    new,
+                    Mapping {
+                        end,
+                        allocator_internal,
+                        created,
+                    },
+                );
+            }
+            Change::FdOpen { fd, kind } => {
+                // A live fd reopened under the same number was closed implicitly (dup2).
+                self.fds.insert(
+                    fd,
+                    OpenFd {
+                        kind,
+                        site: created.site,
+                        ts_ns: event.ts_ns,
+                        seq: created.seq,
+                    },
+                );
+            }
+            Change::FdClose { first, last } if first <= last => {
+                let closed: Vec<i32> = self.fds.range(first..=last).map(|(&fd, _)| fd).collect();
+                if closed.is_empty() && first == last {
+                    self.untracked_releases += 1;
+                }
+                for fd in closed {
+                    self.fds.remove(&fd);
+                }
+            }
+            Change::FdClose { .. } => {}
+            Change::ThreadStart { tid } => {
+                self.threads.insert(
+                    tid,
+                    LiveThread {
+                        site: created.site,
+                        ts_ns: event.ts_ns,
+                        seq: created.seq,
+                    },
+                );
+            }
+            Change::ThreadExit { tid } => {
+                if self.threads.remove(&tid).is_none() {
+                    self.untracked_releases += 1;
+                }
+            }
+        }
+    }
+
+    fn release_block(&mut self, domain: Domain, addr: u64) {
+        if self.heap.remove(&(domain, addr)).is_none() {
+            self.untracked_releases += 1;
+        }
+    }
+
+    /// Removes `[addr, addr+len)` from the tracked mappings, splitting those that straddle it.
+    /// Returns whether any tracked mapping was touched.
+    fn unmap(&mut self, addr: u64, len: u64) -> bool {
+        let end = addr + page_align(len);
+        let overlapping: Vec<(u64, Mapping)> = self
+            .mappings
+            .range(..end)
+            .rev()
+            .take_while(|(_, m)| m.end > addr)
+            .map(|(&start, &m)| (start, m))
+            .collect();
+        for (start, m) in &overlapping {
+            self.mappings.remove(start);
+            if *start < addr {
+                self.mappings.insert(*start, Mapping { end: addr, ..*m });
+            }
+            if m.end > end {
+                self.mappings.insert(end, Mapping { end: m.end, ..*m });
+            }
+        }
+        !overlapping.is_empty()
+    }
+
+    /// Live memory admitted by `filter`, one entry per (kind of memory, site), largest first.
+    /// Mappings made inside the allocator are left out: their bytes are heap already.
+    pub fn memory_by_site(&self, filter: &Filter) -> Vec<SiteTotals> {
+        let mut totals: HashMap<(Memory, SiteId), (u64, u64)> = HashMap::new();
+        let mut add = |memory, created: &Created, size| {
+            if filter.admits(created, size) {
+                let entry = totals.entry((memory, created.site)).or_default();
+                entry.0 += 1;
+                entry.1 += size;
+            }
+        };
+        for (&(domain, _), block) in &self.heap {
+            add(Memory::Heap(domain), &block.created, block.size);
+        }
+        for (&start, m) in self.mappings.iter().filter(|(_, m)| !m.allocator_internal) {
+            add(Memory::Mmap, &m.created, m.end - start);
+        }
+        let mut sites: Vec<SiteTotals> = totals
+            .into_iter()
+            .map(|((memory, site), (count, bytes))| SiteTotals {
+                memory,
+                site,
+                count,
+                bytes,
+            })
+            .collect();
+        sites.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then(b.count.cmp(&a.count))
+                .then(a.site.cmp(&b.site))
+        });
+        sites
+    }
+
+    /// Fds opened since `since` and still open, by fd number.
+    pub fn open_fds(&self, since: Mark) -> impl Iterator<Item = (i32, &OpenFd)> {
+        self.fds
+            .iter()
+            .filter(move |(_, f)| f.seq >= since.0)
+            .map(|(&fd, f)| (fd, f))
+    }
+
+    /// Threads started since `since` and still alive, by tid.
+    pub fn live_threads(&self, since: Mark) -> impl Iterator<Item = (u32, &LiveThread)> {
+        self.threads
+            .iter()
+            .filter(move |(_, t)| t.seq >= since.0)
+            .map(|(&tid, t)| (tid, t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(caller: u64, change: Change) -> Event {
+        Event {
+            ts_ns: 1,
+            tid: 1,
+            origin: Origin {
+                caller: Some(caller),
+                stack_id: None,
+            },
+            change,
+        }
+    }
+
+    fn heap_bytes(ledger: &Ledger) -> u64 {
+        ledger
+            .memory_by_site(&Filter::default())
+            .iter()
+            .filter(|s| s.memory != Memory::Mmap)
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    #[test]
+    fn frees_cancel_allocations_and_unknown_frees_are_ignored() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::Alloc {
+                domain: Domain::Libc,
+                addr: 0x10,
+                size: 100,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Alloc {
+                domain: Domain::Libc,
+                addr: 0x20,
+                size: 50,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Free {
+                domain: Domain::Libc,
+                addr: 0x10,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Free {
+                domain: Domain::Libc,
+                addr: 0x999,
+            },
+        ));
+        assert_eq!(heap_bytes(&l), 50);
+        assert_eq!(l.untracked_releases, 1);
+    }
+
+    #[test]
+    fn domains_are_apart() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::Alloc {
+                domain: Domain::Pyobject,
+                addr: 0x10,
+                size: 32,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Free {
+                domain: Domain::Libc,
+                addr: 0x10,
+            },
+        ));
+        assert_eq!(
+            heap_bytes(&l),
+            32,
+            "a libc free does not release a PyObject block"
+        );
+    }
+
+    #[test]
+    fn realloc_moves_the_block_to_the_new_site() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::Alloc {
+                domain: Domain::Libc,
+                addr: 0x10,
+                size: 8,
+            },
+        ));
+        l.apply(&at(
+            2,
+            Change::Realloc {
+                domain: Domain::Libc,
+                old: 0x10,
+                new: 0x40,
+                size: 64,
+            },
+        ));
+        let sites = l.memory_by_site(&Filter::default());
+        assert_eq!(sites.len(), 1);
+        assert_eq!((sites[0].count, sites[0].bytes), (1, 64));
+        assert_eq!(l.origin(sites[0].site).caller, Some(2));
+    }
+
+    #[test]
+    fn groups_by_site_and_filters_by_mark_and_size() {
+        let mut l = Ledger::new();
+        for i in 0..10 {
+            l.apply(&at(
+                7,
+                Change::Alloc {
+                    domain: Domain::Libc,
+                    addr: 0x1000 + i,
+                    size: 16,
+                },
+            ));
+        }
+        let mid = l.mark();
+        l.apply(&at(
+            8,
+            Change::Alloc {
+                domain: Domain::Libc,
+                addr: 0x9000,
+                size: 4096,
+            },
+        ));
+        let all = l.memory_by_site(&Filter::default());
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].count, all[0].bytes), (1, 4096));
+        assert_eq!((all[1].count, all[1].bytes), (10, 160));
+        assert_eq!(
+            l.memory_by_site(&Filter {
+                since: mid,
+                ..Filter::default()
+            })
+            .len(),
+            1
+        );
+        assert_eq!(
+            l.memory_by_site(&Filter {
+                until: Some(mid),
+                ..Filter::default()
+            })[0]
+                .count,
+            10
+        );
+        assert_eq!(
+            l.memory_by_site(&Filter {
+                min_size: 100,
+                ..Filter::default()
+            })[0]
+                .bytes,
+            4096
+        );
+    }
+
+    #[test]
+    fn partial_munmap_splits_mappings() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::Map {
+                addr: 0x10000,
+                len: 4 * PAGE,
+                allocator_internal: false,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Unmap {
+                addr: 0x10000 + PAGE,
+                len: PAGE,
+            },
+        ));
+        let sites = l.memory_by_site(&Filter::default());
+        assert_eq!((sites[0].count, sites[0].bytes), (2, 3 * PAGE));
+        l.apply(&at(
+            1,
+            Change::Unmap {
+                addr: 0x10000,
+                len: 4 * PAGE,
+            },
+        ));
+        assert!(l.memory_by_site(&Filter::default()).is_empty());
+    }
+
+    #[test]
+    fn allocator_mappings_are_not_counted_twice() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::Map {
+                addr: 0x10000,
+                len: 200_000,
+                allocator_internal: true,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::Alloc {
+                domain: Domain::Libc,
+                addr: 0x10010,
+                size: 200_000,
+            },
+        ));
+        let sites = l.memory_by_site(&Filter::default());
+        assert_eq!(sites.len(), 1);
+        assert_eq!(sites[0].memory, Memory::Heap(Domain::Libc));
+    }
+
+    #[test]
+    fn fds_and_threads() {
+        let mut l = Ledger::new();
+        l.apply(&at(
+            1,
+            Change::FdOpen {
+                fd: 3,
+                kind: FdKind::File,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::FdOpen {
+                fd: 4,
+                kind: FdKind::Pipe,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::FdOpen {
+                fd: 9,
+                kind: FdKind::Pipe,
+            },
+        ));
+        l.apply(&at(
+            1,
+            Change::FdClose {
+                first: 4,
+                last: i32::MAX,
+            },
+        ));
+        l.apply(&at(1, Change::FdClose { first: 8, last: 2 })); // inverted: nothing
+        l.apply(&at(
+            2,
+            Change::FdOpen {
+                fd: 3,
+                kind: FdKind::Pipe,
+            },
+        )); // dup2 over 3
+        let open: Vec<_> = l
+            .open_fds(Mark::default())
+            .map(|(fd, f)| (fd, f.kind))
+            .collect();
+        assert_eq!(open, vec![(3, FdKind::Pipe)]);
+        l.apply(&at(1, Change::ThreadStart { tid: 100 }));
+        l.apply(&at(1, Change::ThreadStart { tid: 101 }));
+        l.apply(&at(1, Change::ThreadExit { tid: 100 }));
+        assert_eq!(
+            l.live_threads(Mark::default())
+                .map(|(t, _)| t)
+                .collect::<Vec<_>>(),
+            vec![101]
+        );
+    }
+}

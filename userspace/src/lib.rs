@@ -1,0 +1,11 @@
+//! psleak's collector: the event model, the ledger of live resources, the eBPF backend, and
+//! the live `trace` of a running process.
+
+pub mod error;
+pub mod event;
+pub mod ledger;
+pub mod process;
+pub mod report;
+pub mod symbols;
+pub mod trace;
+pub mod tracer;

@@ -1,0 +1,110 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use psleak::trace::{self, TraceArgs};
+use psleak::tracer::TraceOptions;
+
+/// Leak observer for Python code and native extensions.
+#[derive(Parser)]
+#[command(name = "psleak", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a running process and show what it creates and keeps: memory by site,
+    /// fds and threads opened since attach and still open.
+    Trace(TraceCli),
+}
+
+#[derive(clap::Args)]
+struct TraceCli {
+    /// The process to trace.
+    #[arg(long, short)]
+    pid: u32,
+    /// Seconds between reports.
+    #[arg(long, short, default_value_t = 5.0, value_parser = positive_seconds)]
+    interval: f64,
+    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
+    #[arg(long, short, value_parser = positive_seconds)]
+    duration: Option<f64>,
+    /// One JSON object per report, one per line.
+    #[arg(long)]
+    json: bool,
+    /// How many memory sites to show.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Ignore allocations and mappings smaller than this many bytes.
+    #[arg(long, default_value_t = 0)]
+    min_size: u64,
+    /// Ignore allocations and mappings larger than this many bytes.
+    #[arg(long)]
+    max_size: Option<u64>,
+    /// Ignore memory younger than this many seconds (short-lived allocations).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_seconds)]
+    min_age: f64,
+    /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
+    #[arg(long)]
+    btf: Option<PathBuf>,
+    /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost.
+    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
+    ring_mib: u32,
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds")),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match non_negative_seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("must be more than 0 seconds".into()),
+    }
+}
+
+fn ring_mib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v.is_power_of_two() && v <= 1024 => Ok(v),
+        _ => Err(format!("`{s}` is not a power of two between 1 and 1024")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Trace(t) => {
+            if t.max_size.is_some_and(|max| max < t.min_size) {
+                eprintln!("psleak: --max-size is smaller than --min-size: nothing would be shown");
+                return ExitCode::from(2);
+            }
+            trace::run(&TraceArgs {
+                pid: t.pid,
+                interval: Duration::from_secs_f64(t.interval),
+                duration: t.duration.map(Duration::from_secs_f64),
+                json: t.json,
+                top: t.top,
+                min_size: t.min_size,
+                max_size: t.max_size,
+                min_age: Duration::from_secs_f64(t.min_age),
+                options: TraceOptions {
+                    btf: t.btf,
+                    ring_bytes: Some(t.ring_mib << 20),
+                },
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("psleak: {err}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Access to the target process through procfs: is it there and traceable, what it has
+//! mapped, what its fds and threads are, and reads of its memory.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+
+/// One line of /proc/PID/maps that maps a file executable.
+#[derive(Debug, Clone)]
+struct CodeMapping {
+    start: u64,
+    end: u64,
+    path: PathBuf,
+}
+
+/// A process psleak traces. Holds a pidfd, so that its exit is seen and its pid is never
+/// confused with a later process that reuses the number.
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    pidfd: OwnedFd,
+    code: Vec<CodeMapping>,
+    mem: Option<File>,
+}
+
+impl Process {
+    /// Opens `pid` for tracing, or says in one line why it cannot be traced.
+    pub fn open(pid: u32) -> Result<Self, Error> {
+        if pid == 0 || pid > i32::MAX as u32 {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+                _ => Error::Io(
+                    format!("cannot open process {pid}"),
+                    io::Error::last_os_error(),
+                ),
+            });
+        }
+        // SAFETY: pidfd_open returned a new fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let root = PathBuf::from(format!("/proc/{pid}"));
+        let stat = fs::read_to_string(root.join("stat")).map_err(|_| Error::NoSuchProcess(pid))?;
+        if stat_flags(&stat).is_some_and(|flags| flags & PF_KTHREAD != 0) {
+            return Err(Error::NotTraceable(pid, "it is a kernel thread".into()));
+        }
+        let owner = fs::metadata(&root)
+            .map_err(|_| Error::NoSuchProcess(pid))?
+            .uid();
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if me != 0 && owner != me {
+            return Err(Error::NotTraceable(
+                pid,
+                format!("it belongs to uid {owner}, and you are uid {me}"),
+            ));
+        }
+        let mut process = Self {
+            pid,
+            pidfd,
+            code: Vec::new(),
+            mem: File::open(root.join("mem")).ok(),
+        };
+        process.refresh_mappings()?;
+        if process.code.is_empty() {
+            return Err(Error::NotTraceable(
+                pid,
+                "it has no code mapped (a zombie or a kernel thread)".into(),
+            ));
+        }
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The pidfd: readable once the process has exited.
+    pub fn exit_fd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 0
+    }
+
+    /// The short name of the process (its comm).
+    pub fn name(&self) -> String {
+        read_trimmed(format!("/proc/{}/comm", self.pid)).unwrap_or_default()
+    }
+
+    /// Re-reads which files are mapped executable (after a dlopen, say).
+    pub fn refresh_mappings(&mut self) -> Result<(), Error> {
+        let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid))
+            .map_err(|_| Error::NoSuchProcess(self.pid))?;
+        self.code = maps.lines().filter_map(parse_code_mapping).collect();
+        Ok(())
+    }
+
+    /// The libc the process has mapped, if it is dynamically linked against one.
+    pub fn libc(&self) -> Option<PathBuf> {
+        self.code
+            .iter()
+            .map(|m| &m.path)
+            .find(|p| is_libc(p))
+            .cloned()
+    }
+
+    /// The mapped files that might export CPython's allocator API, most likely first.
+    pub fn python_candidates(&self) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = Vec::new();
+        for m in &self.code {
+            let name = m
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if (name.starts_with("libpython") || name.starts_with("python"))
+                && !found.contains(&m.path)
+            {
+                found.push(m.path.clone());
+            }
+        }
+        found.sort_by_key(|p| !p.to_string_lossy().contains("libpython"));
+        found
+    }
+
+    /// Whether `addr` is a return address: inside mapped code and just after a call instruction.
+    /// This is how a caller is picked out of a scan of raw stack words.
+    pub fn is_return_address(&mut self, addr: u64) -> bool {
+        if !self.in_code(addr) {
+            if self.refresh_mappings().is_err() || !self.in_code(addr) {
+                return false;
+            }
+        }
+        let mut before = [0u8; 7];
+        match &self.mem {
+            Some(mem) if mem.read_exact_at(&mut before, addr - 7).is_ok() => follows_call(&before),
+            _ => false,
+        }
+    }
+
+    fn in_code(&self, addr: u64) -> bool {
+        addr >= 7 && self.code.iter().any(|m| m.start <= addr && addr < m.end)
+    }
+
+    /// What an open fd refers to: a path, `socket:[inode]`, `pipe:[inode]`, `anon_inode:[eventfd]`.
+    pub fn fd_target(&self, fd: i32) -> Option<String> {
+        fs::read_link(format!("/proc/{}/fd/{fd}", self.pid))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// The name of a thread (its comm), while it is alive.
+    pub fn thread_name(&self, tid: u32) -> Option<String> {
+        read_trimmed(format!("/proc/{}/task/{tid}/comm", self.pid))
+    }
+}
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The task flags of a /proc/PID/stat line (field 9; the comm in parentheses may hold spaces).
+fn stat_flags(stat: &str) -> Option<u64> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()
+}
+
+fn read_trimmed(path: String) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+fn parse_code_mapping(line: &str) -> Option<CodeMapping> {
+    let mut fields = line.split_whitespace();
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let path = fields.nth(3)?;
+    if !perms.contains('x') || !path.starts_with('/') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    Some(CodeMapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        path: PathBuf::from(path),
+    })
+}
+
+fn is_libc(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name == "libc.so.6"
+        || (name.starts_with("libc-") && name.ends_with(".so"))
+        || name.starts_with("libc.so")
+}
+
+/// Whether the 7 bytes before a return address end with an x86-64 call instruction:
+/// `call rel32` (e8, 5 bytes), or `call *r/m` (ff /2) in its 2, 3, 6 and 7-byte forms.
+fn follows_call(before: &[u8; 7]) -> bool {
+    let indirect = |at: usize| before[at] == 0xff && (before[at + 1] >> 3) & 7 == 2;
+    before[2] == 0xe8 || indirect(5) || indirect(4) || indirect(1) || indirect(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_executable_file_mappings() {
+        let line = "7f95e701e000-7f95e7044000 r-xp 00028000 fe:00 1234  /usr/lib/x86_64-linux-gnu/libc.so.6";
+        let m = parse_code_mapping(line).expect("a code mapping");
+        assert_eq!((m.start, m.end), (0x7f95e701e000, 0x7f95e7044000));
+        assert!(is_libc(&m.path));
+        assert!(parse_code_mapping("7f95e7000000-7f95e701e000 r--p 00000000 fe:00 1234 /usr/lib/x86_64-linux-gnu/libc.so.6").is_none());
+        assert!(parse_code_mapping("7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]").is_none());
+    }
+
+    #[test]
+    fn recognises_call_instructions() {
+        assert!(follows_call(&[0, 0, 0xe8, 1, 2, 3, 4])); // call rel32
+        assert!(follows_call(&[0, 0, 0, 0, 0, 0xff, 0xd0])); // call *%rax
+        assert!(follows_call(&[0, 0xff, 0x15, 1, 2, 3, 4])); // call *disp32(%rip)
+        assert!(!follows_call(&[0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10])); // mov; sub
+    }
+
+    #[test]
+    fn opens_itself_and_finds_libc() {
+        let me = Process::open(std::process::id()).expect("a process can trace itself");
+        assert!(
+            me.libc().is_some(),
+            "the test binary links glibc dynamically"
+        );
+        assert!(me.is_alive());
+    }
+
+    #[test]
+    fn refuses_missing_and_kernel_processes() {
+        assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
+        assert!(matches!(
+            Process::open(i32::MAX as u32),
+            Err(Error::NoSuchProcess(_))
+        ));
+        assert!(
+            matches!(Process::open(2), Err(Error::NotTraceable(2, _))),
+            "pid 2 is kthreadd"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! What `psleak trace` shows each interval: the same content as text or as one JSON object.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::ledger::{Memory, SiteId};
+use crate::symbols::Frame;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub pid: u32,
+    pub elapsed_s: f64,
+    /// The last report of the session, and why it ended.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<&'static str>,
+    pub events: u64,
+    pub lost: Lost,
+    /// Releases of resources created before attach (not counted).
+    pub untracked_releases: u64,
+    pub live: LiveTotals,
+    pub suspects: Vec<Suspect>,
+    pub fds: Vec<FdReport>,
+    pub threads: Vec<ThreadReport>,
+}
+
+#[derive(Debug, Serialize, Default, Clone, Copy)]
+pub struct Lost {
+    /// Events dropped in the kernel because the ring was full: the ledger is incomplete.
+    pub ring_full: u64,
+    /// Events without a stack (stack map full, or no walkable stack).
+    pub no_stack: u64,
+    /// Records that could not be decoded.
+    pub corrupt: u64,
+}
+
+/// Everything created since attach and still live (after the size and age filters).
+#[derive(Debug, Serialize, Default)]
+pub struct LiveTotals {
+    pub heap_bytes: u64,
+    pub heap_blocks: u64,
+    pub mmap_bytes: u64,
+    pub sites: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Suspect {
+    #[serde(flatten)]
+    pub memory: Memory,
+    pub count: u64,
+    pub bytes: u64,
+    /// Live bytes of this site divided by the time since attach.
+    pub bytes_per_s: f64,
+    /// Consecutive reports in which this site's live bytes grew.
+    pub growing_for: u32,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FdReport {
+    pub fd: i32,
+    pub kind: String,
+    /// What /proc says it is now: a path, socket:[inode], pipe:[inode]...
+    pub target: Option<String>,
+    pub age_s: f64,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadReport {
+    pub tid: u32,
+    pub name: Option<String>,
+    pub age_s: f64,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+}
+
+/// Per-site growth between reports.
+#[derive(Debug, Default)]
+pub struct Growth {
+    last: HashMap<(Memory, SiteId), (u64, u32)>,
+}
+
+impl Growth {
+    /// Records this report's bytes for a site and returns for how many reports it has grown.
+    pub fn update(&mut self, key: (Memory, SiteId), bytes: u64) -> u32 {
+        let entry = self.last.entry(key).or_insert((0, 0));
+        entry.1 = if bytes > entry.0 { entry.1 + 1 } else { 0 };
+        entry.0 = bytes;
+        entry.1
+    }
+}
+
+/// `+928B`, `+1.5K`, `+2.0M`: sizes as psleak prints them.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
+fn stack_lines(out: &mut String, stack: &[Frame]) {
+    for frame in stack {
+        let _ = writeln!(out, "        {}", frame.describe());
+    }
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "[{:7.1}s] pid {}: heap {} in {} blocks, mmap {} live since attach; {} fds, {} threads; {} events{}",
+            self.elapsed_s,
+            self.pid,
+            human_bytes(self.live.heap_bytes),
+            self.live.heap_blocks,
+            human_bytes(self.live.mmap_bytes),
+            self.fds.len(),
+            self.threads.len(),
+            self.events,
+            self.lost_text(),
+        );
+        for (rank, s) in self.suspects.iter().enumerate() {
+            let what = match s.memory {
+                Memory::Heap(domain) => domain.name(),
+                Memory::Mmap => "mmap",
+            };
+            let growing = if s.growing_for > 0 {
+                format!(", growing for {} reports", s.growing_for)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "  #{} {} live in {} {what} blocks ({}/s){growing}, from {}",
+                rank + 1,
+                human_bytes(s.bytes),
+                s.count,
+                human_bytes(s.bytes_per_s as u64),
+                s.site
+                    .as_ref()
+                    .map_or("an unknown site".into(), Frame::describe),
+            );
+            stack_lines(&mut out, &s.stack);
+        }
+        for fd in &self.fds {
+            let _ = writeln!(
+                out,
+                "  fd {} ({}) {} open for {:.1}s, opened at {}",
+                fd.fd,
+                fd.kind,
+                fd.target.as_deref().unwrap_or("?"),
+                fd.age_s,
+                fd.site
+                    .as_ref()
+                    .map_or("an unknown site".into(), Frame::describe),
+            );
+            stack_lines(&mut out, &fd.stack);
+        }
+        for t in &self.threads {
+            let _ = writeln!(
+                out,
+                "  thread {} \"{}\" alive for {:.1}s, started at {}",
+                t.tid,
+                t.name.as_deref().unwrap_or("?"),
+                t.age_s,
+                t.site
+                    .as_ref()
+                    .map_or("an unknown site".into(), Frame::describe),
+            );
+            stack_lines(&mut out, &t.stack);
+        }
+        if let Some(by) = self.stopped_by {
+            let _ = writeln!(out, "psleak: stopped ({by})");
+        }
+        out
+    }
+
+    fn lost_text(&self) -> String {
+        let l = self.lost;
+        if l.ring_full + l.no_stack + l.corrupt == 0 {
+            return String::new();
+        }
+        format!(
+            " (LOST: {} events dropped in a full ring, {} without stack, {} corrupt)",
+            l.ring_full, l.no_stack, l.corrupt
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_psleak() {
+        assert_eq!(human_bytes(928), "928B");
+        assert_eq!(human_bytes(1536), "1.5K");
+        assert_eq!(human_bytes(2 << 20), "2.0M");
+    }
+
+    #[test]
+    fn growth_counts_consecutive_increases() {
+        let mut g = Growth::default();
+        let key = (Memory::Mmap, 0);
+        assert_eq!(g.update(key, 10), 1);
+        assert_eq!(g.update(key, 20), 2);
+        assert_eq!(g.update(key, 20), 0);
+        assert_eq!(g.update(key, 30), 1);
+    }
+}

@@ -1,0 +1,388 @@
+//! `psleak trace --pid PID`: attach to a running process and report, every interval, what it
+//! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::RingBufferBuilder;
+use psleak_ebpf::{Probes, Target};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::error::Error;
+use crate::event::Origin;
+use crate::ledger::{Filter, Ledger, Memory};
+use crate::process::Process;
+use crate::report::{FdReport, Growth, LiveTotals, Lost, Report, Suspect, ThreadReport};
+use crate::symbols::{Frame, Symbols};
+use crate::tracer::{self, TraceOptions};
+
+#[derive(Debug, Clone)]
+pub struct TraceArgs {
+    pub pid: u32,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub json: bool,
+    pub top: usize,
+    pub min_size: u64,
+    pub max_size: Option<u64>,
+    pub min_age: Duration,
+    pub options: TraceOptions,
+}
+
+/// What the ring callback feeds: the ledger, and the process to resolve stack scans against.
+struct Collector {
+    ledger: Ledger,
+    process: Process,
+    corrupt: u64,
+}
+
+impl Collector {
+    fn ingest(&mut self, record: &[u8]) {
+        let event = psleak_ebpf::decode(record)
+            .and_then(|(raw, scan)| tracer::event_from_record(&raw, scan, &mut self.process));
+        match event {
+            Some(event) => self.ledger.apply(&event),
+            None => self.corrupt += 1,
+        }
+    }
+}
+
+/// A raw fd for tokio to poll (the ring's epoll fd, the target's pidfd); owned elsewhere.
+struct Pollable(RawFd);
+
+impl AsRawFd for Pollable {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn run(args: &TraceArgs) -> Result<(), Error> {
+    tracer::check_prerequisites(&args.options)?;
+    let process = Process::open(args.pid)?;
+    let target = tracer::target_of(&process)?;
+    let started = Instant::now();
+    let mut storage = MaybeUninit::uninit();
+    let probes = tracer::attach(&mut storage, &process, &target, &args.options)?;
+    eprintln!(
+        "psleak: tracing pid {} ({}): {} probes on {}{}, attached in {:.2}s",
+        process.pid(),
+        process.name(),
+        probes.attachments(),
+        target.libc.display(),
+        target
+            .python
+            .as_ref()
+            .map_or(String::new(), |p| format!(" and {}", p.display())),
+        started.elapsed().as_secs_f64(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
+    let reporter = Reporter::new(args, &probes, &target, process.pid());
+    let collector = RefCell::new(Collector {
+        ledger: Ledger::new(),
+        process,
+        corrupt: 0,
+    });
+    runtime.block_on(watch(args, &probes, &collector, reporter))
+}
+
+/// Consumes events as they arrive and reports every interval until the session ends.
+async fn watch(
+    args: &TraceArgs,
+    probes: &Probes<'_>,
+    collector: &RefCell<Collector>,
+    mut reporter: Reporter<'_>,
+) -> Result<(), Error> {
+    let io_error = |what: &str| {
+        let what = what.to_string();
+        move |e| Error::Io(what, e)
+    };
+    let ring_error =
+        |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
+    let mut builder = RingBufferBuilder::new();
+    builder
+        .add(probes.events(), |record: &[u8]| {
+            collector.borrow_mut().ingest(record);
+            0
+        })
+        .map_err(ring_error)?;
+    let ring = builder.build().map_err(ring_error)?;
+    // SAFETY: the ring's epoll fd and the process's pidfd stay open for as long as these
+    // registrations, which are dropped first (declared after `ring`; `collector` outlives us).
+    let ring_ready =
+        unsafe { AsyncFd::register_with_interest(Pollable(ring.epoll_fd()), Interest::READABLE) }
+            .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
+    let target_exit = unsafe {
+        AsyncFd::register_with_interest(
+            Pollable(collector.borrow().process.exit_fd()),
+            Interest::READABLE,
+        )
+    }
+    .map_err(|e| io_error("cannot watch the target")(e.into()))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
+    let mut ticks =
+        tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
+    let deadline = tokio::time::sleep(
+        args.duration
+            .unwrap_or(Duration::from_secs(u64::from(u32::MAX))),
+    );
+    tokio::pin!(deadline);
+
+    let drain = || ring.consume().map_err(ring_error);
+    let stopped_by = loop {
+        tokio::select! {
+            ready = ring_ready.readable() => {
+                let mut guard = ready.map_err(io_error("cannot poll the event ring"))?;
+                drain()?;
+                guard.clear_ready();
+            }
+            _ = ticks.tick() => {
+                drain()?;
+                reporter.emit(&collector.borrow(), None)?;
+            }
+            _ = target_exit.readable() => break "the target exited",
+            _ = interrupt.recv() => break "interrupted",
+            _ = terminate.recv() => break "terminated",
+            _ = &mut deadline => break "the duration ended",
+        }
+    };
+    drain()?;
+    reporter.emit(&collector.borrow(), Some(stopped_by))
+}
+
+/// Turns the ledger into reports: symbolizes sites, follows their growth, prints.
+struct Reporter<'a> {
+    args: &'a TraceArgs,
+    probes: &'a Probes<'a>,
+    pid: u32,
+    runtime_modules: Vec<String>,
+    symbols: Symbols,
+    stacks: HashMap<u32, Vec<u64>>,
+    growth: Growth,
+    attached_at: Instant,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(args: &'a TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
+        let file_name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut runtime_modules = vec![file_name(&target.libc)];
+        runtime_modules.extend(target.python.as_deref().map(file_name));
+        Self {
+            args,
+            probes,
+            pid,
+            runtime_modules,
+            symbols: Symbols::new(pid),
+            stacks: HashMap::new(),
+            growth: Growth::default(),
+            attached_at: Instant::now(),
+        }
+    }
+
+    fn emit(
+        &mut self,
+        collector: &Collector,
+        stopped_by: Option<&'static str>,
+    ) -> Result<(), Error> {
+        let report = self.report(collector, stopped_by);
+        let text = if self.args.json {
+            let mut line = serde_json::to_string(&report).expect("reports serialize");
+            line.push('\n');
+            line
+        } else {
+            report.to_text()
+        };
+        let mut out = io::stdout().lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // A closed pipe (`psleak trace ... | head`) ends the session quietly.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
+        }
+    }
+
+    /// Return addresses from the creating call outwards: the exact caller first, then the
+    /// recorded stack without its innermost frame (the probed function itself).
+    fn stack_of(&mut self, origin: Origin) -> Vec<u64> {
+        let recorded = match origin.stack_id {
+            Some(id) => self
+                .stacks
+                .entry(id)
+                .or_insert_with(|| self.probes.user_stack(id))
+                .clone(),
+            None => Vec::new(),
+        };
+        let mut stack: Vec<u64> = origin.caller.into_iter().collect();
+        for addr in recorded.into_iter().skip(1) {
+            if stack.last() != Some(&addr) {
+                stack.push(addr);
+            }
+        }
+        stack
+    }
+
+    /// The symbolized stack and the site to name: its first frame outside libc and the
+    /// Python runtime, where the program itself asked for the resource.
+    fn site_of(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
+        let addrs = self.stack_of(origin);
+        let frames = self.symbols.frames(&addrs);
+        let is_runtime = |f: &Frame| {
+            f.module.as_deref().is_some_and(|m| {
+                let name = Path::new(m)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                self.runtime_modules.contains(&name)
+            })
+        };
+        let site = frames
+            .iter()
+            .find(|f| !is_runtime(f))
+            .or(frames.first())
+            .cloned();
+        (site, frames)
+    }
+
+    fn report(&mut self, c: &Collector, stopped_by: Option<&'static str>) -> Report {
+        let elapsed = self.attached_at.elapsed();
+        let now_ns = monotonic_ns();
+        let filter = Filter {
+            created_by_ns: Some(now_ns.saturating_sub(self.args.min_age.as_nanos() as u64)),
+            min_size: self.args.min_size,
+            max_size: self.args.max_size,
+            ..Filter::default()
+        };
+        let (sites, fds, threads, events, untracked, corrupt) = {
+            let fds: Vec<_> = c
+                .ledger
+                .open_fds(Default::default())
+                .map(|(fd, f)| (fd, *f, c.process.fd_target(fd)))
+                .collect();
+            let threads: Vec<_> = c
+                .ledger
+                .live_threads(Default::default())
+                .map(|(tid, t)| (tid, *t, c.process.thread_name(tid)))
+                .collect();
+            let sites = c.ledger.memory_by_site(&filter);
+            let origins: Vec<Origin> = sites.iter().map(|s| c.ledger.origin(s.site)).collect();
+            let fd_origins: Vec<Origin> = fds
+                .iter()
+                .map(|(_, f, _)| c.ledger.origin(f.site))
+                .collect();
+            let thread_origins: Vec<Origin> = threads
+                .iter()
+                .map(|(_, t, _)| c.ledger.origin(t.site))
+                .collect();
+            (
+                sites.into_iter().zip(origins).collect::<Vec<_>>(),
+                fds.into_iter().zip(fd_origins).collect::<Vec<_>>(),
+                threads.into_iter().zip(thread_origins).collect::<Vec<_>>(),
+                c.ledger.events(),
+                c.ledger.untracked_releases,
+                c.corrupt,
+            )
+        };
+
+        let mut live = LiveTotals {
+            sites: sites.len(),
+            ..LiveTotals::default()
+        };
+        for (s, _) in &sites {
+            match s.memory {
+                Memory::Heap(_) => {
+                    live.heap_bytes += s.bytes;
+                    live.heap_blocks += s.count;
+                }
+                Memory::Mmap => live.mmap_bytes += s.bytes,
+            }
+        }
+        let mut suspects = Vec::new();
+        for (s, origin) in &sites {
+            let growing_for = self.growth.update((s.memory, s.site), s.bytes);
+            if suspects.len() < self.args.top {
+                let (site, stack) = self.site_of(*origin);
+                suspects.push(Suspect {
+                    memory: s.memory,
+                    count: s.count,
+                    bytes: s.bytes,
+                    bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
+                    growing_for,
+                    site,
+                    stack,
+                });
+            }
+        }
+        let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
+        let fds = fds
+            .into_iter()
+            .map(|((fd, f, target), origin)| {
+                let (site, stack) = self.site_of(origin);
+                FdReport {
+                    fd,
+                    kind: f.kind.describe(),
+                    target,
+                    age_s: age(f.ts_ns),
+                    site,
+                    stack,
+                }
+            })
+            .collect();
+        let threads = threads
+            .into_iter()
+            .map(|((tid, t, name), origin)| {
+                let (site, stack) = self.site_of(origin);
+                ThreadReport {
+                    tid,
+                    name,
+                    age_s: age(t.ts_ns),
+                    site,
+                    stack,
+                }
+            })
+            .collect();
+        let losses = self.probes.losses();
+        Report {
+            pid: self.pid,
+            elapsed_s: elapsed.as_secs_f64(),
+            is_final: stopped_by.is_some(),
+            stopped_by,
+            events,
+            lost: Lost {
+                ring_full: losses.ring_full,
+                no_stack: losses.no_stack,
+                corrupt,
+            },
+            untracked_releases: untracked,
+            live,
+            suspects,
+            fds,
+            threads,
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of the probes' timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,266 @@
+//! The eBPF backend: checks that probes can be had, attaches them to a process, and turns
+//! their ring records into [`Event`]s for the ledger.
+
+use std::fs;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+
+use psleak_ebpf::types::{self, alloc_domain, event_kind};
+use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
+
+use crate::error::Error;
+use crate::event::{Change, Domain, Event, FdKind, Origin};
+use crate::process::Process;
+
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Capability bits of /proc/self/status's CapEff.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// What the user asked of the probes.
+#[derive(Debug, Clone, Default)]
+pub struct TraceOptions {
+    pub btf: Option<PathBuf>,
+    pub ring_bytes: Option<u32>,
+}
+
+/// Checks what the kernel side needs before touching it, so each lack gets its own message.
+pub fn check_prerequisites(options: &TraceOptions) -> Result<(), Error> {
+    if !may_load_bpf() {
+        return Err(Error::NotPrivileged);
+    }
+    match &options.btf {
+        Some(path) if !path.is_file() => {
+            Err(Error::NoBtf(format!("no BTF file at {}", path.display())))
+        }
+        None if !Path::new(KERNEL_BTF).exists() => {
+            Err(Error::NoBtf(format!("this kernel has no {KERNEL_BTF}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn may_load_bpf() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+/// The probe target for an opened process: its libc, and its Python runtime if it has one.
+pub fn target_of(process: &Process) -> Result<Target, Error> {
+    let libc = process.libc().ok_or(Error::NoDynamicLibc(process.pid()))?;
+    let python = process
+        .python_candidates()
+        .into_iter()
+        .find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
+    Ok(Target {
+        pid: process.pid(),
+        libc,
+        python,
+    })
+}
+
+/// Loads and attaches the probes to `process`; fails if it died meanwhile.
+pub fn attach<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    process: &Process,
+    target: &Target,
+    options: &TraceOptions,
+) -> Result<Probes<'obj>, Error> {
+    let mut probe_options = Options {
+        btf: options.btf.clone(),
+        ..Options::default()
+    };
+    if let Some(bytes) = options.ring_bytes {
+        probe_options.ring_bytes = bytes;
+    }
+    let probes = Probes::attach(storage, target, &probe_options).map_err(|err| {
+        if process.is_alive() {
+            Error::Attach(err)
+        } else {
+            Error::Attach(psleak_ebpf::AttachError::TargetGone)
+        }
+    })?;
+    if !process.is_alive() {
+        return Err(Error::Attach(psleak_ebpf::AttachError::TargetGone));
+    }
+    Ok(probes)
+}
+
+fn domain_of(raw: u8) -> Option<Domain> {
+    Some(match alloc_domain(u32::from(raw)) {
+        alloc_domain::DOMAIN_LIBC => Domain::Libc,
+        alloc_domain::DOMAIN_PYMEM_RAW => Domain::PymemRaw,
+        alloc_domain::DOMAIN_PYMEM => Domain::Pymem,
+        alloc_domain::DOMAIN_PYOBJECT => Domain::Pyobject,
+        _ => return None,
+    })
+}
+
+/// Turns a probe record into an event; `None` for a record that does not make sense.
+/// `process` picks the caller out of a stack scan.
+pub fn event_from_record(
+    raw: &types::event,
+    scan: Option<[u64; 16]>,
+    process: &mut Process,
+) -> Option<Event> {
+    let domain = || domain_of(raw.domain);
+    let internal = raw.flags & EVF_ALLOCATOR_INTERNAL != 0;
+    let fd = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
+    let change = match event_kind(u32::from(raw.kind)) {
+        event_kind::EV_ALLOC => Change::Alloc {
+            domain: domain()?,
+            addr: raw.addr,
+            size: raw.size,
+        },
+        event_kind::EV_FREE => Change::Free {
+            domain: domain()?,
+            addr: raw.addr,
+        },
+        event_kind::EV_REALLOC => Change::Realloc {
+            domain: domain()?,
+            old: raw.old_addr,
+            new: raw.addr,
+            size: raw.size,
+        },
+        event_kind::EV_MMAP => Change::Map {
+            addr: raw.addr,
+            len: raw.size,
+            allocator_internal: internal,
+        },
+        event_kind::EV_MUNMAP => Change::Unmap {
+            addr: raw.addr,
+            len: raw.size,
+        },
+        event_kind::EV_MREMAP => Change::Remap {
+            old: raw.old_addr,
+            old_len: raw.aux,
+            new: raw.addr,
+            new_len: raw.size,
+            allocator_internal: internal,
+        },
+        event_kind::EV_FD_OPEN => Change::FdOpen {
+            fd: fd(raw.addr),
+            kind: FdKind::from_mode(raw.aux, raw.sock_family, raw.sock_type),
+        },
+        event_kind::EV_FD_CLOSE => Change::FdClose {
+            first: fd(raw.addr),
+            last: fd(raw.aux),
+        },
+        event_kind::EV_THREAD_START => Change::ThreadStart {
+            tid: u32::try_from(raw.addr).ok()?,
+        },
+        event_kind::EV_THREAD_EXIT => Change::ThreadExit {
+            tid: u32::try_from(raw.addr).ok()?,
+        },
+        _ => return None,
+    };
+    let caller = match scan {
+        Some(words) => words.into_iter().find(|&w| process.is_return_address(w)),
+        None => (raw.caller != 0).then_some(raw.caller),
+    };
+    let origin = Origin {
+        caller,
+        stack_id: u32::try_from(raw.stack_id).ok(),
+    };
+    Some(Event {
+        ts_ns: raw.ts_ns,
+        tid: raw.tid,
+        origin,
+        change,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: event_kind, domain: alloc_domain) -> types::event {
+        types::event {
+            kind: kind.0 as u8,
+            domain: domain.0 as u8,
+            addr: 0x1000,
+            size: 24,
+            caller: 0x401234,
+            stack_id: -14,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decodes_every_kind() {
+        let mut me = Process::open(std::process::id()).unwrap();
+        let alloc = event_from_record(
+            &record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT),
+            None,
+            &mut me,
+        )
+        .unwrap();
+        assert_eq!(
+            alloc.change,
+            Change::Alloc {
+                domain: Domain::Pyobject,
+                addr: 0x1000,
+                size: 24
+            }
+        );
+        assert_eq!(
+            alloc.origin,
+            Origin {
+                caller: Some(0x401234),
+                stack_id: None
+            },
+            "a negative stack id is no stack"
+        );
+        let close = types::event {
+            aux: u64::from(u32::MAX),
+            ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC)
+        };
+        assert_eq!(
+            event_from_record(&close, None, &mut me).unwrap().change,
+            Change::FdClose {
+                first: 0x1000,
+                last: i32::MAX
+            }
+        );
+        assert!(event_from_record(
+            &record(event_kind(99), alloc_domain::DOMAIN_LIBC),
+            None,
+            &mut me
+        )
+        .is_none());
+        assert!(event_from_record(
+            &record(event_kind::EV_ALLOC, alloc_domain(7)),
+            None,
+            &mut me
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn picks_the_return_address_out_of_a_stack_scan() {
+        let mut me = Process::open(std::process::id()).unwrap();
+        // A real return address of this process: the one this function returns to is not
+        // addressable from Rust, so take the word after a call we make ourselves.
+        let here = return_address_probe as *const () as u64;
+        let mut words = [0u64; 16];
+        words[0] = 0x7;
+        words[1] = here; // a function's start follows no call
+        let raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
+        let event = event_from_record(&raw, Some(words), &mut me).unwrap();
+        assert_eq!(
+            event.origin.caller, None,
+            "no word of the scan is a return address"
+        );
+    }
+
+    #[inline(never)]
+    fn return_address_probe() {}
+}
