@@ -38,21 +38,14 @@ fn symbol_file_offset(binary: &Path, func: &str) -> Option<u64> {
 fn entry_bytes(binary: &Path, func: &str) -> Option<[u8; 16]> {
     let file_offset = symbol_file_offset(binary, func)?;
     let mut code = [0u8; 16];
-    File::open(binary)
-        .ok()?
-        .read_exact_at(&mut code, file_offset)
-        .ok()?;
+    File::open(binary).ok()?.read_exact_at(&mut code, file_offset).ok()?;
     Some(code)
 }
 
 fn offset_past_null_check(code: &[u8; 16]) -> usize {
     const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
     const TEST_RDI_RDI: [u8; 3] = [0x48, 0x85, 0xff];
-    let mut at = if code.starts_with(&ENDBR64) {
-        ENDBR64.len()
-    } else {
-        0
-    };
+    let mut at = if code.starts_with(&ENDBR64) { ENDBR64.len() } else { 0 };
     if code[at..at + 3] != TEST_RDI_RDI {
         return 0;
     }
@@ -62,8 +55,7 @@ fn offset_past_null_check(code: &[u8; 16]) -> usize {
         0x0f if code[at + 1] == 0x84 => 6, // je rel32
         _ => return 0,
     };
-    let is_push = matches!(code[at], 0x50..=0x57)
-        || (code[at] == 0x41 && matches!(code[at + 1], 0x50..=0x57));
+    let is_push = matches!(code[at], 0x50..=0x57) || (code[at] == 0x41 && matches!(code[at + 1], 0x50..=0x57));
     if is_push {
         at
     } else {
@@ -90,33 +82,21 @@ mod tests {
 
     #[test]
     fn handles_endbr_and_short_jump() {
-        let code = padded(&[
-            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x10, 0x41, 0x54,
-        ]);
+        let code = padded(&[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x10, 0x41, 0x54]);
         assert_eq!(offset_past_null_check(&code), 9);
     }
 
     #[test]
     fn stays_at_entry_for_unknown_prologues() {
-        assert_eq!(
-            offset_past_null_check(&padded(&[0x55, 0x48, 0x89, 0xe5])),
-            0
-        );
+        assert_eq!(offset_past_null_check(&padded(&[0x55, 0x48, 0x89, 0xe5])), 0);
         // the je is followed by a mov, not a push: not known to be emulated
-        assert_eq!(
-            offset_past_null_check(&padded(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x89])),
-            0
-        );
+        assert_eq!(offset_past_null_check(&padded(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x89])), 0);
     }
 
     #[test]
     fn finds_this_machines_free() {
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        assert!(
-            entry_bytes(libc, "free").is_some(),
-            "free not found in {}",
-            libc.display()
-        );
+        assert!(entry_bytes(libc, "free").is_some(), "free not found in {}", libc.display());
         assert!(exports(libc, "malloc"));
         assert!(!exports(libc, "PyObject_Malloc"));
     }

@@ -43,10 +43,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            ring_bytes: 32 << 20,
-            btf: None,
-        }
+        Self { ring_bytes: 32 << 20, btf: None }
     }
 }
 
@@ -60,19 +57,15 @@ pub enum AttachError {
     /// A required function is missing from the target's libc.
     MissingSymbol { path: PathBuf, symbol: &'static str },
     /// The kernel refused the probes for another reason.
-    Kernel {
-        what: String,
-        source: libbpf_rs::Error,
-    },
+    Kernel { what: String, source: libbpf_rs::Error },
 }
 
 impl fmt::Display for AttachError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Permission(what) => write!(
-                f,
-                "not allowed to {what}: run psleak as root, or give it CAP_BPF and CAP_PERFMON"
-            ),
+            Self::Permission(what) => {
+                write!(f, "not allowed to {what}: run psleak as root, or give it CAP_BPF and CAP_PERFMON")
+            }
             Self::TargetGone => write!(f, "the target process exited while psleak was attaching"),
             Self::MissingSymbol { path, symbol } => write!(
                 f,
@@ -104,6 +97,7 @@ enum AllocOp {
     Reallocarray = 4,
     PosixMemalign = 5,
     SizeArg2 = 6,
+    Spawn = 7,
 }
 
 const LIBC_ALLOCATORS: &[(&str, AllocOp, bool)] = &[
@@ -117,6 +111,7 @@ const LIBC_ALLOCATORS: &[(&str, AllocOp, bool)] = &[
     ("valloc", AllocOp::SizeArg1, false),
     ("pvalloc", AllocOp::SizeArg1, false),
     ("reallocarray", AllocOp::Reallocarray, false),
+    ("pthread_create", AllocOp::Spawn, true),
 ];
 
 /// CPython's allocator families: (prefix, domain). Each has Malloc, Calloc, Realloc and Free.
@@ -144,14 +139,9 @@ impl<'obj> Probes<'obj> {
         // libbpf would print its own diagnostics to stderr; ours say it in one line.
         libbpf_rs::set_print(None);
         let btf_path = match &options.btf {
-            Some(path) => Some(CString::new(path.as_os_str().as_encoded_bytes()).map_err(
-                |_| {
-                    kernel_error(
-                        "read the BTF path",
-                        libbpf_rs::Error::from(io::Error::from(io::ErrorKind::InvalidInput)),
-                    )
-                },
-            )?),
+            Some(path) => Some(CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+                kernel_error("read the BTF path", libbpf_rs::Error::from(io::Error::from(io::ErrorKind::InvalidInput)))
+            })?),
             None => None,
         };
         let open_opts = libbpf_rs::libbpf_sys::bpf_object_open_opts {
@@ -162,22 +152,11 @@ impl<'obj> Probes<'obj> {
         let mut open = PsleakSkelBuilder::default()
             .open_opts(open_opts, storage)
             .map_err(|e| kernel_error("open the probe object", e))?;
-        open.maps
-            .rodata_data
-            .as_deref_mut()
-            .expect("the probes have read-only data")
-            .target_tgid = target.pid;
-        open.maps
-            .events
-            .set_max_entries(options.ring_bytes)
-            .map_err(|e| kernel_error("size the event ring", e))?;
+        open.maps.rodata_data.as_deref_mut().expect("the probes have read-only data").target_tgid = target.pid;
+        open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
         let skel = open.load().map_err(|e| classify("load the probes", e))?;
 
-        let mut probes = Self {
-            skel,
-            links: Vec::new(),
-            python_probed: false,
-        };
+        let mut probes = Self { skel, links: Vec::new(), python_probed: false };
         probes.attach_kernel_side()?;
         probes.attach_libc(target)?;
         if let Some(python) = &target.python {
@@ -189,9 +168,7 @@ impl<'obj> Probes<'obj> {
     fn attach_kernel_side(&mut self) -> Result<(), AttachError> {
         let progs = &self.skel.progs;
         for prog in [&progs.syscall_exit, &progs.thread_start, &progs.thread_exit] {
-            let link = prog
-                .attach()
-                .map_err(|e| classify(&format!("attach {}", prog.name().to_string_lossy()), e))?;
+            let link = prog.attach().map_err(|e| classify(&format!("attach {}", prog.name().to_string_lossy()), e))?;
             self.links.push(link);
         }
         Ok(())
@@ -201,34 +178,23 @@ impl<'obj> Probes<'obj> {
         let domain = types::alloc_domain::DOMAIN_LIBC;
         for &(func, op, required) in LIBC_ALLOCATORS {
             match self.attach_allocator(target.pid, &target.libc, func, op, domain) {
-                Err(AttachError::Kernel { source, .. }) if !required && is_not_found(&source) => {}
+                Err(AttachError::Kernel { source, .. }) if is_not_found(&source) => {
+                    if required {
+                        return Err(AttachError::MissingSymbol { path: target.libc.clone(), symbol: func });
+                    }
+                }
                 result => result?,
             }
         }
         let free_offset = elf::free_probe_offset(&target.libc, "free");
-        self.attach_free(target.pid, &target.libc, "free", free_offset, domain)?;
-        let link = self
-            .attach_uprobe(
-                &self.skel.progs.pthread_create_enter,
-                target.pid,
-                &target.libc,
-                "pthread_create",
-                0,
-                0,
-                false,
-            )
-            .map_err(|e| missing_or(e, &target.libc, "pthread_create"))?;
-        self.links.push(link);
-        Ok(())
+        self.attach_free(target.pid, &target.libc, "free", free_offset, domain)
     }
 
     fn attach_python(&mut self, pid: u32, python: &Path) -> Result<(), AttachError> {
         for &(prefix, domain) in PYTHON_FAMILIES {
-            for (suffix, op) in [
-                ("Malloc", AllocOp::SizeArg1),
-                ("Calloc", AllocOp::Calloc),
-                ("Realloc", AllocOp::Realloc),
-            ] {
+            for (suffix, op) in
+                [("Malloc", AllocOp::SizeArg1), ("Calloc", AllocOp::Calloc), ("Realloc", AllocOp::Realloc)]
+            {
                 self.attach_allocator(pid, python, &format!("{prefix}{suffix}"), op, domain)?;
             }
             self.attach_free(pid, python, &format!("{prefix}Free"), 0, domain)?;
@@ -267,15 +233,7 @@ impl<'obj> Probes<'obj> {
     ) -> Result<(), AttachError> {
         let cookie = u64::from(domain.0) << 8;
         let link = self
-            .attach_uprobe(
-                &self.skel.progs.free_enter,
-                pid,
-                binary,
-                func,
-                offset,
-                cookie,
-                false,
-            )
+            .attach_uprobe(&self.skel.progs.free_enter, pid, binary, func, offset, cookie, false)
             .map_err(|e| classify(&format!("probe {func}"), e))?;
         self.links.push(link);
         Ok(())
@@ -292,12 +250,7 @@ impl<'obj> Probes<'obj> {
         cookie: u64,
         retprobe: bool,
     ) -> libbpf_rs::Result<Link> {
-        let opts = UprobeOpts {
-            cookie,
-            retprobe,
-            func_name: Some(func.to_string()),
-            ..Default::default()
-        };
+        let opts = UprobeOpts { cookie, retprobe, func_name: Some(func.to_string()), ..Default::default() };
         prog.attach_uprobe_with_opts(pid as i32, binary, offset, opts)
     }
 
@@ -318,12 +271,7 @@ impl<'obj> Probes<'obj> {
 
     /// The user stack recorded under `id`, innermost frame first.
     pub fn user_stack(&self, id: u32) -> Vec<u64> {
-        let Ok(Some(bytes)) = self
-            .skel
-            .maps
-            .stacks
-            .lookup(&id.to_ne_bytes(), MapFlags::ANY)
-        else {
+        let Ok(Some(bytes)) = self.skel.maps.stacks.lookup(&id.to_ne_bytes(), MapFlags::ANY) else {
             return Vec::new();
         };
         bytes
@@ -336,29 +284,20 @@ impl<'obj> Probes<'obj> {
     /// Events lost in the kernel since attach, summed over CPUs.
     pub fn losses(&self) -> Losses {
         let sum = |index: u32| -> u64 {
-            match self
-                .skel
-                .maps
-                .losses
-                .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
-            {
-                Ok(Some(per_cpu)) => per_cpu
-                    .iter()
-                    .map(|v| u64::from_ne_bytes(v[..8].try_into().expect("u64 value")))
-                    .sum(),
+            match self.skel.maps.losses.lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY) {
+                Ok(Some(per_cpu)) => {
+                    per_cpu.iter().map(|v| u64::from_ne_bytes(v[..8].try_into().expect("u64 value"))).sum()
+                }
                 _ => 0,
             }
         };
-        Losses {
-            ring_full: sum(0),
-            no_stack: sum(1),
-        }
+        Losses { ring_full: sum(0), no_stack: sum(1) }
     }
 }
 
 /// One record from the ring: the event, and the stack words that follow it when it has
 /// `EVF_STACK_SCAN`. `None` for a record too short to be an event (a corrupt message).
-pub fn decode(record: &[u8]) -> Option<(types::event, Option<[u64; 16]>)> {
+pub fn decode(record: &[u8]) -> Option<(types::event, Option<types::stack_scan>)> {
     if record.len() < size_of::<types::event>() {
         return None;
     }
@@ -372,7 +311,7 @@ pub fn decode(record: &[u8]) -> Option<(types::event, Option<[u64; 16]>)> {
     }
     // SAFETY: as above, for the larger record.
     let full: types::event_with_scan = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    Some((event, Some(full.scan.words)))
+    Some((event, Some(full.scan)))
 }
 
 /// `events.h`: the mapping was made inside an allocator call.
@@ -385,39 +324,21 @@ fn is_not_found(err: &libbpf_rs::Error) -> bool {
 }
 
 fn kernel_error(what: &str, source: libbpf_rs::Error) -> AttachError {
-    AttachError::Kernel {
-        what: what.to_string(),
-        source,
-    }
+    AttachError::Kernel { what: what.to_string(), source }
 }
 
 /// Sorts a libbpf error into what the user should be told.
 fn classify(what: &str, err: libbpf_rs::Error) -> AttachError {
     match err.kind() {
         libbpf_rs::ErrorKind::PermissionDenied => AttachError::Permission(what.to_string()),
-        _ if matches!(io_errno(&err), Some(libc::EPERM)) => {
-            AttachError::Permission(what.to_string())
-        }
+        _ if matches!(io_errno(&err), Some(libc::EPERM)) => AttachError::Permission(what.to_string()),
         _ if matches!(io_errno(&err), Some(libc::ESRCH)) => AttachError::TargetGone,
         _ => kernel_error(what, err),
     }
 }
 
-fn missing_or(err: libbpf_rs::Error, path: &Path, symbol: &'static str) -> AttachError {
-    if is_not_found(&err) {
-        AttachError::MissingSymbol {
-            path: path.to_path_buf(),
-            symbol,
-        }
-    } else {
-        classify(&format!("probe {symbol}"), err)
-    }
-}
-
 fn io_errno(err: &libbpf_rs::Error) -> Option<i32> {
-    std::error::Error::source(err)
-        .and_then(|s| s.downcast_ref::<io::Error>())
-        .and_then(io::Error::raw_os_error)
+    std::error::Error::source(err).and_then(|s| s.downcast_ref::<io::Error>()).and_then(io::Error::raw_os_error)
 }
 
 #[cfg(test)]
@@ -427,25 +348,17 @@ mod tests {
     #[test]
     fn decode_rejects_short_records() {
         assert!(decode(&[0u8; 8]).is_none());
-        let event = types::event {
-            flags: EVF_STACK_SCAN,
-            ..Default::default()
-        };
+        let event = types::event { flags: EVF_STACK_SCAN, ..Default::default() };
         // SAFETY: `event` is plain old data; this views its bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&event as *const types::event).cast::<u8>(),
-                size_of::<types::event>(),
-            )
+            std::slice::from_raw_parts((&event as *const types::event).cast::<u8>(), size_of::<types::event>())
         };
-        assert!(
-            decode(bytes).is_none(),
-            "flags announce a scan that is missing"
-        );
+        assert!(decode(bytes).is_none(), "flags announce a scan that is missing");
         let mut with_scan = bytes.to_vec();
-        with_scan.extend((1..=16u64).flat_map(u64::to_ne_bytes));
+        with_scan.extend((0..=32u64).flat_map(u64::to_ne_bytes));
         let (decoded, scan) = decode(&with_scan).expect("a full record");
         assert_eq!(decoded.flags, EVF_STACK_SCAN);
-        assert_eq!(scan.expect("scan words")[15], 16);
+        let scan = scan.expect("a stack scan");
+        assert_eq!((scan.ip, scan.words[31]), (0, 32));
     }
 }

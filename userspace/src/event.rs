@@ -165,10 +165,7 @@ mod tests {
 
     #[test]
     fn describes_fd_kinds() {
-        assert_eq!(
-            FdKind::from_mode(0o140000, 2, 1).describe(),
-            "AF_INET SOCK_STREAM"
-        );
+        assert_eq!(FdKind::from_mode(0o140000, 2, 1).describe(), "AF_INET SOCK_STREAM");
         assert_eq!(FdKind::from_mode(0o100644, 0, 0), FdKind::File);
         assert_eq!(FdKind::from_mode(0o010600, 0, 0).describe(), "pipe");
         assert_eq!(FdKind::from_mode(0, 0, 0), FdKind::Other);

@@ -140,79 +140,38 @@ impl Ledger {
     }
 
     pub fn apply(&mut self, event: &Event) {
-        let created = Created {
-            site: self.intern(event.origin),
-            seq: self.seq,
-            ts_ns: event.ts_ns,
-        };
+        let created = Created { site: self.intern(event.origin), seq: self.seq, ts_ns: event.ts_ns };
         self.seq += 1;
         match event.change {
             Change::Alloc { domain, addr, size } => {
                 self.heap.insert((domain, addr), Block { size, created });
             }
             Change::Free { domain, addr } => self.release_block(domain, addr),
-            Change::Realloc {
-                domain,
-                old,
-                new,
-                size,
-            } => {
+            Change::Realloc { domain, old, new, size } => {
                 if old != 0 {
                     self.release_block(domain, old);
                 }
                 self.heap.insert((domain, new), Block { size, created });
             }
-            Change::Map {
-                addr,
-                len,
-                allocator_internal,
-            } => {
+            Change::Map { addr, len, allocator_internal } => {
                 self.unmap(addr, len);
                 let end = addr + page_align(len);
-                self.mappings.insert(
-                    addr,
-                    Mapping {
-                        end,
-                        allocator_internal,
-                        created,
-                    },
-                );
+                self.mappings.insert(addr, Mapping { end, allocator_internal, created });
             }
             Change::Unmap { addr, len } => {
                 if !self.unmap(addr, len) {
                     self.untracked_releases += 1;
                 }
             }
-            Change::Remap {
-                old,
-                old_len,
-                new,
-                new_len,
-                allocator_internal,
-            } => {
+            Change::Remap { old, old_len, new, new_len, allocator_internal } => {
                 self.unmap(old, old_len);
                 self.unmap(new, new_len);
                 let end = new + page_align(new_len);
-                self.mappings.insert(
-                    new,
-                    Mapping {
-                        end,
-                        allocator_internal,
-                        created,
-                    },
-                );
+                self.mappings.insert(new, Mapping { end, allocator_internal, created });
             }
             Change::FdOpen { fd, kind } => {
                 // A live fd reopened under the same number was closed implicitly (dup2).
-                self.fds.insert(
-                    fd,
-                    OpenFd {
-                        kind,
-                        site: created.site,
-                        ts_ns: event.ts_ns,
-                        seq: created.seq,
-                    },
-                );
+                self.fds.insert(fd, OpenFd { kind, site: created.site, ts_ns: event.ts_ns, seq: created.seq });
             }
             Change::FdClose { first, last } if first <= last => {
                 let closed: Vec<i32> = self.fds.range(first..=last).map(|(&fd, _)| fd).collect();
@@ -225,14 +184,7 @@ impl Ledger {
             }
             Change::FdClose { .. } => {}
             Change::ThreadStart { tid } => {
-                self.threads.insert(
-                    tid,
-                    LiveThread {
-                        site: created.site,
-                        ts_ns: event.ts_ns,
-                        seq: created.seq,
-                    },
-                );
+                self.threads.insert(tid, LiveThread { site: created.site, ts_ns: event.ts_ns, seq: created.seq });
             }
             Change::ThreadExit { tid } => {
                 if self.threads.remove(&tid).is_none() {
@@ -252,13 +204,8 @@ impl Ledger {
     /// Returns whether any tracked mapping was touched.
     fn unmap(&mut self, addr: u64, len: u64) -> bool {
         let end = addr + page_align(len);
-        let overlapping: Vec<(u64, Mapping)> = self
-            .mappings
-            .range(..end)
-            .rev()
-            .take_while(|(_, m)| m.end > addr)
-            .map(|(&start, &m)| (start, m))
-            .collect();
+        let overlapping: Vec<(u64, Mapping)> =
+            self.mappings.range(..end).rev().take_while(|(_, m)| m.end > addr).map(|(&start, &m)| (start, m)).collect();
         for (start, m) in &overlapping {
             self.mappings.remove(start);
             if *start < addr {
@@ -290,36 +237,20 @@ impl Ledger {
         }
         let mut sites: Vec<SiteTotals> = totals
             .into_iter()
-            .map(|((memory, site), (count, bytes))| SiteTotals {
-                memory,
-                site,
-                count,
-                bytes,
-            })
+            .map(|((memory, site), (count, bytes))| SiteTotals { memory, site, count, bytes })
             .collect();
-        sites.sort_by(|a, b| {
-            b.bytes
-                .cmp(&a.bytes)
-                .then(b.count.cmp(&a.count))
-                .then(a.site.cmp(&b.site))
-        });
+        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.count.cmp(&a.count)).then(a.site.cmp(&b.site)));
         sites
     }
 
     /// Fds opened since `since` and still open, by fd number.
     pub fn open_fds(&self, since: Mark) -> impl Iterator<Item = (i32, &OpenFd)> {
-        self.fds
-            .iter()
-            .filter(move |(_, f)| f.seq >= since.0)
-            .map(|(&fd, f)| (fd, f))
+        self.fds.iter().filter(move |(_, f)| f.seq >= since.0).map(|(&fd, f)| (fd, f))
     }
 
     /// Threads started since `since` and still alive, by tid.
     pub fn live_threads(&self, since: Mark) -> impl Iterator<Item = (u32, &LiveThread)> {
-        self.threads
-            .iter()
-            .filter(move |(_, t)| t.seq >= since.0)
-            .map(|(&tid, t)| (tid, t))
+        self.threads.iter().filter(move |(_, t)| t.seq >= since.0).map(|(&tid, t)| (tid, t))
     }
 }
 
@@ -328,59 +259,20 @@ mod tests {
     use super::*;
 
     fn at(caller: u64, change: Change) -> Event {
-        Event {
-            ts_ns: 1,
-            tid: 1,
-            origin: Origin {
-                caller: Some(caller),
-                stack_id: None,
-            },
-            change,
-        }
+        Event { ts_ns: 1, tid: 1, origin: Origin { caller: Some(caller), stack_id: None }, change }
     }
 
     fn heap_bytes(ledger: &Ledger) -> u64 {
-        ledger
-            .memory_by_site(&Filter::default())
-            .iter()
-            .filter(|s| s.memory != Memory::Mmap)
-            .map(|s| s.bytes)
-            .sum()
+        ledger.memory_by_site(&Filter::default()).iter().filter(|s| s.memory != Memory::Mmap).map(|s| s.bytes).sum()
     }
 
     #[test]
     fn frees_cancel_allocations_and_unknown_frees_are_ignored() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::Alloc {
-                domain: Domain::Libc,
-                addr: 0x10,
-                size: 100,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Alloc {
-                domain: Domain::Libc,
-                addr: 0x20,
-                size: 50,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Free {
-                domain: Domain::Libc,
-                addr: 0x10,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Free {
-                domain: Domain::Libc,
-                addr: 0x999,
-            },
-        ));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 100 }));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x20, size: 50 }));
+        l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x10 }));
+        l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x999 }));
         assert_eq!(heap_bytes(&l), 50);
         assert_eq!(l.untracked_releases, 1);
     }
@@ -388,48 +280,16 @@ mod tests {
     #[test]
     fn domains_are_apart() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::Alloc {
-                domain: Domain::Pyobject,
-                addr: 0x10,
-                size: 32,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Free {
-                domain: Domain::Libc,
-                addr: 0x10,
-            },
-        ));
-        assert_eq!(
-            heap_bytes(&l),
-            32,
-            "a libc free does not release a PyObject block"
-        );
+        l.apply(&at(1, Change::Alloc { domain: Domain::Pyobject, addr: 0x10, size: 32 }));
+        l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x10 }));
+        assert_eq!(heap_bytes(&l), 32, "a libc free does not release a PyObject block");
     }
 
     #[test]
     fn realloc_moves_the_block_to_the_new_site() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::Alloc {
-                domain: Domain::Libc,
-                addr: 0x10,
-                size: 8,
-            },
-        ));
-        l.apply(&at(
-            2,
-            Change::Realloc {
-                domain: Domain::Libc,
-                old: 0x10,
-                new: 0x40,
-                size: 64,
-            },
-        ));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 8 }));
+        l.apply(&at(2, Change::Realloc { domain: Domain::Libc, old: 0x10, new: 0x40, size: 64 }));
         let sites = l.memory_by_site(&Filter::default());
         assert_eq!(sites.len(), 1);
         assert_eq!((sites[0].count, sites[0].bytes), (1, 64));
@@ -440,103 +300,35 @@ mod tests {
     fn groups_by_site_and_filters_by_mark_and_size() {
         let mut l = Ledger::new();
         for i in 0..10 {
-            l.apply(&at(
-                7,
-                Change::Alloc {
-                    domain: Domain::Libc,
-                    addr: 0x1000 + i,
-                    size: 16,
-                },
-            ));
+            l.apply(&at(7, Change::Alloc { domain: Domain::Libc, addr: 0x1000 + i, size: 16 }));
         }
         let mid = l.mark();
-        l.apply(&at(
-            8,
-            Change::Alloc {
-                domain: Domain::Libc,
-                addr: 0x9000,
-                size: 4096,
-            },
-        ));
+        l.apply(&at(8, Change::Alloc { domain: Domain::Libc, addr: 0x9000, size: 4096 }));
         let all = l.memory_by_site(&Filter::default());
         assert_eq!(all.len(), 2);
         assert_eq!((all[0].count, all[0].bytes), (1, 4096));
         assert_eq!((all[1].count, all[1].bytes), (10, 160));
-        assert_eq!(
-            l.memory_by_site(&Filter {
-                since: mid,
-                ..Filter::default()
-            })
-            .len(),
-            1
-        );
-        assert_eq!(
-            l.memory_by_site(&Filter {
-                until: Some(mid),
-                ..Filter::default()
-            })[0]
-                .count,
-            10
-        );
-        assert_eq!(
-            l.memory_by_site(&Filter {
-                min_size: 100,
-                ..Filter::default()
-            })[0]
-                .bytes,
-            4096
-        );
+        assert_eq!(l.memory_by_site(&Filter { since: mid, ..Filter::default() }).len(), 1);
+        assert_eq!(l.memory_by_site(&Filter { until: Some(mid), ..Filter::default() })[0].count, 10);
+        assert_eq!(l.memory_by_site(&Filter { min_size: 100, ..Filter::default() })[0].bytes, 4096);
     }
 
     #[test]
     fn partial_munmap_splits_mappings() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::Map {
-                addr: 0x10000,
-                len: 4 * PAGE,
-                allocator_internal: false,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Unmap {
-                addr: 0x10000 + PAGE,
-                len: PAGE,
-            },
-        ));
+        l.apply(&at(1, Change::Map { addr: 0x10000, len: 4 * PAGE, allocator_internal: false }));
+        l.apply(&at(1, Change::Unmap { addr: 0x10000 + PAGE, len: PAGE }));
         let sites = l.memory_by_site(&Filter::default());
         assert_eq!((sites[0].count, sites[0].bytes), (2, 3 * PAGE));
-        l.apply(&at(
-            1,
-            Change::Unmap {
-                addr: 0x10000,
-                len: 4 * PAGE,
-            },
-        ));
+        l.apply(&at(1, Change::Unmap { addr: 0x10000, len: 4 * PAGE }));
         assert!(l.memory_by_site(&Filter::default()).is_empty());
     }
 
     #[test]
     fn allocator_mappings_are_not_counted_twice() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::Map {
-                addr: 0x10000,
-                len: 200_000,
-                allocator_internal: true,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::Alloc {
-                domain: Domain::Libc,
-                addr: 0x10010,
-                size: 200_000,
-            },
-        ));
+        l.apply(&at(1, Change::Map { addr: 0x10000, len: 200_000, allocator_internal: true }));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10010, size: 200_000 }));
         let sites = l.memory_by_site(&Filter::default());
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].memory, Memory::Heap(Domain::Libc));
@@ -545,55 +337,17 @@ mod tests {
     #[test]
     fn fds_and_threads() {
         let mut l = Ledger::new();
-        l.apply(&at(
-            1,
-            Change::FdOpen {
-                fd: 3,
-                kind: FdKind::File,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::FdOpen {
-                fd: 4,
-                kind: FdKind::Pipe,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::FdOpen {
-                fd: 9,
-                kind: FdKind::Pipe,
-            },
-        ));
-        l.apply(&at(
-            1,
-            Change::FdClose {
-                first: 4,
-                last: i32::MAX,
-            },
-        ));
+        l.apply(&at(1, Change::FdOpen { fd: 3, kind: FdKind::File }));
+        l.apply(&at(1, Change::FdOpen { fd: 4, kind: FdKind::Pipe }));
+        l.apply(&at(1, Change::FdOpen { fd: 9, kind: FdKind::Pipe }));
+        l.apply(&at(1, Change::FdClose { first: 4, last: i32::MAX }));
         l.apply(&at(1, Change::FdClose { first: 8, last: 2 })); // inverted: nothing
-        l.apply(&at(
-            2,
-            Change::FdOpen {
-                fd: 3,
-                kind: FdKind::Pipe,
-            },
-        )); // dup2 over 3
-        let open: Vec<_> = l
-            .open_fds(Mark::default())
-            .map(|(fd, f)| (fd, f.kind))
-            .collect();
+        l.apply(&at(2, Change::FdOpen { fd: 3, kind: FdKind::Pipe })); // dup2 over 3
+        let open: Vec<_> = l.open_fds(Mark::default()).map(|(fd, f)| (fd, f.kind)).collect();
         assert_eq!(open, vec![(3, FdKind::Pipe)]);
         l.apply(&at(1, Change::ThreadStart { tid: 100 }));
         l.apply(&at(1, Change::ThreadStart { tid: 101 }));
         l.apply(&at(1, Change::ThreadExit { tid: 100 }));
-        assert_eq!(
-            l.live_threads(Mark::default())
-                .map(|(t, _)| t)
-                .collect::<Vec<_>>(),
-            vec![101]
-        );
+        assert_eq!(l.live_threads(Mark::default()).map(|(t, _)| t).collect::<Vec<_>>(), vec![101]);
     }
 }

@@ -9,3 +9,4 @@ pub mod report;
 pub mod symbols;
 pub mod trace;
 pub mod tracer;
+pub mod unwind;

@@ -93,10 +93,7 @@ fn main() -> ExitCode {
                 min_size: t.min_size,
                 max_size: t.max_size,
                 min_age: Duration::from_secs_f64(t.min_age),
-                options: TraceOptions {
-                    btf: t.btf,
-                    ring_bytes: Some(t.ring_mib << 20),
-                },
+                options: TraceOptions { btf: t.btf, ring_bytes: Some(t.ring_mib << 20) },
             })
         }
     };

@@ -14,6 +14,7 @@ use crate::error::Error;
 struct CodeMapping {
     start: u64,
     end: u64,
+    file_offset: u64,
     path: PathBuf,
 }
 
@@ -38,10 +39,7 @@ impl Process {
         if fd < 0 {
             return Err(match io::Error::last_os_error().raw_os_error() {
                 Some(libc::ESRCH) => Error::NoSuchProcess(pid),
-                _ => Error::Io(
-                    format!("cannot open process {pid}"),
-                    io::Error::last_os_error(),
-                ),
+                _ => Error::Io(format!("cannot open process {pid}"), io::Error::last_os_error()),
             });
         }
         // SAFETY: pidfd_open returned a new fd that nothing else owns.
@@ -51,29 +49,16 @@ impl Process {
         if stat_flags(&stat).is_some_and(|flags| flags & PF_KTHREAD != 0) {
             return Err(Error::NotTraceable(pid, "it is a kernel thread".into()));
         }
-        let owner = fs::metadata(&root)
-            .map_err(|_| Error::NoSuchProcess(pid))?
-            .uid();
+        let owner = fs::metadata(&root).map_err(|_| Error::NoSuchProcess(pid))?.uid();
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
         if me != 0 && owner != me {
-            return Err(Error::NotTraceable(
-                pid,
-                format!("it belongs to uid {owner}, and you are uid {me}"),
-            ));
+            return Err(Error::NotTraceable(pid, format!("it belongs to uid {owner}, and you are uid {me}")));
         }
-        let mut process = Self {
-            pid,
-            pidfd,
-            code: Vec::new(),
-            mem: File::open(root.join("mem")).ok(),
-        };
+        let mut process = Self { pid, pidfd, code: Vec::new(), mem: File::open(root.join("mem")).ok() };
         process.refresh_mappings()?;
         if process.code.is_empty() {
-            return Err(Error::NotTraceable(
-                pid,
-                "it has no code mapped (a zombie or a kernel thread)".into(),
-            ));
+            return Err(Error::NotTraceable(pid, "it has no code mapped (a zombie or a kernel thread)".into()));
         }
         Ok(process)
     }
@@ -88,11 +73,7 @@ impl Process {
     }
 
     pub fn is_alive(&self) -> bool {
-        let mut poll = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut poll = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, no wait.
         let ready = unsafe { libc::poll(&mut poll, 1, 0) };
         ready == 0
@@ -105,33 +86,23 @@ impl Process {
 
     /// Re-reads which files are mapped executable (after a dlopen, say).
     pub fn refresh_mappings(&mut self) -> Result<(), Error> {
-        let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid))
-            .map_err(|_| Error::NoSuchProcess(self.pid))?;
+        let maps =
+            fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|_| Error::NoSuchProcess(self.pid))?;
         self.code = maps.lines().filter_map(parse_code_mapping).collect();
         Ok(())
     }
 
     /// The libc the process has mapped, if it is dynamically linked against one.
     pub fn libc(&self) -> Option<PathBuf> {
-        self.code
-            .iter()
-            .map(|m| &m.path)
-            .find(|p| is_libc(p))
-            .cloned()
+        self.code.iter().map(|m| &m.path).find(|p| is_libc(p)).cloned()
     }
 
     /// The mapped files that might export CPython's allocator API, most likely first.
     pub fn python_candidates(&self) -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = Vec::new();
         for m in &self.code {
-            let name = m
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if (name.starts_with("libpython") || name.starts_with("python"))
-                && !found.contains(&m.path)
-            {
+            let name = m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if (name.starts_with("libpython") || name.starts_with("python")) && !found.contains(&m.path) {
                 found.push(m.path.clone());
             }
         }
@@ -155,14 +126,24 @@ impl Process {
     }
 
     fn in_code(&self, addr: u64) -> bool {
-        addr >= 7 && self.code.iter().any(|m| m.start <= addr && addr < m.end)
+        addr >= 7 && self.code_at(addr).is_some()
+    }
+
+    fn code_at(&self, addr: u64) -> Option<&CodeMapping> {
+        self.code.iter().find(|m| m.start <= addr && addr < m.end)
+    }
+
+    /// The file mapped at a code address, and the address's offset in that file.
+    pub fn locate(&mut self, addr: u64) -> Option<(PathBuf, u64)> {
+        if self.code_at(addr).is_none() {
+            self.refresh_mappings().ok()?;
+        }
+        self.code_at(addr).map(|m| (m.path.clone(), addr - m.start + m.file_offset))
     }
 
     /// What an open fd refers to: a path, `socket:[inode]`, `pipe:[inode]`, `anon_inode:[eventfd]`.
     pub fn fd_target(&self, fd: i32) -> Option<String> {
-        fs::read_link(format!("/proc/{}/fd/{fd}", self.pid))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        fs::read_link(format!("/proc/{}/fd/{fd}", self.pid)).ok().map(|p| p.to_string_lossy().into_owned())
     }
 
     /// The name of a thread (its comm), while it is alive.
@@ -175,25 +156,19 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// The task flags of a /proc/PID/stat line (field 9; the comm in parentheses may hold spaces).
 fn stat_flags(stat: &str) -> Option<u64> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(6)?
-        .parse()
-        .ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(6)?.parse().ok()
 }
 
 fn read_trimmed(path: String) -> Option<String> {
-    fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim_end().to_string())
+    fs::read_to_string(path).ok().map(|s| s.trim_end().to_string())
 }
 
 fn parse_code_mapping(line: &str) -> Option<CodeMapping> {
     let mut fields = line.split_whitespace();
     let range = fields.next()?;
     let perms = fields.next()?;
-    let path = fields.nth(3)?;
+    let file_offset = fields.next()?;
+    let path = fields.nth(2)?;
     if !perms.contains('x') || !path.starts_with('/') {
         return None;
     }
@@ -201,18 +176,14 @@ fn parse_code_mapping(line: &str) -> Option<CodeMapping> {
     Some(CodeMapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
+        file_offset: u64::from_str_radix(file_offset, 16).ok()?,
         path: PathBuf::from(path),
     })
 }
 
 fn is_libc(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    name == "libc.so.6"
-        || (name.starts_with("libc-") && name.ends_with(".so"))
-        || name.starts_with("libc.so")
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    name == "libc.so.6" || (name.starts_with("libc-") && name.ends_with(".so")) || name.starts_with("libc.so")
 }
 
 /// Whether the 7 bytes before a return address end with an x86-64 call instruction:
@@ -230,9 +201,12 @@ mod tests {
     fn parses_only_executable_file_mappings() {
         let line = "7f95e701e000-7f95e7044000 r-xp 00028000 fe:00 1234  /usr/lib/x86_64-linux-gnu/libc.so.6";
         let m = parse_code_mapping(line).expect("a code mapping");
-        assert_eq!((m.start, m.end), (0x7f95e701e000, 0x7f95e7044000));
+        assert_eq!((m.start, m.end, m.file_offset), (0x7f95e701e000, 0x7f95e7044000, 0x28000));
         assert!(is_libc(&m.path));
-        assert!(parse_code_mapping("7f95e7000000-7f95e701e000 r--p 00000000 fe:00 1234 /usr/lib/x86_64-linux-gnu/libc.so.6").is_none());
+        assert!(parse_code_mapping(
+            "7f95e7000000-7f95e701e000 r--p 00000000 fe:00 1234 /usr/lib/x86_64-linux-gnu/libc.so.6"
+        )
+        .is_none());
         assert!(parse_code_mapping("7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]").is_none());
     }
 
@@ -247,23 +221,14 @@ mod tests {
     #[test]
     fn opens_itself_and_finds_libc() {
         let me = Process::open(std::process::id()).expect("a process can trace itself");
-        assert!(
-            me.libc().is_some(),
-            "the test binary links glibc dynamically"
-        );
+        assert!(me.libc().is_some(), "the test binary links glibc dynamically");
         assert!(me.is_alive());
     }
 
     #[test]
     fn refuses_missing_and_kernel_processes() {
         assert!(matches!(Process::open(0), Err(Error::NoSuchProcess(0))));
-        assert!(matches!(
-            Process::open(i32::MAX as u32),
-            Err(Error::NoSuchProcess(_))
-        ));
-        assert!(
-            matches!(Process::open(2), Err(Error::NotTraceable(2, _))),
-            "pid 2 is kthreadd"
-        );
+        assert!(matches!(Process::open(i32::MAX as u32), Err(Error::NoSuchProcess(_))));
+        assert!(matches!(Process::open(2), Err(Error::NotTraceable(2, _))), "pid 2 is kthreadd");
     }
 }

@@ -138,11 +138,8 @@ impl Report {
                 Memory::Heap(domain) => domain.name(),
                 Memory::Mmap => "mmap",
             };
-            let growing = if s.growing_for > 0 {
-                format!(", growing for {} reports", s.growing_for)
-            } else {
-                String::new()
-            };
+            let growing =
+                if s.growing_for > 0 { format!(", growing for {} reports", s.growing_for) } else { String::new() };
             let _ = writeln!(
                 out,
                 "  #{} {} live in {} {what} blocks ({}/s){growing}, from {}",
@@ -150,9 +147,7 @@ impl Report {
                 human_bytes(s.bytes),
                 s.count,
                 human_bytes(s.bytes_per_s as u64),
-                s.site
-                    .as_ref()
-                    .map_or("an unknown site".into(), Frame::describe),
+                s.site.as_ref().map_or("an unknown site".into(), Frame::describe),
             );
             stack_lines(&mut out, &s.stack);
         }
@@ -164,9 +159,7 @@ impl Report {
                 fd.kind,
                 fd.target.as_deref().unwrap_or("?"),
                 fd.age_s,
-                fd.site
-                    .as_ref()
-                    .map_or("an unknown site".into(), Frame::describe),
+                fd.site.as_ref().map_or("an unknown site".into(), Frame::describe),
             );
             stack_lines(&mut out, &fd.stack);
         }
@@ -177,9 +170,7 @@ impl Report {
                 t.tid,
                 t.name.as_deref().unwrap_or("?"),
                 t.age_s,
-                t.site
-                    .as_ref()
-                    .map_or("an unknown site".into(), Frame::describe),
+                t.site.as_ref().map_or("an unknown site".into(), Frame::describe),
             );
             stack_lines(&mut out, &t.stack);
         }

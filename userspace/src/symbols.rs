@@ -29,11 +29,7 @@ impl Frame {
         let module = self
             .module
             .as_deref()
-            .map(|m| {
-                Path::new(m)
-                    .file_name()
-                    .map_or(m.into(), |n| n.to_string_lossy())
-            })
+            .map(|m| Path::new(m).file_name().map_or(m.into(), |n| n.to_string_lossy()))
             .unwrap_or_default();
         match (&self.function, &self.file) {
             (Some(f), Some(file)) => match self.line {
@@ -41,15 +37,7 @@ impl Frame {
                 None => format!("{f} ({file})"),
             },
             (Some(f), None) => format!("{f} in {module}"),
-            _ => format!(
-                "{:#x} in {}",
-                self.addr,
-                if module.is_empty() {
-                    "?".into()
-                } else {
-                    module
-                }
-            ),
+            _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
         }
     }
 }
@@ -62,20 +50,12 @@ pub struct Symbols {
 
 impl Symbols {
     pub fn new(pid: u32) -> Self {
-        Self {
-            pid,
-            symbolizer: Symbolizer::new(),
-            cache: HashMap::new(),
-        }
+        Self { pid, symbolizer: Symbolizer::new(), cache: HashMap::new() }
     }
 
     /// Frames for return addresses (each names the call instruction just before it).
     pub fn frames(&mut self, return_addrs: &[u64]) -> Vec<Frame> {
-        let missing: Vec<u64> = return_addrs
-            .iter()
-            .copied()
-            .filter(|a| !self.cache.contains_key(a))
-            .collect();
+        let missing: Vec<u64> = return_addrs.iter().copied().filter(|a| !self.cache.contains_key(a)).collect();
         if !missing.is_empty() {
             self.resolve(&missing);
         }
@@ -86,24 +66,12 @@ impl Symbols {
         let src = Source::Process(ProcessSource::new(Pid::from(self.pid)));
         // A return address belongs to the instruction after the call: look up the call itself.
         let calls: Vec<u64> = addrs.iter().map(|a| a.saturating_sub(1)).collect();
-        let resolved = self
-            .symbolizer
-            .symbolize(&src, Input::AbsAddr(&calls))
-            .unwrap_or_default();
+        let resolved = self.symbolizer.symbolize(&src, Input::AbsAddr(&calls)).unwrap_or_default();
         for (i, &addr) in addrs.iter().enumerate() {
-            let mut frame = Frame {
-                addr,
-                function: None,
-                module: None,
-                file: None,
-                line: None,
-            };
+            let mut frame = Frame { addr, function: None, module: None, file: None, line: None };
             if let Some(Symbolized::Sym(sym)) = resolved.get(i) {
                 frame.function = Some(sym.name.to_string());
-                frame.module = sym
-                    .module
-                    .as_ref()
-                    .map(|m| m.to_string_lossy().into_owned());
+                frame.module = sym.module.as_ref().map(|m| m.to_string_lossy().into_owned());
                 if let Some(code) = &sym.code_info {
                     frame.file = Some(code.file.to_string_lossy().into_owned());
                     frame.line = code.line;

@@ -21,7 +21,7 @@ use crate::ledger::{Filter, Ledger, Memory};
 use crate::process::Process;
 use crate::report::{FdReport, Growth, LiveTotals, Lost, Report, Suspect, ThreadReport};
 use crate::symbols::{Frame, Symbols};
-use crate::tracer::{self, TraceOptions};
+use crate::tracer::{self, RecordDecoder, TraceOptions};
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
@@ -36,17 +36,16 @@ pub struct TraceArgs {
     pub options: TraceOptions,
 }
 
-/// What the ring callback feeds: the ledger, and the process to resolve stack scans against.
+/// What the ring callback feeds: the ledger, through the decoder of the target's records.
 struct Collector {
     ledger: Ledger,
-    process: Process,
+    decoder: RecordDecoder,
     corrupt: u64,
 }
 
 impl Collector {
     fn ingest(&mut self, record: &[u8]) {
-        let event = psleak_ebpf::decode(record)
-            .and_then(|(raw, scan)| tracer::event_from_record(&raw, scan, &mut self.process));
+        let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
         match event {
             Some(event) => self.ledger.apply(&event),
             None => self.corrupt += 1,
@@ -76,10 +75,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         process.name(),
         probes.attachments(),
         target.libc.display(),
-        target
-            .python
-            .as_ref()
-            .map_or(String::new(), |p| format!(" and {}", p.display())),
+        target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
         started.elapsed().as_secs_f64(),
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -87,11 +83,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
     let reporter = Reporter::new(args, &probes, &target, process.pid());
-    let collector = RefCell::new(Collector {
-        ledger: Ledger::new(),
-        process,
-        corrupt: 0,
-    });
+    let collector = RefCell::new(Collector { ledger: Ledger::new(), decoder: RecordDecoder::new(process), corrupt: 0 });
     runtime.block_on(watch(args, &probes, &collector, reporter))
 }
 
@@ -106,8 +98,7 @@ async fn watch(
         let what = what.to_string();
         move |e| Error::Io(what, e)
     };
-    let ring_error =
-        |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
+    let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
     let mut builder = RingBufferBuilder::new();
     builder
         .add(probes.events(), |record: &[u8]| {
@@ -118,26 +109,16 @@ async fn watch(
     let ring = builder.build().map_err(ring_error)?;
     // SAFETY: the ring's epoll fd and the process's pidfd stay open for as long as these
     // registrations, which are dropped first (declared after `ring`; `collector` outlives us).
-    let ring_ready =
-        unsafe { AsyncFd::register_with_interest(Pollable(ring.epoll_fd()), Interest::READABLE) }
-            .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
+    let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(ring.epoll_fd()), Interest::READABLE) }
+        .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
     let target_exit = unsafe {
-        AsyncFd::register_with_interest(
-            Pollable(collector.borrow().process.exit_fd()),
-            Interest::READABLE,
-        )
+        AsyncFd::register_with_interest(Pollable(collector.borrow().decoder.process.exit_fd()), Interest::READABLE)
     }
     .map_err(|e| io_error("cannot watch the target")(e.into()))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
-    let mut ticks =
-        tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
-    let deadline = tokio::time::sleep(
-        args.duration
-            .unwrap_or(Duration::from_secs(u64::from(u32::MAX))),
-    );
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
+    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
     tokio::pin!(deadline);
 
     let drain = || ring.consume().map_err(ring_error);
@@ -176,11 +157,7 @@ struct Reporter<'a> {
 
 impl<'a> Reporter<'a> {
     fn new(args: &'a TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
-        let file_name = |p: &Path| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        };
+        let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut runtime_modules = vec![file_name(&target.libc)];
         runtime_modules.extend(target.python.as_deref().map(file_name));
         Self {
@@ -195,11 +172,7 @@ impl<'a> Reporter<'a> {
         }
     }
 
-    fn emit(
-        &mut self,
-        collector: &Collector,
-        stopped_by: Option<&'static str>,
-    ) -> Result<(), Error> {
+    fn emit(&mut self, collector: &Collector, stopped_by: Option<&'static str>) -> Result<(), Error> {
         let report = self.report(collector, stopped_by);
         let text = if self.args.json {
             let mut line = serde_json::to_string(&report).expect("reports serialize");
@@ -220,11 +193,7 @@ impl<'a> Reporter<'a> {
     /// recorded stack without its innermost frame (the probed function itself).
     fn stack_of(&mut self, origin: Origin) -> Vec<u64> {
         let recorded = match origin.stack_id {
-            Some(id) => self
-                .stacks
-                .entry(id)
-                .or_insert_with(|| self.probes.user_stack(id))
-                .clone(),
+            Some(id) => self.stacks.entry(id).or_insert_with(|| self.probes.user_stack(id)).clone(),
             None => Vec::new(),
         };
         let mut stack: Vec<u64> = origin.caller.into_iter().collect();
@@ -243,18 +212,11 @@ impl<'a> Reporter<'a> {
         let frames = self.symbols.frames(&addrs);
         let is_runtime = |f: &Frame| {
             f.module.as_deref().is_some_and(|m| {
-                let name = Path::new(m)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = Path::new(m).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 self.runtime_modules.contains(&name)
             })
         };
-        let site = frames
-            .iter()
-            .find(|f| !is_runtime(f))
-            .or(frames.first())
-            .cloned();
+        let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
         (site, frames)
     }
 
@@ -271,23 +233,17 @@ impl<'a> Reporter<'a> {
             let fds: Vec<_> = c
                 .ledger
                 .open_fds(Default::default())
-                .map(|(fd, f)| (fd, *f, c.process.fd_target(fd)))
+                .map(|(fd, f)| (fd, *f, c.decoder.process.fd_target(fd)))
                 .collect();
             let threads: Vec<_> = c
                 .ledger
                 .live_threads(Default::default())
-                .map(|(tid, t)| (tid, *t, c.process.thread_name(tid)))
+                .map(|(tid, t)| (tid, *t, c.decoder.process.thread_name(tid)))
                 .collect();
             let sites = c.ledger.memory_by_site(&filter);
             let origins: Vec<Origin> = sites.iter().map(|s| c.ledger.origin(s.site)).collect();
-            let fd_origins: Vec<Origin> = fds
-                .iter()
-                .map(|(_, f, _)| c.ledger.origin(f.site))
-                .collect();
-            let thread_origins: Vec<Origin> = threads
-                .iter()
-                .map(|(_, t, _)| c.ledger.origin(t.site))
-                .collect();
+            let fd_origins: Vec<Origin> = fds.iter().map(|(_, f, _)| c.ledger.origin(f.site)).collect();
+            let thread_origins: Vec<Origin> = threads.iter().map(|(_, t, _)| c.ledger.origin(t.site)).collect();
             (
                 sites.into_iter().zip(origins).collect::<Vec<_>>(),
                 fds.into_iter().zip(fd_origins).collect::<Vec<_>>(),
@@ -298,10 +254,7 @@ impl<'a> Reporter<'a> {
             )
         };
 
-        let mut live = LiveTotals {
-            sites: sites.len(),
-            ..LiveTotals::default()
-        };
+        let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
         for (s, _) in &sites {
             match s.memory {
                 Memory::Heap(_) => {
@@ -332,27 +285,14 @@ impl<'a> Reporter<'a> {
             .into_iter()
             .map(|((fd, f, target), origin)| {
                 let (site, stack) = self.site_of(origin);
-                FdReport {
-                    fd,
-                    kind: f.kind.describe(),
-                    target,
-                    age_s: age(f.ts_ns),
-                    site,
-                    stack,
-                }
+                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
             })
             .collect();
         let threads = threads
             .into_iter()
             .map(|((tid, t, name), origin)| {
                 let (site, stack) = self.site_of(origin);
-                ThreadReport {
-                    tid,
-                    name,
-                    age_s: age(t.ts_ns),
-                    site,
-                    stack,
-                }
+                ThreadReport { tid, name, age_s: age(t.ts_ns), site, stack }
             })
             .collect();
         let losses = self.probes.losses();
@@ -362,11 +302,7 @@ impl<'a> Reporter<'a> {
             is_final: stopped_by.is_some(),
             stopped_by,
             events,
-            lost: Lost {
-                ring_full: losses.ring_full,
-                no_stack: losses.no_stack,
-                corrupt,
-            },
+            lost: Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt },
             untracked_releases: untracked,
             live,
             suspects,
@@ -378,10 +314,7 @@ impl<'a> Reporter<'a> {
 
 /// CLOCK_MONOTONIC, the clock of the probes' timestamps.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -11,6 +11,7 @@ use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
 use crate::error::Error;
 use crate::event::{Change, Domain, Event, FdKind, Origin};
 use crate::process::Process;
+use crate::unwind::Unwinder;
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -32,12 +33,8 @@ pub fn check_prerequisites(options: &TraceOptions) -> Result<(), Error> {
         return Err(Error::NotPrivileged);
     }
     match &options.btf {
-        Some(path) if !path.is_file() => {
-            Err(Error::NoBtf(format!("no BTF file at {}", path.display())))
-        }
-        None if !Path::new(KERNEL_BTF).exists() => {
-            Err(Error::NoBtf(format!("this kernel has no {KERNEL_BTF}")))
-        }
+        Some(path) if !path.is_file() => Err(Error::NoBtf(format!("no BTF file at {}", path.display()))),
+        None if !Path::new(KERNEL_BTF).exists() => Err(Error::NoBtf(format!("this kernel has no {KERNEL_BTF}"))),
         _ => Ok(()),
     }
 }
@@ -56,15 +53,8 @@ fn may_load_bpf() -> bool {
 /// The probe target for an opened process: its libc, and its Python runtime if it has one.
 pub fn target_of(process: &Process) -> Result<Target, Error> {
     let libc = process.libc().ok_or(Error::NoDynamicLibc(process.pid()))?;
-    let python = process
-        .python_candidates()
-        .into_iter()
-        .find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
-    Ok(Target {
-        pid: process.pid(),
-        libc,
-        python,
-    })
+    let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
+    Ok(Target { pid: process.pid(), libc, python })
 }
 
 /// Loads and attaches the probes to `process`; fails if it died meanwhile.
@@ -74,10 +64,7 @@ pub fn attach<'obj>(
     target: &Target,
     options: &TraceOptions,
 ) -> Result<Probes<'obj>, Error> {
-    let mut probe_options = Options {
-        btf: options.btf.clone(),
-        ..Options::default()
-    };
+    let mut probe_options = Options { btf: options.btf.clone(), ..Options::default() };
     if let Some(bytes) = options.ring_bytes {
         probe_options.ring_bytes = bytes;
     }
@@ -104,41 +91,51 @@ fn domain_of(raw: u8) -> Option<Domain> {
     })
 }
 
-/// Turns a probe record into an event; `None` for a record that does not make sense.
-/// `process` picks the caller out of a stack scan.
-pub fn event_from_record(
-    raw: &types::event,
-    scan: Option<[u64; 16]>,
-    process: &mut Process,
-) -> Option<Event> {
+/// Turns probe records into events, finding the callers of syscall-side events in the
+/// target's stack.
+pub struct RecordDecoder {
+    pub process: Process,
+    unwinder: Unwinder,
+}
+
+impl RecordDecoder {
+    pub fn new(process: Process) -> Self {
+        Self { process, unwinder: Unwinder::default() }
+    }
+
+    /// The event of a record; `None` for a record that does not make sense.
+    pub fn event(&mut self, raw: &types::event, scan: Option<&types::stack_scan>) -> Option<Event> {
+        let change = change_of(raw)?;
+        let caller = match scan {
+            Some(scan) => self.caller_in(scan),
+            None => (raw.caller != 0).then_some(raw.caller),
+        };
+        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok() };
+        Some(Event { ts_ns: raw.ts_ns, tid: raw.tid, origin, change })
+    }
+
+    /// The return address in a stack scan: at the slot the code's CFI names, or else the
+    /// first word that follows a call instruction.
+    fn caller_in(&mut self, scan: &types::stack_scan) -> Option<u64> {
+        match self.unwinder.return_address_slot(&mut self.process, scan.ip) {
+            Some(slot) => scan.words.get(slot).copied().filter(|&w| w != 0),
+            None => scan.words.iter().copied().find(|&w| self.process.is_return_address(w)),
+        }
+    }
+}
+
+fn change_of(raw: &types::event) -> Option<Change> {
     let domain = || domain_of(raw.domain);
     let internal = raw.flags & EVF_ALLOCATOR_INTERNAL != 0;
     let fd = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
-    let change = match event_kind(u32::from(raw.kind)) {
-        event_kind::EV_ALLOC => Change::Alloc {
-            domain: domain()?,
-            addr: raw.addr,
-            size: raw.size,
-        },
-        event_kind::EV_FREE => Change::Free {
-            domain: domain()?,
-            addr: raw.addr,
-        },
-        event_kind::EV_REALLOC => Change::Realloc {
-            domain: domain()?,
-            old: raw.old_addr,
-            new: raw.addr,
-            size: raw.size,
-        },
-        event_kind::EV_MMAP => Change::Map {
-            addr: raw.addr,
-            len: raw.size,
-            allocator_internal: internal,
-        },
-        event_kind::EV_MUNMAP => Change::Unmap {
-            addr: raw.addr,
-            len: raw.size,
-        },
+    Some(match event_kind(u32::from(raw.kind)) {
+        event_kind::EV_ALLOC => Change::Alloc { domain: domain()?, addr: raw.addr, size: raw.size },
+        event_kind::EV_FREE => Change::Free { domain: domain()?, addr: raw.addr },
+        event_kind::EV_REALLOC => {
+            Change::Realloc { domain: domain()?, old: raw.old_addr, new: raw.addr, size: raw.size }
+        }
+        event_kind::EV_MMAP => Change::Map { addr: raw.addr, len: raw.size, allocator_internal: internal },
+        event_kind::EV_MUNMAP => Change::Unmap { addr: raw.addr, len: raw.size },
         event_kind::EV_MREMAP => Change::Remap {
             old: raw.old_addr,
             old_len: raw.aux,
@@ -146,35 +143,13 @@ pub fn event_from_record(
             new_len: raw.size,
             allocator_internal: internal,
         },
-        event_kind::EV_FD_OPEN => Change::FdOpen {
-            fd: fd(raw.addr),
-            kind: FdKind::from_mode(raw.aux, raw.sock_family, raw.sock_type),
-        },
-        event_kind::EV_FD_CLOSE => Change::FdClose {
-            first: fd(raw.addr),
-            last: fd(raw.aux),
-        },
-        event_kind::EV_THREAD_START => Change::ThreadStart {
-            tid: u32::try_from(raw.addr).ok()?,
-        },
-        event_kind::EV_THREAD_EXIT => Change::ThreadExit {
-            tid: u32::try_from(raw.addr).ok()?,
-        },
+        event_kind::EV_FD_OPEN => {
+            Change::FdOpen { fd: fd(raw.addr), kind: FdKind::from_mode(raw.aux, raw.sock_family, raw.sock_type) }
+        }
+        event_kind::EV_FD_CLOSE => Change::FdClose { first: fd(raw.addr), last: fd(raw.aux) },
+        event_kind::EV_THREAD_START => Change::ThreadStart { tid: u32::try_from(raw.addr).ok()? },
+        event_kind::EV_THREAD_EXIT => Change::ThreadExit { tid: u32::try_from(raw.addr).ok()? },
         _ => return None,
-    };
-    let caller = match scan {
-        Some(words) => words.into_iter().find(|&w| process.is_return_address(w)),
-        None => (raw.caller != 0).then_some(raw.caller),
-    };
-    let origin = Origin {
-        caller,
-        stack_id: u32::try_from(raw.stack_id).ok(),
-    };
-    Some(Event {
-        ts_ns: raw.ts_ns,
-        tid: raw.tid,
-        origin,
-        change,
     })
 }
 
@@ -194,73 +169,36 @@ mod tests {
         }
     }
 
+    fn decoder() -> RecordDecoder {
+        RecordDecoder::new(Process::open(std::process::id()).unwrap())
+    }
+
     #[test]
     fn decodes_every_kind() {
-        let mut me = Process::open(std::process::id()).unwrap();
-        let alloc = event_from_record(
-            &record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT),
-            None,
-            &mut me,
-        )
-        .unwrap();
-        assert_eq!(
-            alloc.change,
-            Change::Alloc {
-                domain: Domain::Pyobject,
-                addr: 0x1000,
-                size: 24
-            }
-        );
-        assert_eq!(
-            alloc.origin,
-            Origin {
-                caller: Some(0x401234),
-                stack_id: None
-            },
-            "a negative stack id is no stack"
-        );
-        let close = types::event {
-            aux: u64::from(u32::MAX),
-            ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC)
-        };
-        assert_eq!(
-            event_from_record(&close, None, &mut me).unwrap().change,
-            Change::FdClose {
-                first: 0x1000,
-                last: i32::MAX
-            }
-        );
-        assert!(event_from_record(
-            &record(event_kind(99), alloc_domain::DOMAIN_LIBC),
-            None,
-            &mut me
-        )
-        .is_none());
-        assert!(event_from_record(
-            &record(event_kind::EV_ALLOC, alloc_domain(7)),
-            None,
-            &mut me
-        )
-        .is_none());
+        let mut d = decoder();
+        let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT), None).unwrap();
+        assert_eq!(alloc.change, Change::Alloc { domain: Domain::Pyobject, addr: 0x1000, size: 24 });
+        assert_eq!(alloc.origin, Origin { caller: Some(0x401234), stack_id: None }, "a negative stack id is no stack");
+        let close =
+            types::event { aux: u64::from(u32::MAX), ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC) };
+        assert_eq!(d.event(&close, None).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });
+        assert!(d.event(&record(event_kind(99), alloc_domain::DOMAIN_LIBC), None).is_none(), "unknown kind");
+        assert!(d.event(&record(event_kind::EV_ALLOC, alloc_domain(7)), None).is_none(), "unknown domain");
     }
 
     #[test]
-    fn picks_the_return_address_out_of_a_stack_scan() {
-        let mut me = Process::open(std::process::id()).unwrap();
-        // A real return address of this process: the one this function returns to is not
-        // addressable from Rust, so take the word after a call we make ourselves.
-        let here = return_address_probe as *const () as u64;
-        let mut words = [0u64; 16];
-        words[0] = 0x7;
-        words[1] = here; // a function's start follows no call
+    fn reads_the_caller_from_the_slot_the_cfi_names() {
+        let mut d = decoder();
+        // At a function's entry, the return address is the word at the stack pointer; the
+        // stale words above it must not be taken for it.
+        let entry = reads_the_caller_from_the_slot_the_cfi_names as *const () as u64;
+        let mut scan = types::stack_scan { ip: entry, ..Default::default() };
+        scan.words[0] = 0xdead_beef;
+        scan.words[1] = entry + 1;
         let raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
-        let event = event_from_record(&raw, Some(words), &mut me).unwrap();
-        assert_eq!(
-            event.origin.caller, None,
-            "no word of the scan is a return address"
-        );
+        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, Some(0xdead_beef));
+        // Without CFI (an address in no file), only a word that follows a call qualifies.
+        scan.ip = 0x10;
+        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, None);
     }
-
-    #[inline(never)]
-    fn return_address_probe() {}
 }

@@ -9,6 +9,10 @@
  *
  * Calls nest: PyObject_Malloc may call malloc, reallocarray calls realloc. Only the
  * outermost call of a thread is reported; nested ones are the allocator's own business.
+ *
+ * pthread_create is probed as a call of this layer too: what it allocates and maps (the
+ * thread's stack, its TLS) belongs to the new thread, which is reported as a thread, and
+ * glibc keeps those around after a join, so counting them would flag clean code.
  */
 #ifndef PSLEAK_ALLOC_BPF_H
 #define PSLEAK_ALLOC_BPF_H
@@ -23,6 +27,7 @@ enum alloc_op {
 	ALLOC_OP_REALLOCARRAY = 4,  /* reallocarray(ptr, n, size) */
 	ALLOC_OP_POSIX_MEMALIGN = 5,/* posix_memalign(&ptr, align, size) */
 	ALLOC_OP_SIZE_ARG2 = 6,     /* aligned_alloc(align, size), memalign(align, size) */
+	ALLOC_OP_SPAWN = 7,         /* pthread_create(): allocates for a thread, reports nothing */
 };
 
 struct alloc_call {
@@ -83,6 +88,7 @@ int BPF_UPROBE(alloc_enter)
 	case ALLOC_OP_REALLOCARRAY: call.old_addr = a1; call.size = a2 * a3; break;
 	case ALLOC_OP_POSIX_MEMALIGN: call.out_ptr = a1; call.size = a3; break;
 	case ALLOC_OP_SIZE_ARG2: call.size = a2; break;
+	case ALLOC_OP_SPAWN: break;
 	default: return 0;
 	}
 	call.caller = return_address_at(PT_REGS_SP(ctx));
@@ -127,6 +133,8 @@ int BPF_URETPROBE(alloc_exit, __u64 ret)
 		else if (call->size == 0 && call->old_addr)
 			emit_alloc(call, EV_FREE, call->old_addr); /* realloc(p, 0) frees p */
 		break;
+	case ALLOC_OP_SPAWN:
+		break; /* the thread itself is reported at its clone (thread.bpf.h) */
 	case ALLOC_OP_POSIX_MEMALIGN: {
 		__u64 addr = 0;
 		if (ret == 0 && bpf_probe_read_user(&addr, sizeof(addr), (void *)call->out_ptr) == 0 && addr)

@@ -86,7 +86,7 @@ static __always_inline struct event *reserve_event(__u8 kind)
 
 /* An event raised inside a syscall made by the target: the caller is found in userspace from a
  * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
-static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, __u64 user_sp)
+static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, struct pt_regs *user_regs)
 {
 	struct event_with_scan *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
@@ -99,15 +99,15 @@ static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind,
 	r->event.tid = current_tid();
 	r->event.flags = EVF_STACK_SCAN;
 	r->event.stack_id = user_stack_id(ctx);
-	bpf_probe_read_user(&r->scan, sizeof(r->scan), (void *)user_sp);
+	r->scan.ip = BPF_CORE_READ(user_regs, ip);
+	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)BPF_CORE_READ(user_regs, sp));
 	return &r->event;
 }
 
-/* The user stack pointer of the current task, from inside the kernel. */
-static __always_inline __u64 current_user_sp(void)
+/* The user registers of the current task, from inside the kernel. */
+static __always_inline struct pt_regs *current_user_regs(void)
 {
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	return BPF_CORE_READ(regs, sp);
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 }
 
 #endif

@@ -47,8 +47,9 @@ enum alloc_domain {
 #define EVF_STACK_SCAN 2
 
 /* Words read upward from the user stack pointer for events raised inside a syscall, where the
- * libc wrapper may have pushed a frame: userspace picks the first word that is a return address. */
-#define PSLEAK_SCAN_WORDS 16
+ * libc wrapper may have pushed a frame: userspace finds the return address among them by
+ * unwinding the wrapper's frame with its CFI (.eh_frame), at the user instruction pointer. */
+#define PSLEAK_SCAN_WORDS 32
 
 struct event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -68,7 +69,8 @@ struct event {
 };
 
 struct stack_scan {
-	__u64 words[PSLEAK_SCAN_WORDS];
+	__u64 ip;                        /* user instruction pointer: where in libc the syscall was made */
+	__u64 words[PSLEAK_SCAN_WORDS];  /* from the user stack pointer upward */
 };
 
 /* The record layout of an event carrying EVF_STACK_SCAN. */

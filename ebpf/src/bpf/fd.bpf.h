@@ -28,7 +28,7 @@ static __always_inline struct file *fd_file(__u32 fd)
 
 static __always_inline void emit_fd_open(void *ctx, struct pt_regs *regs, __u32 fd)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_FD_OPEN, BPF_CORE_READ(regs, sp));
+	struct event *e = reserve_syscall_event(ctx, EV_FD_OPEN, regs);
 	if (!e)
 		return;
 	e->addr = fd;

@@ -12,7 +12,7 @@
 
 static __always_inline void on_mmap(void *ctx, struct pt_regs *regs, long ret)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_MMAP, BPF_CORE_READ(regs, sp));
+	struct event *e = reserve_syscall_event(ctx, EV_MMAP, regs);
 	if (!e)
 		return;
 	e->addr = ret;
@@ -34,7 +34,7 @@ static __always_inline void on_munmap(struct pt_regs *regs)
 
 static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_MREMAP, BPF_CORE_READ(regs, sp));
+	struct event *e = reserve_syscall_event(ctx, EV_MREMAP, regs);
 	if (!e)
 		return;
 	e->addr = ret;
