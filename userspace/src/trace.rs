@@ -69,7 +69,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
     let started = Instant::now();
     let mut storage = MaybeUninit::uninit();
     let probes = tracer::attach(&mut storage, &process, &target, &args.options)?;
-    eprintln!(
+    let attached = format!(
         "psleak: tracing pid {} ({}): {} probes on {}{}, attached in {:.2}s",
         process.pid(),
         process.name(),
@@ -84,7 +84,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
     let reporter = Reporter::new(args, &probes, &target, process.pid());
     let collector = RefCell::new(Collector { ledger: Ledger::new(), decoder: RecordDecoder::new(process), corrupt: 0 });
-    runtime.block_on(watch(args, &probes, &collector, reporter))
+    runtime.block_on(watch(args, &probes, &collector, reporter, &attached))
 }
 
 /// Consumes events as they arrive and reports every interval until the session ends.
@@ -93,6 +93,7 @@ async fn watch(
     probes: &Probes<'_>,
     collector: &RefCell<Collector>,
     mut reporter: Reporter<'_>,
+    attached: &str,
 ) -> Result<(), Error> {
     let io_error = |what: &str| {
         let what = what.to_string();
@@ -120,6 +121,8 @@ async fn watch(
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
     let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
     tokio::pin!(deadline);
+    // Only now does Ctrl-C end the session with a final report.
+    eprintln!("{attached}");
 
     let drain = || ring.consume().map_err(ring_error);
     let stopped_by = loop {

@@ -1,0 +1,158 @@
+//! Real targets and a real tracer for the integration tests: C programs built here with gcc,
+//! Python, and the `psleak` binary attached to them with its probes loaded into this kernel.
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds `tests/targets/NAME.c` once per test binary; `static_link` for a binary without a shared libc.
+pub fn build_target(name: &str, static_link: bool) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(if static_link {
+        format!("{name}-static")
+    } else {
+        name.to_string()
+    });
+    let source = repo_root().join("tests/targets").join(format!("{name}.c"));
+    let mut gcc = Command::new("gcc");
+    gcc.args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"]).arg(&out).arg(&source);
+    if static_link {
+        gcc.arg("-static");
+    }
+    let status = gcc.status().expect("gcc runs");
+    assert!(status.success(), "building {} failed", source.display());
+    out
+}
+
+pub fn leaky() -> &'static Path {
+    static LEAKY: OnceLock<PathBuf> = OnceLock::new();
+    LEAKY.get_or_init(|| build_target("leaky", false))
+}
+
+/// A process driven line by line on stdin, answering each command on stdout.
+pub struct Target {
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Target {
+    pub fn start(command: &mut Command) -> Self {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("target starts");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "target said {line:?}");
+        Self { child, stdin, stdout }
+    }
+
+    pub fn leaky() -> Self {
+        Self::start(&mut Command::new(leaky()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a command and waits until the target has carried it out.
+    pub fn run(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "target answered {line:?} to {command:?}");
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn psleak() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_psleak"))
+}
+
+/// `psleak trace --json` attached to a process, reporting only when stopped.
+pub struct Tracer {
+    child: Option<Child>,
+}
+
+impl Tracer {
+    pub fn attach(pid: u32, extra: &[&str]) -> Self {
+        let mut child = psleak()
+            .args(["trace", "--json", "--interval", "3600", "--pid", &pid.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psleak starts");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains("tracing pid"), "psleak did not attach: {line:?}");
+        Self { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Stops the tracer with SIGINT and returns its last report.
+    pub fn finish(mut self) -> Value {
+        let child = self.child.take().unwrap();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "psleak exited with {}", output.status);
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let last = stdout.lines().last().expect("a final report");
+        let report: Value = serde_json::from_str(last).expect("the report is JSON");
+        assert_eq!(report["final"], true);
+        assert_eq!(report["lost"]["ring_full"], 0, "no event may be lost: {report}");
+        assert_eq!(report["lost"]["corrupt"], 0);
+        report
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The memory suspects whose site is the function `name`.
+pub fn suspects_at<'a>(report: &'a Value, name: &str) -> Vec<&'a Value> {
+    report["suspects"].as_array().unwrap().iter().filter(|s| s["site"]["function"] == name).collect()
+}
+
+/// Runs psleak to completion and returns (exit code, stderr).
+pub fn run_psleak(args: &[&str]) -> (i32, String) {
+    let output = psleak().args(args).output().expect("psleak runs");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
