@@ -56,9 +56,12 @@ impl Process {
             return Err(Error::NotTraceable(pid, format!("it belongs to uid {owner}, and you are uid {me}")));
         }
         let mut process = Self { pid, pidfd, code: Vec::new(), mem: File::open(root.join("mem")).ok() };
+        if !process.is_alive() {
+            return Err(Error::NotTraceable(pid, "it has already exited".into()));
+        }
         process.refresh_mappings()?;
         if process.code.is_empty() {
-            return Err(Error::NotTraceable(pid, "it has no code mapped (a zombie or a kernel thread)".into()));
+            return Err(Error::NotTraceable(pid, "it has no code mapped".into()));
         }
         Ok(process)
     }

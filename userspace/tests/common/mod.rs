@@ -109,12 +109,21 @@ impl Tracer {
         self.child.as_ref().unwrap().id()
     }
 
-    /// Stops the tracer with SIGINT and returns its last report.
-    pub fn finish(mut self) -> Value {
-        let child = self.child.take().unwrap();
+    /// Waits for the tracer to end by itself.
+    pub fn into_output(mut self) -> std::process::Output {
+        self.child.take().unwrap().wait_with_output().unwrap()
+    }
+
+    /// Sends a signal to the tracer.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let output = child.wait_with_output().unwrap();
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Stops the tracer with SIGINT and returns its last report.
+    pub fn finish(self) -> Value {
+        self.signal(libc::SIGINT);
+        let output = self.into_output();
         assert!(output.status.success(), "psleak exited with {}", output.status);
         let stdout = String::from_utf8(output.stdout).unwrap();
         let last = stdout.lines().last().expect("a final report");

@@ -1,0 +1,142 @@
+//! Bad input gets one clear line on stderr and exit status 2, never a panic.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{build_target, leaky, run_psleak, Target, Tracer};
+
+/// Asserts a clean refusal: status 2, one `psleak:` line that contains `expected`.
+fn assert_refused(args: &[&str], expected: &str) {
+    let (code, stderr) = run_psleak(args);
+    assert_eq!(code, 2, "exit status for {args:?}; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line of error for {args:?}, got: {stderr}");
+    assert!(lines[0].starts_with("psleak: ") && lines[0].contains(expected), "for {args:?}: {stderr}");
+}
+
+fn unused_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    (2..max).rev().find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).unwrap()
+}
+
+#[test]
+fn a_pid_that_does_not_exist() {
+    let pid = unused_pid().to_string();
+    assert_refused(&["trace", "--pid", &pid], &format!("no process with pid {pid}"));
+    assert_refused(&["trace", "--pid", "0"], "no process with pid 0");
+}
+
+#[test]
+fn a_kernel_thread() {
+    assert_refused(&["trace", "--pid", "2"], "cannot trace pid 2: it is a kernel thread");
+}
+
+#[test]
+fn a_process_that_already_exited() {
+    let mut zombie = Command::new("true").spawn().unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{}/stat", zombie.id())).is_ok_and(|s| s.contains(") Z "))
+    }));
+    assert_refused(&["trace", "--pid", &zombie.id().to_string()], "it has already exited");
+    zombie.wait().unwrap();
+}
+
+#[test]
+fn a_statically_linked_target() {
+    let mut target = Target::start(&mut Command::new(build_target("leaky", true)));
+    assert_refused(&["trace", "--pid", &target.pid().to_string()], "has no shared libc mapped");
+    target.run("malloc 1 1");
+}
+
+#[test]
+fn without_privileges() {
+    let target = Target::leaky();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_psleak"))
+        .args(["trace", "--pid", &target.pid().to_string()])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs root or CAP_BPF and CAP_PERFMON"), "{stderr}");
+}
+
+#[test]
+fn no_btf() {
+    let target = Target::leaky();
+    let pid = target.pid().to_string();
+    assert_refused(&["trace", "--pid", &pid, "--btf", "/nonexistent/vmlinux"], "no BTF file at /nonexistent/vmlinux");
+}
+
+#[test]
+fn invalid_arguments() {
+    let target = Target::leaky();
+    let pid = target.pid().to_string();
+    for args in [
+        vec!["trace", "--pid", &pid, "--interval", "0"],
+        vec!["trace", "--pid", &pid, "--interval", "soon"],
+        vec!["trace", "--pid", &pid, "--ring-mib", "3"],
+        vec!["trace", "--pid", "-5"],
+        vec!["trace"],
+        vec!["untrace"],
+    ] {
+        let (code, stderr) = run_psleak(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert_refused(
+        &["trace", "--pid", &pid, "--min-size", "100", "--max-size", "10"],
+        "--max-size is smaller than --min-size",
+    );
+}
+
+#[test]
+fn a_target_that_exits_while_traced_ends_the_session_with_a_report() {
+    let mut target = Target::leaky();
+    let tracer = Tracer::attach(target.pid(), &[]);
+    target.run("malloc 5 10");
+    target.child.kill().unwrap();
+    target.child.wait().unwrap();
+    let output = tracer.into_output();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["stopped_by"], "the target exited");
+    assert_eq!(report["live"]["heap_blocks"], 5);
+}
+
+#[test]
+fn a_target_that_exits_during_attach() {
+    // Targets that live for 0 to 150 ms: psleak meets each before, during or after its attach.
+    // Every outcome must be a clean one.
+    let mut outcomes = std::collections::BTreeSet::new();
+    for delay_ms in (0..150).step_by(10) {
+        let mut target = Command::new(leaky()).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let pid = target.id().to_string();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            drop(target.stdin.take()); // EOF: the target exits
+            target.wait().unwrap();
+        });
+        let output = common::psleak().args(["trace", "--pid", &pid, "--interval", "3600"]).output().unwrap();
+        killer.join().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let outcome = match output.status.code() {
+            Some(0) if stdout.contains("stopped (the target exited)") => "traced until it exited",
+            Some(2) if stderr.contains("exited while psleak was attaching") => "exited during attach",
+            Some(2) if stderr.contains("it has already exited") || stderr.contains("no process with pid") => {
+                "gone before attach"
+            }
+            other => panic!("unclean outcome {other:?}: {stderr} {stdout}"),
+        };
+        outcomes.insert(outcome);
+    }
+    assert!(outcomes.contains("traced until it exited"), "{outcomes:?}");
+}
