@@ -39,11 +39,13 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Kernel BTF to relocate against, for kernels that do not expose /sys/kernel/btf/vmlinux.
     pub btf: Option<PathBuf>,
+    /// Probe `free` at its first instruction rather than past its NULL check (to measure the gain).
+    pub free_probe_at_entry: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { ring_bytes: 32 << 20, btf: None }
+        Self { ring_bytes: 32 << 20, btf: None, free_probe_at_entry: false }
     }
 }
 
@@ -158,7 +160,7 @@ impl<'obj> Probes<'obj> {
 
         let mut probes = Self { skel, links: Vec::new(), python_probed: false };
         probes.attach_kernel_side()?;
-        probes.attach_libc(target)?;
+        probes.attach_libc(target, options)?;
         if let Some(python) = &target.python {
             probes.attach_python(target.pid, python)?;
         }
@@ -174,7 +176,7 @@ impl<'obj> Probes<'obj> {
         Ok(())
     }
 
-    fn attach_libc(&mut self, target: &Target) -> Result<(), AttachError> {
+    fn attach_libc(&mut self, target: &Target, options: &Options) -> Result<(), AttachError> {
         let domain = types::alloc_domain::DOMAIN_LIBC;
         for &(func, op, required) in LIBC_ALLOCATORS {
             match self.attach_allocator(target.pid, &target.libc, func, op, domain) {
@@ -186,7 +188,7 @@ impl<'obj> Probes<'obj> {
                 result => result?,
             }
         }
-        let free_offset = elf::free_probe_offset(&target.libc, "free");
+        let free_offset = if options.free_probe_at_entry { 0 } else { elf::free_probe_offset(&target.libc, "free") };
         self.attach_free(target.pid, &target.libc, "free", free_offset, domain)
     }
 

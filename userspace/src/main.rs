@@ -53,6 +53,9 @@ struct TraceCli {
     /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost.
     #[arg(long, default_value_t = 32, value_parser = ring_mib)]
     ring_mib: u32,
+    /// Probe free() at its entry instead of past its NULL check (for `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    free_probe_at_entry: bool,
 }
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {
@@ -93,7 +96,11 @@ fn main() -> ExitCode {
                 min_size: t.min_size,
                 max_size: t.max_size,
                 min_age: Duration::from_secs_f64(t.min_age),
-                options: TraceOptions { btf: t.btf, ring_bytes: Some(t.ring_mib << 20) },
+                options: TraceOptions {
+                    btf: t.btf,
+                    ring_bytes: Some(t.ring_mib << 20),
+                    free_probe_at_entry: t.free_probe_at_entry,
+                },
             })
         }
     };

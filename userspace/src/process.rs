@@ -128,7 +128,8 @@ impl Process {
         }
     }
 
-    fn in_code(&self, addr: u64) -> bool {
+    /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
+    pub fn in_code(&self, addr: u64) -> bool {
         addr >= 7 && self.code_at(addr).is_some()
     }
 

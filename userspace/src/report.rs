@@ -151,28 +151,33 @@ impl Report {
             );
             stack_lines(&mut out, &s.stack);
         }
-        for fd in &self.fds {
+        // Fds and threads from the same site are told once, with their numbers.
+        for group in group_by_site(&self.fds, |fd| (fd.site.clone(), fd.kind.clone(), fd.target.clone())) {
+            let first = group[0];
+            let numbers = list_numbers(group.iter().map(|fd| fd.fd.to_string()));
             let _ = writeln!(
                 out,
-                "  fd {} ({}) {} open for {:.1}s, opened at {}",
-                fd.fd,
-                fd.kind,
-                fd.target.as_deref().unwrap_or("?"),
-                fd.age_s,
-                fd.site.as_ref().map_or("an unknown site".into(), Frame::describe),
+                "  {} ({}) {} open for up to {:.1}s, opened at {}: fd {numbers}",
+                plural(group.len(), "fd"),
+                first.kind,
+                first.target.as_deref().unwrap_or("?"),
+                first.age_s,
+                first.site.as_ref().map_or("an unknown site".into(), Frame::describe),
             );
-            stack_lines(&mut out, &fd.stack);
+            stack_lines(&mut out, &first.stack);
         }
-        for t in &self.threads {
+        for group in group_by_site(&self.threads, |t| (t.site.clone(), t.name.clone())) {
+            let first = group[0];
+            let tids = list_numbers(group.iter().map(|t| t.tid.to_string()));
             let _ = writeln!(
                 out,
-                "  thread {} \"{}\" alive for {:.1}s, started at {}",
-                t.tid,
-                t.name.as_deref().unwrap_or("?"),
-                t.age_s,
-                t.site.as_ref().map_or("an unknown site".into(), Frame::describe),
+                "  {} \"{}\" alive for up to {:.1}s, started at {}: tid {tids}",
+                plural(group.len(), "thread"),
+                first.name.as_deref().unwrap_or("?"),
+                first.age_s,
+                first.site.as_ref().map_or("an unknown site".into(), Frame::describe),
             );
-            stack_lines(&mut out, &t.stack);
+            stack_lines(&mut out, &first.stack);
         }
         if let Some(by) = self.stopped_by {
             let _ = writeln!(out, "psleak: stopped ({by})");
@@ -192,6 +197,38 @@ impl Report {
     }
 }
 
+/// Items grouped by a key, in the order each key first appears.
+fn group_by_site<T, K: PartialEq>(items: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<&T>> {
+    let mut groups: Vec<(K, Vec<&T>)> = Vec::new();
+    for item in items {
+        let k = key(item);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((k, vec![item])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// `3, 4, 5`, or `3, 4, 5, ... 61` past eight.
+fn list_numbers(numbers: impl ExactSizeIterator<Item = String>) -> String {
+    let n = numbers.len();
+    let all: Vec<String> = numbers.collect();
+    if n <= 8 {
+        all.join(", ")
+    } else {
+        format!("{}, ... {}", all[..6].join(", "), all[n - 1])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +238,14 @@ mod tests {
         assert_eq!(human_bytes(928), "928B");
         assert_eq!(human_bytes(1536), "1.5K");
         assert_eq!(human_bytes(2 << 20), "2.0M");
+    }
+
+    #[test]
+    fn groups_keep_first_appearance_order() {
+        let groups = group_by_site(&[1, 2, 11, 3, 12], |n| n / 10);
+        assert_eq!(groups, vec![vec![&1, &2, &3], vec![&11, &12]]);
+        assert_eq!(list_numbers((3..=12).map(|n| n.to_string())), "3, 4, 5, 6, 7, 8, ... 12");
+        assert_eq!(plural(1, "fd"), "1 fd");
     }
 
     #[test]

@@ -119,7 +119,8 @@ async fn watch(
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
-    let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
+    let ends_at = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = tokio::time::sleep_until(ends_at.unwrap_or_else(far_future));
     tokio::pin!(deadline);
     // Only now does Ctrl-C end the session with a final report.
     eprintln!("{attached}");
@@ -133,8 +134,11 @@ async fn watch(
                 guard.clear_ready();
             }
             _ = ticks.tick() => {
-                drain()?;
-                reporter.emit(&collector.borrow(), None)?;
+                // A tick right before the end would repeat the final report.
+                if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
+                    drain()?;
+                    reporter.emit(&collector.borrow(), None)?;
+                }
             }
             _ = target_exit.readable() => break "the target exited",
             _ = interrupt.recv() => break "interrupted",
@@ -193,14 +197,16 @@ impl<'a> Reporter<'a> {
     }
 
     /// Return addresses from the creating call outwards: the exact caller first, then the
-    /// recorded stack without its innermost frame (the probed function itself).
-    fn stack_of(&mut self, origin: Origin) -> Vec<u64> {
+    /// recorded stack without its innermost frame (the probed function itself), up to the
+    /// first address outside code (a frame-pointer walk through code built without frame
+    /// pointers goes astray there).
+    fn stack_of(&mut self, origin: Origin, process: &Process) -> Vec<u64> {
         let recorded = match origin.stack_id {
             Some(id) => self.stacks.entry(id).or_insert_with(|| self.probes.user_stack(id)).clone(),
             None => Vec::new(),
         };
         let mut stack: Vec<u64> = origin.caller.into_iter().collect();
-        for addr in recorded.into_iter().skip(1) {
+        for addr in recorded.into_iter().skip(1).take_while(|&a| process.in_code(a)) {
             if stack.last() != Some(&addr) {
                 stack.push(addr);
             }
@@ -210,8 +216,8 @@ impl<'a> Reporter<'a> {
 
     /// The symbolized stack and the site to name: its first frame outside libc and the
     /// Python runtime, where the program itself asked for the resource.
-    fn site_of(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
-        let addrs = self.stack_of(origin);
+    fn site_of(&mut self, origin: Origin, process: &Process) -> (Option<Frame>, Vec<Frame>) {
+        let addrs = self.stack_of(origin, process);
         let frames = self.symbols.frames(&addrs);
         let is_runtime = |f: &Frame| {
             f.module.as_deref().is_some_and(|m| {
@@ -271,7 +277,7 @@ impl<'a> Reporter<'a> {
         for (s, origin) in &sites {
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.args.top {
-                let (site, stack) = self.site_of(*origin);
+                let (site, stack) = self.site_of(*origin, &c.decoder.process);
                 suspects.push(Suspect {
                     memory: s.memory,
                     count: s.count,
@@ -287,14 +293,14 @@ impl<'a> Reporter<'a> {
         let fds = fds
             .into_iter()
             .map(|((fd, f, target), origin)| {
-                let (site, stack) = self.site_of(origin);
+                let (site, stack) = self.site_of(origin, &c.decoder.process);
                 FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
             })
             .collect();
         let threads = threads
             .into_iter()
             .map(|((tid, t, name), origin)| {
-                let (site, stack) = self.site_of(origin);
+                let (site, stack) = self.site_of(origin, &c.decoder.process);
                 ThreadReport { tid, name, age_s: age(t.ts_ns), site, stack }
             })
             .collect();
@@ -313,6 +319,10 @@ impl<'a> Reporter<'a> {
             threads,
         }
     }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// CLOCK_MONOTONIC, the clock of the probes' timestamps.

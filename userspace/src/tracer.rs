@@ -25,6 +25,7 @@ const CAP_BPF: u32 = 39;
 pub struct TraceOptions {
     pub btf: Option<PathBuf>,
     pub ring_bytes: Option<u32>,
+    pub free_probe_at_entry: bool,
 }
 
 /// Checks what the kernel side needs before touching it, so each lack gets its own message.
@@ -64,7 +65,8 @@ pub fn attach<'obj>(
     target: &Target,
     options: &TraceOptions,
 ) -> Result<Probes<'obj>, Error> {
-    let mut probe_options = Options { btf: options.btf.clone(), ..Options::default() };
+    let mut probe_options =
+        Options { btf: options.btf.clone(), free_probe_at_entry: options.free_probe_at_entry, ..Options::default() };
     if let Some(bytes) = options.ring_bytes {
         probe_options.ring_bytes = bytes;
     }
