@@ -218,14 +218,12 @@ fn plural(n: usize, what: &str) -> String {
     }
 }
 
-/// `3, 4, 5`, or `3, 4, 5, ... 61` past eight.
-fn list_numbers(numbers: impl ExactSizeIterator<Item = String>) -> String {
-    let n = numbers.len();
+/// `3, 4, 5`, or `3, 4, 5, 6, 7, 8, ... 61` past eight.
+fn list_numbers(numbers: impl Iterator<Item = String>) -> String {
     let all: Vec<String> = numbers.collect();
-    if n <= 8 {
-        all.join(", ")
-    } else {
-        format!("{}, ... {}", all[..6].join(", "), all[n - 1])
+    match all.len() {
+        0..=8 => all.join(", "),
+        n => format!("{}, ... {}", all[..6].join(", "), all[n - 1]),
     }
 }
 
