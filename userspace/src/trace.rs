@@ -125,7 +125,12 @@ async fn watch(
     // Only now does Ctrl-C end the session with a final report.
     eprintln!("{attached}");
 
-    let drain = || ring.consume().map_err(ring_error);
+    // poll() rather than consume(): it also empties the ready list of libbpf's epoll fd, whose
+    // edges are what wake us up; consume() alone leaves it set and no edge ever comes again.
+    let drain = || ring.poll(Duration::ZERO).map_err(ring_error);
+    // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
+    let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
+    drain_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopped_by = loop {
         tokio::select! {
             ready = ring_ready.readable() => {
@@ -133,6 +138,7 @@ async fn watch(
                 drain()?;
                 guard.clear_ready();
             }
+            _ = drain_ticks.tick() => drain()?,
             _ = ticks.tick() => {
                 // A tick right before the end would repeat the final report.
                 if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
@@ -320,6 +326,8 @@ impl<'a> Reporter<'a> {
         }
     }
 }
+
+const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)

@@ -108,7 +108,7 @@ static __always_inline void emit_alloc(struct alloc_call *call, __u8 kind, __u64
 	e->old_addr = kind == EV_REALLOC ? call->old_addr : 0;
 	e->caller = call->caller;
 	e->stack_id = call->stack_id;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 SEC("uretprobe")
@@ -173,7 +173,7 @@ int BPF_UPROBE(free_enter)
 		return 0;
 	e->domain = domain;
 	e->addr = addr;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 	return 0;
 }
 

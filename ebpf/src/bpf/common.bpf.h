@@ -70,6 +70,17 @@ static __always_inline __s32 user_stack_id(void *ctx)
 	return id;
 }
 
+/* Waking the collector for every event would cost the traced thread more than the probe:
+ * it is woken only once this much is waiting, and drains the ring on a timer otherwise. */
+#define WAKEUP_BYTES (256 << 10)
+
+static __always_inline void submit_event(struct event *e)
+{
+	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+										       : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
 static __always_inline struct event *reserve_event(__u8 kind)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);

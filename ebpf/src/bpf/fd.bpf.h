@@ -42,7 +42,7 @@ static __always_inline void emit_fd_open(void *ctx, struct pt_regs *regs, __u32 
 			e->sock_family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
 		}
 	}
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 /* pipe(), pipe2() and socketpair() write their two fds to user memory. */
@@ -62,7 +62,7 @@ static __always_inline void emit_fd_close(__u64 first, __u64 last)
 		return;
 	e->addr = first;
 	e->aux = last;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 static __always_inline void on_fd_syscall(void *ctx, struct pt_regs *regs, long nr, long ret)

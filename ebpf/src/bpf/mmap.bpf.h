@@ -19,7 +19,7 @@ static __always_inline void on_mmap(void *ctx, struct pt_regs *regs, long ret)
 	e->size = BPF_CORE_READ(regs, si);
 	if (in_allocator(e->tid))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 static __always_inline void on_munmap(struct pt_regs *regs)
@@ -29,7 +29,7 @@ static __always_inline void on_munmap(struct pt_regs *regs)
 		return;
 	e->addr = BPF_CORE_READ(regs, di);
 	e->size = BPF_CORE_READ(regs, si);
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
@@ -43,7 +43,7 @@ static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
 	e->aux = BPF_CORE_READ(regs, si);
 	if (in_allocator(e->tid))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 }
 
 #endif

@@ -31,7 +31,7 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 			return 0;
 	}
 	e->addr = BPF_CORE_READ(child, pid);
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 	return 0;
 }
 
@@ -48,7 +48,7 @@ int BPF_PROG(thread_exit, struct task_struct *task)
 	if (!e)
 		return 0;
 	e->addr = tid;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(e);
 	return 0;
 }
 
