@@ -28,7 +28,7 @@ impl fmt::Display for Error {
             ),
             Self::NotPrivileged => write!(
                 f,
-                "loading eBPF probes needs root or CAP_BPF and CAP_PERFMON: rerun with sudo, or connect to a psleak daemon"
+                "loading eBPF probes needs root (CAP_SYS_ADMIN; the kernel refuses uprobes to CAP_BPF and CAP_PERFMON alone): rerun with sudo"
             ),
             Self::NoBtf(what) => write!(
                 f,

@@ -125,9 +125,10 @@ async fn watch(
     // Only now does Ctrl-C end the session with a final report.
     eprintln!("{attached}");
 
-    // poll() rather than consume(): it also empties the ready list of libbpf's epoll fd, whose
-    // edges are what wake us up; consume() alone leaves it set and no edge ever comes again.
-    let drain = || ring.poll(Duration::ZERO).map_err(ring_error);
+    // consume() reads every record, whether or not the probes woke us for it; poll(0) then
+    // empties the ready list of libbpf's epoll fd, whose edges are what wake us up (left set,
+    // no edge would ever come again).
+    let drain = || ring.consume().and_then(|()| ring.poll(Duration::ZERO)).map_err(ring_error);
     // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
     let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
     drain_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

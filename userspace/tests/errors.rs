@@ -50,19 +50,54 @@ fn a_statically_linked_target() {
     target.run("malloc 1 1");
 }
 
+/// psleak run as `nobody` with the given capabilities (setpriv, from util-linux).
+fn psleak_as_nobody(caps: &str, pid: u32) -> (Option<i32>, String) {
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if caps.is_empty() {
+        command.arg("--inh-caps=-all");
+    } else {
+        command.arg(format!("--inh-caps={caps}")).arg(format!("--ambient-caps={caps}"));
+    }
+    let output = command
+        .arg(env!("CARGO_BIN_EXE_psleak"))
+        .args(["trace", "--pid", &pid.to_string(), "--duration", "0.5"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
 #[test]
 fn without_privileges() {
     let target = Target::leaky();
-    let output = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(env!("CARGO_BIN_EXE_psleak"))
-        .args(["trace", "--pid", &target.pid().to_string()])
-        .output()
-        .expect("setpriv (util-linux) runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("needs root or CAP_BPF and CAP_PERFMON"), "{stderr}");
+    for caps in ["", "+bpf,+perfmon"] {
+        let (code, stderr) = psleak_as_nobody(caps, target.pid());
+        assert_eq!(code, Some(2), "caps {caps:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("needs root (CAP_SYS_ADMIN"), "caps {caps:?}: {stderr}");
+    }
+}
+
+#[test]
+fn cap_sys_admin_suffices_for_ones_own_process_but_not_anothers() {
+    let as_nobody = |mut c: Command| {
+        let mut wrapped = Command::new("setpriv");
+        wrapped.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(c.get_program()).args(c.get_args());
+        c = wrapped;
+        c
+    };
+    let mine = Target::start(&mut as_nobody(Command::new(leaky())));
+    let (code, stderr) = psleak_as_nobody("+sys_admin", mine.pid());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("tracing pid"), "{stderr}");
+
+    let roots = Target::leaky();
+    let (code, stderr) = psleak_as_nobody("+sys_admin", roots.pid());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot trace pid {}: it belongs to uid 0, and you are uid 65534", roots.pid())),
+        "{stderr}"
+    );
 }
 
 #[test]

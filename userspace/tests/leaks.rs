@@ -111,6 +111,29 @@ fn leaks_after_churn_are_still_exact() {
 }
 
 #[test]
+fn reports_show_leaks_while_the_session_runs() {
+    let mut target = Target::leaky();
+    let mut tracer = Tracer::attach(target.pid(), &["--interval", "0.3"]);
+    target.run("malloc 10 10");
+    let seen = (0..20).map(|_| tracer.next_report()).find(|r| r["live"]["heap_blocks"] == 10);
+    assert!(seen.is_some_and(|r| r["final"] == false), "an interval report shows the 10 blocks before psleak stops");
+    tracer.finish();
+}
+
+#[test]
+fn a_burst_many_times_the_ring_streams_through_without_loss() {
+    // ~300k events through a 1 MiB ring (16k events): only draining while the target runs
+    // keeps up; finish() asserts that nothing was lost.
+    let mut target = Target::leaky();
+    let tracer = Tracer::attach(target.pid(), &["--ring-mib", "1"]);
+    target.run("churn 20000 32");
+    target.run("malloc 3 5");
+    let report = tracer.finish();
+    assert!(report["events"].as_u64().unwrap() > 250_000, "{}", report["events"]);
+    assert_eq!(one_site(&report, "leak_malloc"), ("heap:libc".into(), 3, 15));
+}
+
+#[test]
 fn size_filters_and_top_apply() {
     let mut target = Target::leaky();
     let tracer = Tracer::attach(target.pid(), &["--min-size", "100", "--top", "1"]);

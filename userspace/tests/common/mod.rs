@@ -87,12 +87,14 @@ pub fn psleak() -> Command {
 /// `psleak trace --json` attached to a process, reporting only when stopped.
 pub struct Tracer {
     child: Option<Child>,
+    reports: Option<BufReader<ChildStdout>>,
 }
 
 impl Tracer {
     pub fn attach(pid: u32, extra: &[&str]) -> Self {
         let mut child = psleak()
-            .args(["trace", "--json", "--interval", "3600", "--pid", &pid.to_string()])
+            .args(["trace", "--json", "--pid", &pid.to_string()])
+            .args(if extra.contains(&"--interval") { &[][..] } else { &["--interval", "3600"][..] })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -102,16 +104,26 @@ impl Tracer {
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
         assert!(line.contains("tracing pid"), "psleak did not attach: {line:?}");
-        Self { child: Some(child) }
+        let reports = child.stdout.take().map(BufReader::new);
+        Self { child: Some(child), reports }
+    }
+
+    /// Waits for the next report (psleak's `--interval`).
+    pub fn next_report(&mut self) -> Value {
+        let mut line = String::new();
+        self.reports.as_mut().unwrap().read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
 
-    /// Waits for the tracer to end by itself.
+    /// Waits for the tracer to end by itself; `stdout` holds the reports not read yet.
     pub fn into_output(mut self) -> std::process::Output {
-        self.child.take().unwrap().wait_with_output().unwrap()
+        let mut child = self.child.take().unwrap();
+        child.stdout = self.reports.take().map(BufReader::into_inner);
+        child.wait_with_output().unwrap()
     }
 
     /// Sends a signal to the tracer.
