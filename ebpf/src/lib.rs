@@ -127,7 +127,6 @@ const PYTHON_FAMILIES: &[(&str, types::alloc_domain)] = &[
 pub struct Probes<'obj> {
     skel: PsleakSkel<'obj>,
     links: Vec<Link>,
-    python_probed: bool,
 }
 
 impl<'obj> Probes<'obj> {
@@ -158,7 +157,7 @@ impl<'obj> Probes<'obj> {
         open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
         let skel = open.load().map_err(|e| classify("load the probes", e))?;
 
-        let mut probes = Self { skel, links: Vec::new(), python_probed: false };
+        let mut probes = Self { skel, links: Vec::new() };
         probes.attach_kernel_side()?;
         probes.attach_libc(target, options)?;
         if let Some(python) = &target.python {
@@ -201,7 +200,6 @@ impl<'obj> Probes<'obj> {
             }
             self.attach_free(pid, python, &format!("{prefix}Free"), 0, domain)?;
         }
-        self.python_probed = true;
         Ok(())
     }
 
@@ -259,11 +257,6 @@ impl<'obj> Probes<'obj> {
     /// The ring buffer map the events arrive in.
     pub fn events(&self) -> &dyn MapCore {
         &self.skel.maps.events
-    }
-
-    /// Whether CPython's allocator API is probed in this target.
-    pub fn python_probed(&self) -> bool {
-        self.python_probed
     }
 
     /// Number of programs attached (uprobes count once per function and direction).

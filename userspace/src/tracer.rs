@@ -35,9 +35,17 @@ pub fn check_prerequisites(options: &TraceOptions) -> Result<(), Error> {
     }
     match &options.btf {
         Some(path) if !path.is_file() => Err(Error::NoBtf(format!("no BTF file at {}", path.display()))),
+        Some(path) if !looks_like_btf(path) => Err(Error::NoBtf(format!("{} is not a BTF file", path.display()))),
         None if !Path::new(KERNEL_BTF).exists() => Err(Error::NoBtf(format!("this kernel has no {KERNEL_BTF}"))),
         _ => Ok(()),
     }
+}
+
+/// Raw BTF (magic 0xEB9F) or an ELF file, which libbpf searches for a .BTF section.
+fn looks_like_btf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    let read = fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+    read.is_ok() && (magic[..2] == 0xEB9Fu16.to_le_bytes() || magic == *b"\x7fELF")
 }
 
 fn may_load_bpf() -> bool {

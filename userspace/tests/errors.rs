@@ -175,3 +175,41 @@ fn a_target_that_exits_during_attach() {
     }
     assert!(outcomes.contains("traced until it exited"), "{outcomes:?}");
 }
+
+#[test]
+fn tracefs_is_not_needed() {
+    // In a private mount namespace, empty tmpfs over tracefs and debugfs: psleak attaches
+    // through the uprobe PMU and BTF tracepoints, which need neither.
+    let mut target = Target::leaky();
+    let script = format!(
+        "mount -t tmpfs none /sys/kernel/tracing && mount -t tmpfs none /sys/kernel/debug && \
+         test -z \"$(ls /sys/kernel/tracing)\" && exec {} trace --json --pid {} --duration 1",
+        env!("CARGO_BIN_EXE_psleak"),
+        target.pid()
+    );
+    let tracer =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    target.run("malloc 1 1");
+    let stderr = String::from_utf8_lossy(&tracer.stderr);
+    assert!(tracer.status.success(), "{stderr}");
+    assert!(stderr.contains("tracing pid"), "{stderr}");
+}
+
+#[test]
+fn an_explicit_btf_file_is_used() {
+    let target = Target::leaky();
+    let (code, stderr) = run_psleak(&[
+        "trace",
+        "--pid",
+        &target.pid().to_string(),
+        "--btf",
+        "/sys/kernel/btf/vmlinux",
+        "--duration",
+        "0.3",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_refused(
+        &["trace", "--pid", &target.pid().to_string(), "--btf", "/etc/hostname"],
+        "/etc/hostname is not a BTF file",
+    );
+}
