@@ -114,12 +114,10 @@ impl Process {
     }
 
     /// Whether `addr` is a return address: inside mapped code and just after a call instruction.
-    /// This is how a caller is picked out of a scan of raw stack words.
+    /// This is how a caller is picked out of a scan of raw stack words when the code has no CFI.
     pub fn is_return_address(&mut self, addr: u64) -> bool {
-        if !self.in_code(addr) {
-            if self.refresh_mappings().is_err() || !self.in_code(addr) {
-                return false;
-            }
+        if addr < 7 || self.locate(addr).is_none() {
+            return false;
         }
         let mut before = [0u8; 7];
         match &self.mem {
