@@ -18,6 +18,7 @@ mod skel {
 }
 pub use skel::types;
 use skel::{PsleakSkel, PsleakSkelBuilder};
+use types::alloc_op;
 
 mod elf;
 pub use elf::exports;
@@ -90,30 +91,18 @@ pub struct Losses {
     pub no_stack: u64,
 }
 
-/// How the allocator entry program reads a function's arguments (`alloc.bpf.h`, enum alloc_op).
-#[derive(Clone, Copy)]
-enum AllocOp {
-    SizeArg1 = 1,
-    Calloc = 2,
-    Realloc = 3,
-    Reallocarray = 4,
-    PosixMemalign = 5,
-    SizeArg2 = 6,
-    Spawn = 7,
-}
-
-const LIBC_ALLOCATORS: &[(&str, AllocOp, bool)] = &[
+const LIBC_ALLOCATORS: &[(&str, alloc_op, bool)] = &[
     // (function, how to read it, required)
-    ("malloc", AllocOp::SizeArg1, true),
-    ("calloc", AllocOp::Calloc, true),
-    ("realloc", AllocOp::Realloc, true),
-    ("posix_memalign", AllocOp::PosixMemalign, true),
-    ("aligned_alloc", AllocOp::SizeArg2, false),
-    ("memalign", AllocOp::SizeArg2, false),
-    ("valloc", AllocOp::SizeArg1, false),
-    ("pvalloc", AllocOp::SizeArg1, false),
-    ("reallocarray", AllocOp::Reallocarray, false),
-    ("pthread_create", AllocOp::Spawn, true),
+    ("malloc", alloc_op::ALLOC_OP_SIZE_ARG1, true),
+    ("calloc", alloc_op::ALLOC_OP_CALLOC, true),
+    ("realloc", alloc_op::ALLOC_OP_REALLOC, true),
+    ("posix_memalign", alloc_op::ALLOC_OP_POSIX_MEMALIGN, true),
+    ("aligned_alloc", alloc_op::ALLOC_OP_SIZE_ARG2, false),
+    ("memalign", alloc_op::ALLOC_OP_SIZE_ARG2, false),
+    ("valloc", alloc_op::ALLOC_OP_SIZE_ARG1, false),
+    ("pvalloc", alloc_op::ALLOC_OP_SIZE_ARG1, false),
+    ("reallocarray", alloc_op::ALLOC_OP_REALLOCARRAY, false),
+    ("pthread_create", alloc_op::ALLOC_OP_SPAWN, true),
 ];
 
 /// CPython's allocator families: (prefix, domain). Each has Malloc, Calloc, Realloc and Free.
@@ -193,9 +182,11 @@ impl<'obj> Probes<'obj> {
 
     fn attach_python(&mut self, pid: u32, python: &Path) -> Result<(), AttachError> {
         for &(prefix, domain) in PYTHON_FAMILIES {
-            for (suffix, op) in
-                [("Malloc", AllocOp::SizeArg1), ("Calloc", AllocOp::Calloc), ("Realloc", AllocOp::Realloc)]
-            {
+            for (suffix, op) in [
+                ("Malloc", alloc_op::ALLOC_OP_SIZE_ARG1),
+                ("Calloc", alloc_op::ALLOC_OP_CALLOC),
+                ("Realloc", alloc_op::ALLOC_OP_REALLOC),
+            ] {
                 self.attach_allocator(pid, python, &format!("{prefix}{suffix}"), op, domain)?;
             }
             self.attach_free(pid, python, &format!("{prefix}Free"), 0, domain)?;
@@ -208,10 +199,10 @@ impl<'obj> Probes<'obj> {
         pid: u32,
         binary: &Path,
         func: &str,
-        op: AllocOp,
+        op: alloc_op,
         domain: types::alloc_domain,
     ) -> Result<(), AttachError> {
-        let cookie = (op as u64) | (u64::from(domain.0) << 8);
+        let cookie = u64::from(op.0) | (u64::from(domain.0) << 8);
         let progs = &self.skel.progs;
         let enter = self
             .attach_uprobe(&progs.alloc_enter, pid, binary, func, 0, cookie, false)

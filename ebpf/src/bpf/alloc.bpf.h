@@ -19,17 +19,6 @@
 
 #include "common.bpf.h"
 
-/* Cookie layout: bits 0-7 the op, bits 8-15 the domain (enum alloc_domain). */
-enum alloc_op {
-	ALLOC_OP_SIZE_ARG1 = 1,     /* malloc(size), valloc, pvalloc, Py*_Malloc */
-	ALLOC_OP_CALLOC = 2,        /* calloc(n, size) */
-	ALLOC_OP_REALLOC = 3,       /* realloc(ptr, size) */
-	ALLOC_OP_REALLOCARRAY = 4,  /* reallocarray(ptr, n, size) */
-	ALLOC_OP_POSIX_MEMALIGN = 5,/* posix_memalign(&ptr, align, size) */
-	ALLOC_OP_SIZE_ARG2 = 6,     /* aligned_alloc(align, size), memalign(align, size) */
-	ALLOC_OP_SPAWN = 7,         /* pthread_create(): allocates for a thread, reports nothing */
-};
-
 struct alloc_call {
 	__u64 size;
 	__u64 old_addr;

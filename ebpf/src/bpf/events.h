@@ -41,6 +41,20 @@ enum alloc_domain {
 	DOMAIN_PYOBJECT = 3,  /* PyObject_Malloc & co. */
 };
 
+/*
+ * How the allocator entry probe reads a function's arguments. The loader attaches each
+ * probed function with the cookie (op | domain << 8).
+ */
+enum alloc_op {
+	ALLOC_OP_SIZE_ARG1 = 1,      /* malloc(size), valloc, pvalloc, Py*_Malloc */
+	ALLOC_OP_CALLOC = 2,         /* calloc(n, size) */
+	ALLOC_OP_REALLOC = 3,        /* realloc(ptr, size) */
+	ALLOC_OP_REALLOCARRAY = 4,   /* reallocarray(ptr, n, size) */
+	ALLOC_OP_POSIX_MEMALIGN = 5, /* posix_memalign(&ptr, align, size) */
+	ALLOC_OP_SIZE_ARG2 = 6,      /* aligned_alloc(align, size), memalign(align, size) */
+	ALLOC_OP_SPAWN = 7,          /* pthread_create(): allocates for a thread, reports nothing */
+};
+
 /* The mapping was made inside an allocator call: its bytes are already counted as heap. */
 #define EVF_ALLOCATOR_INTERNAL 1
 /* A `struct stack_scan` follows the event in the same ring record. */

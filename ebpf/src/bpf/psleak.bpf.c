@@ -16,3 +16,4 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 struct event_with_scan unused_event_with_scan = {};
 enum event_kind unused_event_kind = EV_ALLOC;
 enum alloc_domain unused_alloc_domain = DOMAIN_LIBC;
+enum alloc_op unused_alloc_op = ALLOC_OP_SIZE_ARG1;
