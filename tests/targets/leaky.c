@@ -6,6 +6,9 @@
  *   malloc N SIZE | calloc N SIZE | realloc N SIZE | memalign N SIZE | mmap N SIZE
  *   file N | socket N | pipe N | thread N        -- leak N of them
  *   churn N SIZE                                  -- create and release N of everything
+ *   threaded_malloc N SIZE                        -- a second thread leaks N blocks
+ *   dup2_over N                                   -- N fds, each replaced in place by dup2
+ *   close_range N                                 -- open N fds, then close_range() them
  *   quit
  * Each leak has its own function, so a tracer must name it.
  */
@@ -70,6 +73,43 @@ __attribute__((noinline)) static void leak_thread(void)
 
 static void *return_at_once(void *arg) { return arg; }
 
+static long threaded_count, threaded_size;
+
+static void *leak_from_thread(void *arg)
+{
+	for (long i = 0; i < threaded_count; i++)
+		leak_malloc(threaded_size);
+	return arg;
+}
+
+__attribute__((noinline)) static void threaded_malloc(long n, long size)
+{
+	pthread_t t;
+	threaded_count = n;
+	threaded_size = size;
+	if (pthread_create(&t, NULL, leak_from_thread, NULL) == 0)
+		pthread_join(t, NULL);
+}
+
+/* Leaves one fd open, a pipe's read end: the /dev/null it first held is closed by dup2. */
+__attribute__((noinline)) static void dup2_over(void)
+{
+	int fd = open("/dev/null", O_RDONLY), fds[2];
+	if (pipe(fds) == 0) {
+		dup2(fds[0], fd);
+		close(fds[0]);
+		close(fds[1]);
+	}
+}
+
+__attribute__((noinline)) static void close_range_of(long n)
+{
+	int first = open("/dev/null", O_RDONLY);
+	for (long i = 1; i < n; i++)
+		open("/dev/null", O_RDONLY);
+	close_range(first, ~0U, 0);
+}
+
 /* Everything created here is released before it returns: a tracer must report nothing. */
 __attribute__((noinline)) static void churn(long n, size_t size)
 {
@@ -121,9 +161,14 @@ int main(void)
 			else if (!strcmp(cmd, "socket")) leak_socket();
 			else if (!strcmp(cmd, "pipe")) leak_pipe();
 			else if (!strcmp(cmd, "thread")) leak_thread();
+			else if (!strcmp(cmd, "dup2_over")) dup2_over();
 		}
 		if (!strcmp(cmd, "churn"))
 			churn(n, size);
+		else if (!strcmp(cmd, "threaded_malloc"))
+			threaded_malloc(n, size);
+		else if (!strcmp(cmd, "close_range"))
+			close_range_of(n);
 		printf("ok\n");
 	}
 	return 0;

@@ -93,6 +93,33 @@ fn thread_left_running_is_named() {
 }
 
 #[test]
+fn every_thread_of_the_target_is_traced() {
+    let report = trace_commands(&["threaded_malloc 40 16"]);
+    assert_eq!(one_site(&report, "leak_malloc"), ("heap:libc".into(), 40, 640));
+    let stack: Vec<&str> =
+        report["suspects"][0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    assert_eq!(&stack[..2], ["leak_malloc", "leak_from_thread"]);
+    assert_eq!(report["threads"], serde_json::json!([]), "the thread was joined");
+}
+
+#[test]
+fn dup2_closes_what_it_replaces() {
+    let report = trace_commands(&["dup2_over 3"]);
+    let fds = report["fds"].as_array().unwrap();
+    assert_eq!(fds.len(), 3, "one fd left per call: {report:#}");
+    for fd in fds {
+        assert_eq!(fd["kind"], "pipe", "the /dev/null behind it was closed by dup2: {fd}");
+        assert_eq!(fd["site"]["function"], "dup2_over");
+    }
+}
+
+#[test]
+fn close_range_closes_them_all() {
+    let report = trace_commands(&["close_range 20"]);
+    assert_eq!(report["fds"], serde_json::json!([]), "{report:#}");
+}
+
+#[test]
 fn clean_code_that_churns_shows_nothing() {
     // 3000 rounds of malloc/calloc/realloc/posix_memalign/free, mmap/munmap, open/close and
     // pipe/close, 64 threads started and joined, and a 1 MiB malloc freed.
