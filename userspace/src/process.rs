@@ -61,7 +61,8 @@ impl Process {
         }
         process.refresh_mappings()?;
         if process.code.is_empty() {
-            return Err(Error::NotTraceable(pid, "it has no code mapped".into()));
+            // Between releasing its memory and becoming a zombie, an exiting process maps nothing.
+            return Err(Error::NotTraceable(pid, "it is exiting (no code mapped)".into()));
         }
         Ok(process)
     }
@@ -87,11 +88,16 @@ impl Process {
         read_trimmed(format!("/proc/{}/comm", self.pid)).unwrap_or_default()
     }
 
-    /// Re-reads which files are mapped executable (after a dlopen, say).
+    /// Re-reads which files are mapped executable (after a dlopen, say). What was seen before
+    /// is kept unless a new mapping takes its place: it still names code that created resources,
+    /// after a dlclose, and while an exiting process's maps empty out piece by piece.
     pub fn refresh_mappings(&mut self) -> Result<(), Error> {
         let maps =
             fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|_| Error::NoSuchProcess(self.pid))?;
-        self.code = maps.lines().filter_map(parse_code_mapping).collect();
+        for mapping in maps.lines().filter_map(parse_code_mapping) {
+            self.code.retain(|old| old.end <= mapping.start || mapping.end <= old.start);
+            self.code.push(mapping);
+        }
         Ok(())
     }
 
@@ -135,12 +141,18 @@ impl Process {
         self.code.iter().find(|m| m.start <= addr && addr < m.end)
     }
 
-    /// The file mapped at a code address, and the address's offset in that file.
+    /// The file mapped at a code address, and the address's offset in that file; looks at the
+    /// mappings again if the address is new.
     pub fn locate(&mut self, addr: u64) -> Option<(PathBuf, u64)> {
         if self.code_at(addr).is_none() {
             self.refresh_mappings().ok()?;
         }
-        self.code_at(addr).map(|m| (m.path.clone(), addr - m.start + m.file_offset))
+        self.file_location(addr).map(|(path, offset)| (path.to_path_buf(), offset))
+    }
+
+    /// Like `locate`, from the mappings as last seen (they outlive the process).
+    pub fn file_location(&self, addr: u64) -> Option<(&Path, u64)> {
+        self.code_at(addr).map(|m| (m.path.as_path(), addr - m.start + m.file_offset))
     }
 
     /// What an open fd refers to: a path, `socket:[inode]`, `pipe:[inode]`, `anon_inode:[eventfd]`.
@@ -218,6 +230,22 @@ mod tests {
         assert!(follows_call(&[0, 0, 0, 0, 0, 0xff, 0xd0])); // call *%rax
         assert!(follows_call(&[0, 0xff, 0x15, 1, 2, 3, 4])); // call *disp32(%rip)
         assert!(!follows_call(&[0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10])); // mov; sub
+    }
+
+    #[test]
+    fn refreshed_mappings_replace_only_what_they_overlap() {
+        let mut me = Process::open(std::process::id()).unwrap();
+        let gone = CodeMapping { start: 0x1000, end: 0x2000, file_offset: 0, path: "/unloaded.so".into() };
+        let overlapped = CodeMapping { start: 0x10, end: 0x1100, file_offset: 0, path: "/replaced.so".into() };
+        me.code.push(overlapped);
+        me.refresh_mappings().unwrap();
+        me.code.push(gone);
+        me.refresh_mappings().unwrap();
+        assert!(me.file_location(0x1800).is_some_and(|(p, _)| p == Path::new("/unloaded.so")), "kept");
+        assert!(me.file_location(0x20).is_some_and(|(p, _)| p == Path::new("/replaced.so")), "nothing took its place");
+        let count = me.code.len();
+        me.refresh_mappings().unwrap();
+        assert_eq!(me.code.len(), count, "refreshing twice adds nothing");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Names for code addresses: function, module and file:line, through blazesym. Done lazily,
-//! only for the sites that are reported, and cached per address.
+//! only for the sites that are reported, and cached per address. Addresses are resolved in
+//! the ELF files psleak saw mapped, by file offset, so that sites can still be named after
+//! the target has exited.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use blazesym::symbolize::source::{Process as ProcessSource, Source};
+use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer};
-use blazesym::Pid;
 use serde::Serialize;
+
+use crate::process::Process;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Frame {
@@ -42,42 +45,66 @@ impl Frame {
     }
 }
 
+#[derive(Default)]
 pub struct Symbols {
-    pid: u32,
     symbolizer: Symbolizer,
     cache: HashMap<u64, Frame>,
 }
 
 impl Symbols {
-    pub fn new(pid: u32) -> Self {
-        Self { pid, symbolizer: Symbolizer::new(), cache: HashMap::new() }
-    }
-
-    /// Frames for return addresses (each names the call instruction just before it).
-    pub fn frames(&mut self, return_addrs: &[u64]) -> Vec<Frame> {
+    /// Frames for return addresses of `process` (each names the call instruction before it).
+    pub fn frames(&mut self, return_addrs: &[u64], process: &Process) -> Vec<Frame> {
         let missing: Vec<u64> = return_addrs.iter().copied().filter(|a| !self.cache.contains_key(a)).collect();
-        if !missing.is_empty() {
-            self.resolve(&missing);
-        }
+        self.resolve(&missing, process);
         return_addrs.iter().map(|a| self.cache[a].clone()).collect()
     }
 
-    fn resolve(&mut self, addrs: &[u64]) {
-        let src = Source::Process(ProcessSource::new(Pid::from(self.pid)));
+    fn resolve(&mut self, addrs: &[u64], process: &Process) {
         // A return address belongs to the instruction after the call: look up the call itself.
-        let calls: Vec<u64> = addrs.iter().map(|a| a.saturating_sub(1)).collect();
-        let resolved = self.symbolizer.symbolize(&src, Input::AbsAddr(&calls)).unwrap_or_default();
-        for (i, &addr) in addrs.iter().enumerate() {
-            let mut frame = Frame { addr, function: None, module: None, file: None, line: None };
-            if let Some(Symbolized::Sym(sym)) = resolved.get(i) {
-                frame.function = Some(sym.name.to_string());
-                frame.module = sym.module.as_ref().map(|m| m.to_string_lossy().into_owned());
-                if let Some(code) = &sym.code_info {
-                    frame.file = Some(code.file.to_string_lossy().into_owned());
-                    frame.line = code.line;
+        let mut by_file: HashMap<&Path, Vec<(u64, u64)>> = HashMap::new();
+        for &addr in addrs {
+            self.cache.insert(addr, Frame { addr, function: None, module: None, file: None, line: None });
+            if let Some((path, offset)) = process.file_location(addr.saturating_sub(1)) {
+                by_file.entry(path).or_default().push((addr, offset));
+            }
+        }
+        for (path, wanted) in by_file {
+            let src = Source::Elf(Elf::new(path));
+            let offsets: Vec<u64> = wanted.iter().map(|&(_, offset)| offset).collect();
+            let resolved = self.symbolizer.symbolize(&src, Input::FileOffset(&offsets)).unwrap_or_default();
+            for (&(addr, _), symbol) in wanted.iter().zip(&resolved) {
+                let frame = self.cache.get_mut(&addr).expect("inserted above");
+                frame.module = Some(path.to_string_lossy().into_owned());
+                if let Symbolized::Sym(sym) = symbol {
+                    frame.function = Some(sym.name.to_string());
+                    if let Some(code) = &sym.code_info {
+                        frame.file = Some(code.file.to_string_lossy().into_owned());
+                        frame.line = code.line;
+                    }
                 }
             }
-            self.cache.insert(addr, frame);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn named_for_the_test() -> u64 {
+        named_for_the_test as *const () as u64
+    }
+
+    #[test]
+    fn names_this_process_own_functions() {
+        let me = Process::open(std::process::id()).unwrap();
+        let mut symbols = Symbols::default();
+        // An address inside the function, as a return address would be (+1 for the call lookup).
+        let frames = symbols.frames(&[named_for_the_test() + 2], &me);
+        let name = frames[0].function.as_deref().unwrap_or_default();
+        assert!(name.contains("named_for_the_test"), "{frames:?}");
+        assert!(frames[0].file.as_deref().is_some_and(|f| f.ends_with("symbols.rs")), "{frames:?}");
+        assert_eq!(symbols.frames(&[0x10], &me)[0].function, None, "no code there");
     }
 }

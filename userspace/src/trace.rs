@@ -144,7 +144,7 @@ async fn watch(
                 // A tick right before the end would repeat the final report.
                 if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
                     drain()?;
-                    reporter.emit(&collector.borrow(), None)?;
+                    report(&mut reporter, collector, None)?;
                 }
             }
             _ = target_exit.readable() => break "the target exited",
@@ -154,7 +154,19 @@ async fn watch(
         }
     };
     drain()?;
-    reporter.emit(&collector.borrow(), Some(stopped_by))
+    report(&mut reporter, collector, Some(stopped_by))
+}
+
+/// Emits a report, with the target's code mappings brought up to date first (a library
+/// loaded since attach must be known to name its sites, even after the target exits).
+fn report(
+    reporter: &mut Reporter<'_>,
+    collector: &RefCell<Collector>,
+    stopped_by: Option<&'static str>,
+) -> Result<(), Error> {
+    // A target that has just exited keeps the mappings last seen.
+    let _ = collector.borrow_mut().decoder.process.refresh_mappings();
+    reporter.emit(&collector.borrow(), stopped_by)
 }
 
 /// Turns the ledger into reports: symbolizes sites, follows their growth, prints.
@@ -179,7 +191,7 @@ impl<'a> Reporter<'a> {
             probes,
             pid,
             runtime_modules,
-            symbols: Symbols::new(pid),
+            symbols: Symbols::default(),
             stacks: HashMap::new(),
             growth: Growth::default(),
             attached_at: Instant::now(),
@@ -225,7 +237,7 @@ impl<'a> Reporter<'a> {
     /// Python runtime, where the program itself asked for the resource.
     fn site_of(&mut self, origin: Origin, process: &Process) -> (Option<Frame>, Vec<Frame>) {
         let addrs = self.stack_of(origin, process);
-        let frames = self.symbols.frames(&addrs);
+        let frames = self.symbols.frames(&addrs, process);
         let is_runtime = |f: &Frame| {
             f.module.as_deref().is_some_and(|m| {
                 let name = Path::new(m).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

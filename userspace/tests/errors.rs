@@ -143,6 +143,7 @@ fn a_target_that_exits_while_traced_ends_the_session_with_a_report() {
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["stopped_by"], "the target exited");
     assert_eq!(report["live"]["heap_blocks"], 5);
+    assert_eq!(report["suspects"][0]["site"]["function"], "leak_malloc", "named after the target is gone: {report:#}");
 }
 
 #[test]
@@ -166,7 +167,11 @@ fn a_target_that_exits_during_attach() {
         let outcome = match output.status.code() {
             Some(0) if stdout.contains("stopped (the target exited)") => "traced until it exited",
             Some(2) if stderr.contains("exited while psleak was attaching") => "exited during attach",
-            Some(2) if stderr.contains("it has already exited") || stderr.contains("no process with pid") => {
+            Some(2)
+                if ["it has already exited", "it is exiting", "no process with pid"]
+                    .iter()
+                    .any(|m| stderr.contains(m)) =>
+            {
                 "gone before attach"
             }
             other => panic!("unclean outcome {other:?}: {stderr} {stdout}"),
