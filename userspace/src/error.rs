@@ -14,6 +14,8 @@ pub enum Error {
     NoBtf(String),
     Attach(AttachError),
     Io(String, io::Error),
+    /// Whoever read the reports went away (a closed pipe): the session ends, and that is fine.
+    OutputClosed,
 }
 
 impl fmt::Display for Error {
@@ -37,6 +39,7 @@ impl fmt::Display for Error {
             ),
             Self::Attach(err) => err.fmt(f),
             Self::Io(what, err) => write!(f, "{what}: {err}"),
+            Self::OutputClosed => write!(f, "the reports' reader went away"),
         }
     }
 }

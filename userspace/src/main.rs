@@ -105,7 +105,7 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(psleak::error::Error::OutputClosed) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("psleak: {err}");
             ExitCode::from(2)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use libbpf_rs::RingBufferBuilder;
@@ -174,7 +174,7 @@ struct Reporter<'a> {
     args: &'a TraceArgs,
     probes: &'a Probes<'a>,
     pid: u32,
-    runtime_modules: Vec<String>,
+    runtime_modules: Vec<PathBuf>,
     symbols: Symbols,
     stacks: HashMap<u32, Vec<u64>>,
     growth: Growth,
@@ -183,9 +183,7 @@ struct Reporter<'a> {
 
 impl<'a> Reporter<'a> {
     fn new(args: &'a TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
-        let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut runtime_modules = vec![file_name(&target.libc)];
-        runtime_modules.extend(target.python.as_deref().map(file_name));
+        let runtime_modules = [Some(&target.libc), target.python.as_ref()].into_iter().flatten().cloned().collect();
         Self {
             args,
             probes,
@@ -209,8 +207,8 @@ impl<'a> Reporter<'a> {
         };
         let mut out = io::stdout().lock();
         match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-            // A closed pipe (`psleak trace ... | head`) ends the session quietly.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
             result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
         }
     }
@@ -238,12 +236,8 @@ impl<'a> Reporter<'a> {
     fn site_of(&mut self, origin: Origin, process: &Process) -> (Option<Frame>, Vec<Frame>) {
         let addrs = self.stack_of(origin, process);
         let frames = self.symbols.frames(&addrs, process);
-        let is_runtime = |f: &Frame| {
-            f.module.as_deref().is_some_and(|m| {
-                let name = Path::new(m).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                self.runtime_modules.contains(&name)
-            })
-        };
+        let is_runtime =
+            |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
         let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
         (site, frames)
     }

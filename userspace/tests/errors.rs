@@ -182,6 +182,25 @@ fn a_target_that_exits_during_attach() {
 }
 
 #[test]
+fn a_closed_output_ends_the_session() {
+    // `psleak trace ... | head -1`: once the reader is gone, psleak stops by itself.
+    let target = Target::leaky();
+    let mut tracer = common::psleak()
+        .args(["trace", "--json", "--interval", "0.2", "--pid", &target.pid().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(tracer.stdout.take());
+    let ended = common::wait_until(Duration::from_secs(10), || tracer.try_wait().unwrap().is_some());
+    let _ = tracer.kill();
+    assert!(ended, "psleak kept tracing with no reader");
+    let output = tracer.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("panicked"));
+}
+
+#[test]
 fn tracefs_is_not_needed() {
     // In a private mount namespace, empty tmpfs over tracefs and debugfs: psleak attaches
     // through the uprobe PMU and BTF tracepoints, which need neither.
