@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::Error;
 use crate::event::Origin;
-use crate::ledger::{Filter, Ledger, Memory};
+use crate::ledger::{Filter, Ledger, Mark, Memory};
 use crate::process::Process;
 use crate::report::{FdReport, Growth, LiveTotals, Lost, Report, Suspect, ThreadReport};
 use crate::symbols::{Frame, Symbols};
@@ -251,33 +251,11 @@ impl<'a> Reporter<'a> {
             max_size: self.args.max_size,
             ..Filter::default()
         };
-        let (sites, fds, threads, events, untracked, corrupt) = {
-            let fds: Vec<_> = c
-                .ledger
-                .open_fds(Default::default())
-                .map(|(fd, f)| (fd, *f, c.decoder.process.fd_target(fd)))
-                .collect();
-            let threads: Vec<_> = c
-                .ledger
-                .live_threads(Default::default())
-                .map(|(tid, t)| (tid, *t, c.decoder.process.thread_name(tid)))
-                .collect();
-            let sites = c.ledger.memory_by_site(&filter);
-            let origins: Vec<Origin> = sites.iter().map(|s| c.ledger.origin(s.site)).collect();
-            let fd_origins: Vec<Origin> = fds.iter().map(|(_, f, _)| c.ledger.origin(f.site)).collect();
-            let thread_origins: Vec<Origin> = threads.iter().map(|(_, t, _)| c.ledger.origin(t.site)).collect();
-            (
-                sites.into_iter().zip(origins).collect::<Vec<_>>(),
-                fds.into_iter().zip(fd_origins).collect::<Vec<_>>(),
-                threads.into_iter().zip(thread_origins).collect::<Vec<_>>(),
-                c.ledger.events(),
-                c.ledger.untracked_releases,
-                c.corrupt,
-            )
-        };
-
+        let process = &c.decoder.process;
+        let sites = c.ledger.memory_by_site(&filter);
         let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
-        for (s, _) in &sites {
+        let mut suspects = Vec::new();
+        for s in &sites {
             match s.memory {
                 Memory::Heap(_) => {
                     live.heap_bytes += s.bytes;
@@ -285,12 +263,9 @@ impl<'a> Reporter<'a> {
                 }
                 Memory::Mmap => live.mmap_bytes += s.bytes,
             }
-        }
-        let mut suspects = Vec::new();
-        for (s, origin) in &sites {
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.args.top {
-                let (site, stack) = self.site_of(*origin, &c.decoder.process);
+                let (site, stack) = self.site_of(c.ledger.origin(s.site), process);
                 suspects.push(Suspect {
                     memory: s.memory,
                     count: s.count,
@@ -303,18 +278,28 @@ impl<'a> Reporter<'a> {
             }
         }
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
-        let fds = fds
-            .into_iter()
-            .map(|((fd, f, target), origin)| {
-                let (site, stack) = self.site_of(origin, &c.decoder.process);
-                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
+        let since_attach = Mark::default();
+        let fds = c
+            .ledger
+            .open_fds(since_attach)
+            .map(|(fd, f)| {
+                let (site, stack) = self.site_of(c.ledger.origin(f.site), process);
+                FdReport {
+                    fd,
+                    kind: f.kind.describe(),
+                    target: process.fd_target(fd),
+                    age_s: age(f.ts_ns),
+                    site,
+                    stack,
+                }
             })
             .collect();
-        let threads = threads
-            .into_iter()
-            .map(|((tid, t, name), origin)| {
-                let (site, stack) = self.site_of(origin, &c.decoder.process);
-                ThreadReport { tid, name, age_s: age(t.ts_ns), site, stack }
+        let threads = c
+            .ledger
+            .live_threads(since_attach)
+            .map(|(tid, t)| {
+                let (site, stack) = self.site_of(c.ledger.origin(t.site), process);
+                ThreadReport { tid, name: process.thread_name(tid), age_s: age(t.ts_ns), site, stack }
             })
             .collect();
         let losses = self.probes.losses();
@@ -323,9 +308,9 @@ impl<'a> Reporter<'a> {
             elapsed_s: elapsed.as_secs_f64(),
             is_final: stopped_by.is_some(),
             stopped_by,
-            events,
-            lost: Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt },
-            untracked_releases: untracked,
+            events: c.ledger.events(),
+            lost: Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: c.corrupt },
+            untracked_releases: c.ledger.untracked_releases,
             live,
             suspects,
             fds,

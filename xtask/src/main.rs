@@ -203,15 +203,10 @@ fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
     run(Command::new("kill").args(["-INT", &tracer.0.id().to_string()]))?;
     let mut out = String::new();
     std::io::Read::read_to_string(tracer.0.stdout.as_mut().unwrap(), &mut out).map_err(|e| e.to_string())?;
-    let last = out.lines().last().unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        last.split(&format!("\"{name}\":"))
-            .nth(1)
-            .and_then(|rest| rest.split([',', '}']).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("events"), field("ring_full")))
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .map_err(|e| format!("psleak's final report is not JSON: {e}"))?;
+    let number = |v: &serde_json::Value| v.as_u64().ok_or_else(|| format!("no such number in {report}"));
+    Ok((number(&report["events"])?, number(&report["lost"]["ring_full"])?))
 }
 
 const PYTHON_WORKLOAD: &str = "import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n\
