@@ -134,7 +134,7 @@ impl Process {
 
     /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
     pub fn in_code(&self, addr: u64) -> bool {
-        addr >= 7 && self.code_at(addr).is_some()
+        self.code_at(addr).is_some()
     }
 
     fn code_at(&self, addr: u64) -> Option<&CodeMapping> {
