@@ -96,7 +96,46 @@ fn setup() -> Result {
 
 fn test() -> Result {
     println!("xtask: running the whole test suite (real probes, real leaking processes)");
-    run(Command::new("cargo").args(["test", "--workspace", "--locked"]).current_dir(root()))
+    let mut cargo = Command::new("cargo")
+        .args(["test", "--workspace", "--locked"])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run cargo test: {e}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(cargo.stdout.take().unwrap()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        if let Some((p, f)) = result_counts(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = cargo.wait().map_err(|e| e.to_string())?;
+    // One closing line for the whole suite: cargo's own last line is the last test binary's.
+    println!("tests: {passed} passed, {failed} failed");
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo test failed ({status})"))
+    }
+}
+
+/// (passed, failed) from cargo's `test result: ok. 12 passed; 0 failed; ...` lines.
+fn result_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word)?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    Some((count("passed")?, count("failed")?))
 }
 
 fn build_release() -> Result<PathBuf> {
@@ -269,4 +308,15 @@ fn bench() -> Result {
         println!("| {name} | {:.3} | {} |", values[values.len() / 2], runs.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_cargo_result_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 33.02s";
+        assert_eq!(super::result_counts(ok), Some((12, 0)));
+        assert_eq!(super::result_counts("test result: FAILED. 9 passed; 1 failed; 0 ignored"), Some((9, 1)));
+        assert_eq!(super::result_counts("running 4 tests"), None);
+    }
 }
