@@ -4,6 +4,7 @@
 pub mod error;
 pub mod event;
 pub mod ledger;
+pub mod metrics;
 pub mod process;
 pub mod report;
 pub mod symbols;

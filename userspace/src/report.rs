@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::ledger::{Memory, SiteId};
+use crate::metrics::{Metrics, MetricsChange};
 use crate::symbols::Frame;
 
 #[derive(Debug, Serialize)]
@@ -22,6 +23,8 @@ pub struct Report {
     /// Releases of resources created before attach (not counted).
     pub untracked_releases: u64,
     pub live: LiveTotals,
+    /// The classic metrics of the target, while it is alive: a second opinion.
+    pub process: Option<ProcessMetrics>,
     pub suspects: Vec<Suspect>,
     pub fds: Vec<FdReport>,
     pub threads: Vec<ThreadReport>,
@@ -44,6 +47,12 @@ pub struct LiveTotals {
     pub heap_blocks: u64,
     pub mmap_bytes: u64,
     pub sites: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessMetrics {
+    pub now: Metrics,
+    pub since_attach: MetricsChange,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +120,12 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
+/// `+1.5K`, `-2.0M`, `+0B`: a change in size.
+pub fn human_change(bytes: i64) -> String {
+    let sign = if bytes < 0 { '-' } else { '+' };
+    format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
+}
+
 fn stack_lines(out: &mut String, stack: &[Frame]) {
     for frame in stack {
         let _ = writeln!(out, "        {}", frame.describe());
@@ -133,6 +148,23 @@ impl Report {
             self.events,
             self.lost_text(),
         );
+        if let Some(p) = &self.process {
+            let (now, d) = (p.now, p.since_attach);
+            let _ = writeln!(
+                out,
+                "  process: rss {} ({}), uss {} ({}), vms {} ({}), {} fds ({:+}), {} threads ({:+}) since attach",
+                human_bytes(now.rss),
+                human_change(d.rss),
+                human_bytes(now.uss),
+                human_change(d.uss),
+                human_bytes(now.vms),
+                human_change(d.vms),
+                now.fds,
+                d.fds,
+                now.threads,
+                d.threads,
+            );
+        }
         for (rank, s) in self.suspects.iter().enumerate() {
             let what = match s.memory {
                 Memory::Heap(domain) => domain.name(),
@@ -236,6 +268,8 @@ mod tests {
         assert_eq!(human_bytes(928), "928B");
         assert_eq!(human_bytes(1536), "1.5K");
         assert_eq!(human_bytes(2 << 20), "2.0M");
+        assert_eq!(human_change(-1536), "-1.5K");
+        assert_eq!(human_change(0), "+0B");
     }
 
     #[test]

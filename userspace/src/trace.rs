@@ -18,8 +18,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::error::Error;
 use crate::event::Origin;
 use crate::ledger::{Filter, Ledger, Mark, Memory};
+use crate::metrics::Metrics;
 use crate::process::Process;
-use crate::report::{FdReport, Growth, LiveTotals, Lost, Report, Suspect, ThreadReport};
+use crate::report::{FdReport, Growth, LiveTotals, Lost, ProcessMetrics, Report, Suspect, ThreadReport};
 use crate::symbols::{Frame, Symbols};
 use crate::tracer::{self, RecordDecoder, TraceOptions};
 
@@ -179,6 +180,8 @@ struct Reporter<'a> {
     stacks: HashMap<u32, Vec<u64>>,
     growth: Growth,
     attached_at: Instant,
+    /// The target's classic metrics at attach.
+    baseline: Option<Metrics>,
 }
 
 impl<'a> Reporter<'a> {
@@ -193,6 +196,7 @@ impl<'a> Reporter<'a> {
             stacks: HashMap::new(),
             growth: Growth::default(),
             attached_at: Instant::now(),
+            baseline: Metrics::of(pid).ok(),
         }
     }
 
@@ -302,6 +306,12 @@ impl<'a> Reporter<'a> {
                 ThreadReport { tid, name: process.thread_name(tid), age_s: age(t.ts_ns), site, stack }
             })
             .collect();
+        let process_metrics = match (self.baseline, Metrics::of(self.pid)) {
+            (Some(before), Ok(now)) if process.is_alive() => {
+                Some(ProcessMetrics { now, since_attach: now.since(&before) })
+            }
+            _ => None,
+        };
         let losses = self.probes.losses();
         Report {
             pid: self.pid,
@@ -312,6 +322,7 @@ impl<'a> Reporter<'a> {
             lost: Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: c.corrupt },
             untracked_releases: c.ledger.untracked_releases,
             live,
+            process: process_metrics,
             suspects,
             fds,
             threads,

@@ -75,6 +75,7 @@ fn fd_leaks_name_kind_and_site() {
     assert_eq!(pipes.len(), 2, "both ends of the pipe");
     assert!(pipes.iter().all(|f| f["kind"] == "pipe"));
     assert_eq!(fds.len(), 5, "nothing else is reported: {report:#}");
+    assert_eq!(report["process"]["since_attach"]["fds"], 5, "the classic count agrees: {report:#}");
 }
 
 #[test]
@@ -90,6 +91,7 @@ fn thread_left_running_is_named() {
         report["suspects"].as_array().unwrap().is_empty(),
         "a thread's stack and TLS are not memory leaks: {report:#}"
     );
+    assert_eq!(report["process"]["since_attach"]["threads"], 2, "the classic count agrees: {report:#}");
 }
 
 #[test]
