@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
@@ -106,6 +107,24 @@ impl Process {
         self.code.iter().map(|m| &m.path).find(|p| is_libc(p)).cloned()
     }
 
+    /// The libc of a process that may be starting up: right after exec only the program and
+    /// the dynamic loader are mapped, and the loader maps libc a moment later. A process
+    /// without a dynamic loader is statically linked and has none.
+    pub fn wait_for_libc(&mut self, limit: Duration) -> Option<PathBuf> {
+        let started = Instant::now();
+        loop {
+            if let Some(libc) = self.libc() {
+                return Some(libc);
+            }
+            let has_loader = self.code.iter().any(|m| is_dynamic_loader(&m.path));
+            if !has_loader || !self.is_alive() || started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            let _ = self.refresh_mappings();
+        }
+    }
+
     /// The mapped files that might export CPython's allocator API, most likely first.
     pub fn python_candidates(&self) -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = Vec::new();
@@ -193,6 +212,10 @@ fn parse_code_mapping(line: &str) -> Option<CodeMapping> {
         file_offset: u64::from_str_radix(file_offset, 16).ok()?,
         path: PathBuf::from(path),
     })
+}
+
+fn is_dynamic_loader(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ld-linux"))
 }
 
 fn is_libc(path: &Path) -> bool {

@@ -65,8 +65,8 @@ impl AsRawFd for Pollable {
 
 pub fn run(args: &TraceArgs) -> Result<(), Error> {
     tracer::check_prerequisites(&args.options)?;
-    let process = Process::open(args.pid)?;
-    let target = tracer::target_of(&process)?;
+    let mut process = Process::open(args.pid)?;
+    let target = tracer::target_of(&mut process)?;
     let started = Instant::now();
     let mut storage = MaybeUninit::uninit();
     let probes = tracer::attach(&mut storage, &process, &target, &args.options)?;

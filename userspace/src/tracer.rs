@@ -4,6 +4,7 @@
 use std::fs;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use psleak_ebpf::types::{self, alloc_domain, event_kind};
 use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
@@ -59,8 +60,14 @@ fn may_load_bpf() -> bool {
 }
 
 /// The probe target for an opened process: its libc, and its Python runtime if it has one.
-pub fn target_of(process: &Process) -> Result<Target, Error> {
-    let libc = process.libc().ok_or(Error::NoDynamicLibc(process.pid()))?;
+pub fn target_of(process: &mut Process) -> Result<Target, Error> {
+    let Some(libc) = process.wait_for_libc(Duration::from_secs(2)) else {
+        return Err(if process.is_alive() {
+            Error::NoDynamicLibc(process.pid())
+        } else {
+            Error::NotTraceable(process.pid(), "it has already exited".into())
+        });
+    };
     let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
     Ok(Target { pid: process.pid(), libc, python })
 }

@@ -68,6 +68,46 @@ fn psleak_as_nobody(caps: &str, pid: u32) -> (Option<i32>, String) {
 }
 
 #[test]
+fn a_process_caught_right_after_exec_is_traced() {
+    // The target stops at its exec (PTRACE_TRACEME): only the program and the dynamic loader
+    // are mapped, libc is not yet. psleak must wait for it, not call the program static.
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(leaky());
+    command.stdin(Stdio::piped()).stdout(Stdio::null());
+    // SAFETY: ptrace(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| match libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        })
+    };
+    let mut target = command.spawn().unwrap();
+    let pid = target.id() as i32;
+    let mut status = 0;
+    // SAFETY: waits for our own child's stop at exec.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFSTOPPED(status), "stopped at exec");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("libc.so"), "libc is not mapped yet");
+
+    let tracer = common::psleak()
+        .args(["trace", "--pid", &pid.to_string(), "--duration", "0.3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: releases our own stopped child.
+    assert_eq!(unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) }, 0);
+    let output = tracer.wait_with_output().unwrap();
+    target.kill().unwrap();
+    target.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("tracing pid"), "{stderr}");
+}
+
+#[test]
 fn without_privileges() {
     let target = Target::leaky();
     for caps in ["", "+bpf,+perfmon"] {
