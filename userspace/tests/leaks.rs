@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{suspects_at, Target, Tracer};
+use common::{stack_functions, suspects_at, Target, Tracer};
 use serde_json::Value;
 
 /// Runs `commands` in a fresh leaky target under the tracer and returns the final report.
@@ -31,8 +31,7 @@ fn one_site(report: &Value, function: &str) -> (String, u64, u64) {
 fn malloc_leak_is_exact_and_named() {
     let report = trace_commands(&["malloc 100 24"]);
     assert_eq!(one_site(&report, "leak_malloc"), ("heap:libc".into(), 100, 2400));
-    let stack: Vec<&str> =
-        report["suspects"][0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    let stack = stack_functions(&report["suspects"][0]);
     assert_eq!(&stack[..2], ["leak_malloc", "main"], "the stack goes on past the leaking function");
     assert!(report["suspects"][0]["site"]["file"].as_str().unwrap().ends_with("leaky.c"), "file:line is known");
 }
@@ -98,8 +97,7 @@ fn thread_left_running_is_named() {
 fn every_thread_of_the_target_is_traced() {
     let report = trace_commands(&["threaded_malloc 40 16"]);
     assert_eq!(one_site(&report, "leak_malloc"), ("heap:libc".into(), 40, 640));
-    let stack: Vec<&str> =
-        report["suspects"][0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    let stack = stack_functions(&report["suspects"][0]);
     assert_eq!(&stack[..2], ["leak_malloc", "leak_from_thread"]);
     assert_eq!(report["threads"], serde_json::json!([]), "the thread was joined");
 }

@@ -161,6 +161,11 @@ pub fn suspects_at<'a>(report: &'a Value, name: &str) -> Vec<&'a Value> {
     report["suspects"].as_array().unwrap().iter().filter(|s| s["site"]["function"] == name).collect()
 }
 
+/// The function names along a reported stack (of a suspect, fd or thread).
+pub fn stack_functions(entry: &Value) -> Vec<&str> {
+    entry["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect()
+}
+
 /// Runs psleak to completion and returns (exit code, stderr).
 pub fn run_psleak(args: &[&str]) -> (i32, String) {
     let output = psleak().args(args).output().expect("psleak runs");
