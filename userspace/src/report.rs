@@ -179,7 +179,7 @@ impl Report {
                 human_bytes(s.bytes),
                 s.count,
                 human_bytes(s.bytes_per_s as u64),
-                s.site.as_ref().map_or("an unknown site".into(), Frame::describe),
+                site_text(&s.site),
             );
             stack_lines(&mut out, &s.stack);
         }
@@ -187,27 +187,29 @@ impl Report {
         for group in group_by_site(&self.fds, |fd| (fd.site.clone(), fd.kind.clone(), fd.target.clone())) {
             let first = group[0];
             let numbers = list_numbers(group.iter().map(|fd| fd.fd.to_string()));
+            let oldest = group.iter().map(|fd| fd.age_s).fold(0.0, f64::max);
             let _ = writeln!(
                 out,
                 "  {} ({}) {} open for up to {:.1}s, opened at {}: fd {numbers}",
                 plural(group.len(), "fd"),
                 first.kind,
                 first.target.as_deref().unwrap_or("?"),
-                first.age_s,
-                first.site.as_ref().map_or("an unknown site".into(), Frame::describe),
+                oldest,
+                site_text(&first.site),
             );
             stack_lines(&mut out, &first.stack);
         }
         for group in group_by_site(&self.threads, |t| (t.site.clone(), t.name.clone())) {
             let first = group[0];
             let tids = list_numbers(group.iter().map(|t| t.tid.to_string()));
+            let oldest = group.iter().map(|t| t.age_s).fold(0.0, f64::max);
             let _ = writeln!(
                 out,
                 "  {} \"{}\" alive for up to {:.1}s, started at {}: tid {tids}",
                 plural(group.len(), "thread"),
                 first.name.as_deref().unwrap_or("?"),
-                first.age_s,
-                first.site.as_ref().map_or("an unknown site".into(), Frame::describe),
+                oldest,
+                site_text(&first.site),
             );
             stack_lines(&mut out, &first.stack);
         }
@@ -227,6 +229,10 @@ impl Report {
             l.ring_full, l.no_stack, l.corrupt
         )
     }
+}
+
+fn site_text(site: &Option<Frame>) -> String {
+    site.as_ref().map_or("an unknown site".into(), Frame::describe)
 }
 
 /// Items grouped by a key, in the order each key first appears.
@@ -278,6 +284,28 @@ mod tests {
         assert_eq!(groups, vec![vec![&1, &2, &3], vec![&11, &12]]);
         assert_eq!(list_numbers((3..=12).map(|n| n.to_string())), "3, 4, 5, 6, 7, 8, ... 12");
         assert_eq!(plural(1, "fd"), "1 fd");
+    }
+
+    #[test]
+    fn a_group_of_fds_shows_its_oldest_age() {
+        // fd 3 was closed and reopened later: the group is as old as fd 4.
+        let fd = |fd, age_s| FdReport { fd, kind: "pipe".into(), target: None, age_s, site: None, stack: vec![] };
+        let report = Report {
+            pid: 1,
+            elapsed_s: 9.0,
+            is_final: false,
+            stopped_by: None,
+            events: 0,
+            lost: Lost::default(),
+            untracked_releases: 0,
+            live: LiveTotals::default(),
+            process: None,
+            suspects: vec![],
+            fds: vec![fd(3, 1.0), fd(4, 5.0)],
+            threads: vec![],
+        };
+        let text = report.to_text();
+        assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");
     }
 
     #[test]
