@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use psleak::trace::{self, TraceArgs};
-use psleak::tracer::TraceOptions;
+use psleak_ebpf::Options;
 
 /// Leak observer for Python code and native extensions.
 #[derive(Parser)]
@@ -96,9 +96,9 @@ fn main() -> ExitCode {
                 min_size: t.min_size,
                 max_size: t.max_size,
                 min_age: Duration::from_secs_f64(t.min_age),
-                options: TraceOptions {
+                options: Options {
                     btf: t.btf,
-                    ring_bytes: Some(t.ring_mib << 20),
+                    ring_bytes: t.ring_mib << 20,
                     free_probe_at_entry: t.free_probe_at_entry,
                 },
             })

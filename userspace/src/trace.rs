@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::process::Process;
 use crate::report::{FdReport, Growth, LiveTotals, Lost, ProcessMetrics, Report, Suspect, ThreadReport};
 use crate::symbols::{Frame, Symbols};
-use crate::tracer::{self, RecordDecoder, TraceOptions};
+use crate::tracer::{self, RecordDecoder};
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
@@ -34,7 +34,7 @@ pub struct TraceArgs {
     pub min_size: u64,
     pub max_size: Option<u64>,
     pub min_age: Duration,
-    pub options: TraceOptions,
+    pub options: psleak_ebpf::Options,
 }
 
 /// What the ring callback feeds: the ledger, through the decoder of the target's records.

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use psleak_ebpf::types::{self, alloc_domain, event_kind};
@@ -21,16 +21,8 @@ const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// on this project's 6.18 kernel).
 const CAP_SYS_ADMIN: u32 = 21;
 
-/// What the user asked of the probes.
-#[derive(Debug, Clone, Default)]
-pub struct TraceOptions {
-    pub btf: Option<PathBuf>,
-    pub ring_bytes: Option<u32>,
-    pub free_probe_at_entry: bool,
-}
-
 /// Checks what the kernel side needs before touching it, so each lack gets its own message.
-pub fn check_prerequisites(options: &TraceOptions) -> Result<(), Error> {
+pub fn check_prerequisites(options: &Options) -> Result<(), Error> {
     if !may_load_bpf() {
         return Err(Error::NotPrivileged);
     }
@@ -77,14 +69,9 @@ pub fn attach<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     process: &Process,
     target: &Target,
-    options: &TraceOptions,
+    options: &Options,
 ) -> Result<Probes<'obj>, Error> {
-    let mut probe_options =
-        Options { btf: options.btf.clone(), free_probe_at_entry: options.free_probe_at_entry, ..Options::default() };
-    if let Some(bytes) = options.ring_bytes {
-        probe_options.ring_bytes = bytes;
-    }
-    let probes = Probes::attach(storage, target, &probe_options).map_err(|err| {
+    let probes = Probes::attach(storage, target, options).map_err(|err| {
         if process.is_alive() {
             Error::Attach(err)
         } else {
