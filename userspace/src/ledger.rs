@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{Change, Domain, Event, FdKind, Origin};
 
@@ -12,7 +12,8 @@ use crate::event::{Change, Domain, Event, FdKind, Origin};
 pub type SiteId = u32;
 
 /// A point in the event stream; resources created after it are "since" it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Mark(u64);
 
 /// What a byte-counted resource is.

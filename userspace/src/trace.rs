@@ -2,11 +2,9 @@
 //! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use libbpf_rs::RingBufferBuilder;
@@ -16,13 +14,12 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::Error;
-use crate::event::Origin;
-use crate::ledger::{Filter, Ledger, Mark, Memory};
+use crate::ledger::{Filter, Mark, Memory};
 use crate::metrics::Metrics;
 use crate::process::Process;
 use crate::report::{FdReport, Growth, LiveTotals, Lost, ProcessMetrics, Report, Suspect, ThreadReport};
-use crate::symbols::{Frame, Symbols};
-use crate::tracer::{self, RecordDecoder};
+use crate::sites::SiteNamer;
+use crate::tracer::{self, Collector};
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
@@ -35,23 +32,6 @@ pub struct TraceArgs {
     pub max_size: Option<u64>,
     pub min_age: Duration,
     pub options: psleak_ebpf::Options,
-}
-
-/// What the ring callback feeds: the ledger, through the decoder of the target's records.
-struct Collector {
-    ledger: Ledger,
-    decoder: RecordDecoder,
-    corrupt: u64,
-}
-
-impl Collector {
-    fn ingest(&mut self, record: &[u8]) {
-        let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
-        match event {
-            Some(event) => self.ledger.apply(&event),
-            None => self.corrupt += 1,
-        }
-    }
 }
 
 /// A raw fd for tokio to poll (the ring's epoll fd, the target's pidfd); owned elsewhere.
@@ -84,7 +64,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
     let reporter = Reporter::new(args, &probes, &target, process.pid());
-    let collector = RefCell::new(Collector { ledger: Ledger::new(), decoder: RecordDecoder::new(process), corrupt: 0 });
+    let collector = RefCell::new(Collector::new(process));
     runtime.block_on(watch(args, &probes, &collector, reporter, &attached))
 }
 
@@ -175,9 +155,7 @@ struct Reporter<'a> {
     args: &'a TraceArgs,
     probes: &'a Probes<'a>,
     pid: u32,
-    runtime_modules: Vec<PathBuf>,
-    symbols: Symbols,
-    stacks: HashMap<u32, Vec<u64>>,
+    sites: SiteNamer,
     growth: Growth,
     attached_at: Instant,
     /// The target's classic metrics at attach.
@@ -186,14 +164,11 @@ struct Reporter<'a> {
 
 impl<'a> Reporter<'a> {
     fn new(args: &'a TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
-        let runtime_modules = [Some(&target.libc), target.python.as_ref()].into_iter().flatten().cloned().collect();
         Self {
             args,
             probes,
             pid,
-            runtime_modules,
-            symbols: Symbols::default(),
-            stacks: HashMap::new(),
+            sites: SiteNamer::new(target),
             growth: Growth::default(),
             attached_at: Instant::now(),
             baseline: Metrics::of(pid).ok(),
@@ -215,35 +190,6 @@ impl<'a> Reporter<'a> {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
             result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
         }
-    }
-
-    /// Return addresses from the creating call outwards: the exact caller first, then the
-    /// recorded stack without its innermost frame (the probed function itself), up to the
-    /// first address outside code (a frame-pointer walk through code built without frame
-    /// pointers goes astray there).
-    fn stack_of(&mut self, origin: Origin, process: &Process) -> Vec<u64> {
-        let recorded = match origin.stack_id {
-            Some(id) => self.stacks.entry(id).or_insert_with(|| self.probes.user_stack(id)).clone(),
-            None => Vec::new(),
-        };
-        let mut stack: Vec<u64> = origin.caller.into_iter().collect();
-        for addr in recorded.into_iter().skip(1).take_while(|&a| process.in_code(a)) {
-            if stack.last() != Some(&addr) {
-                stack.push(addr);
-            }
-        }
-        stack
-    }
-
-    /// The symbolized stack and the site to name: its first frame outside libc and the
-    /// Python runtime, where the program itself asked for the resource.
-    fn site_of(&mut self, origin: Origin, process: &Process) -> (Option<Frame>, Vec<Frame>) {
-        let addrs = self.stack_of(origin, process);
-        let frames = self.symbols.frames(&addrs, process);
-        let is_runtime =
-            |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
-        let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
-        (site, frames)
     }
 
     fn report(&mut self, c: &Collector, stopped_by: Option<&'static str>) -> Report {
@@ -269,7 +215,7 @@ impl<'a> Reporter<'a> {
             }
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.args.top {
-                let (site, stack) = self.site_of(c.ledger.origin(s.site), process);
+                let (site, stack) = self.sites.name(c.ledger.origin(s.site), self.probes, process);
                 suspects.push(Suspect {
                     memory: s.memory,
                     count: s.count,
@@ -287,7 +233,7 @@ impl<'a> Reporter<'a> {
             .ledger
             .open_fds(since_attach)
             .map(|(fd, f)| {
-                let (site, stack) = self.site_of(c.ledger.origin(f.site), process);
+                let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, process);
                 FdReport {
                     fd,
                     kind: f.kind.describe(),
@@ -302,7 +248,7 @@ impl<'a> Reporter<'a> {
             .ledger
             .live_threads(since_attach)
             .map(|(tid, t)| {
-                let (site, stack) = self.site_of(c.ledger.origin(t.site), process);
+                let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, process);
                 ThreadReport { tid, name: process.thread_name(tid), age_s: age(t.ts_ns), site, stack }
             })
             .collect();

@@ -11,6 +11,7 @@ use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
 
 use crate::error::Error;
 use crate::event::{Change, Domain, Event, FdKind, Origin};
+use crate::ledger::Ledger;
 use crate::process::Process;
 use crate::unwind::Unwinder;
 
@@ -92,6 +93,28 @@ fn domain_of(raw: u8) -> Option<Domain> {
         alloc_domain::DOMAIN_PYOBJECT => Domain::Pyobject,
         _ => return None,
     })
+}
+
+/// What the ring callback feeds: the ledger, through the decoder of the target's records.
+pub struct Collector {
+    pub ledger: Ledger,
+    pub decoder: RecordDecoder,
+    /// Records that could not be decoded.
+    pub corrupt: u64,
+}
+
+impl Collector {
+    pub fn new(process: Process) -> Self {
+        Self { ledger: Ledger::new(), decoder: RecordDecoder::new(process), corrupt: 0 }
+    }
+
+    pub fn ingest(&mut self, record: &[u8]) {
+        let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
+        match event {
+            Some(event) => self.ledger.apply(&event),
+            None => self.corrupt += 1,
+        }
+    }
 }
 
 /// Turns probe records into events, finding the callers of syscall-side events in the

@@ -1,0 +1,733 @@
+"""Test framework to detect memory and resource leaks in Python C extensions.
+
+A drop-in for psleak 0.1.6's API. When this process may load eBPF probes, the counters come
+from an exact tracer (a private collector process) that names the function that created each
+leaked block, fd or thread; otherwise from polling procfs and the allocator, as psleak does.
+``PSLEAK_BACKEND=auto|trace|poll`` chooses.
+"""
+
+import collections
+import functools
+import gc
+import linecache
+import logging
+import os
+import sys
+import threading
+import types
+import unittest
+import warnings
+from dataclasses import dataclass
+
+from psleak import _backends
+from psleak import _native
+from psleak._backends import BackendError
+
+__all__ = [
+    "BackendError",
+    "Checkers",
+    "Error",
+    "GCDebugger",
+    "LeakTest",
+    "MemoryLeakError",
+    "MemoryLeakTestCase",
+    "NativeThread",
+    "OpenFd",
+    "UnclosedFdError",
+    "UnclosedHandleError",
+    "UnclosedHeapCreateError",
+    "UnclosedNativeThreadError",
+    "UnclosedPythonThreadError",
+    "UnclosedResourceError",
+    "UncollectableGarbageError",
+]
+
+# Per-call growth at or below this many bytes is treated as measurement noise by the polling
+# verdict. A real once-per-call malloc leak cannot stay under it (glibc's smallest chunk is 32).
+NOISE_FLOOR = 16
+
+# With the tracer, a site must grow in this many batches in a row to be a leak.
+CONFIRM_BATCHES = 3
+
+# Metrics the tracer cannot attribute (pages touched in memory mapped earlier): with it, only
+# these are judged by the polling heuristic, as a second opinion.
+UNTRACED_METRICS = ("uss", "rss")
+
+
+# --- exceptions
+
+
+class Error(AssertionError):
+    """Base class for all psleak exceptions."""
+
+
+class UnclosedResourceError(Error):
+    """Base class for errors raised when some resource created during a
+    function call is left unclosed or unfreed afterward.
+    """
+
+    resource_name = "resource"
+    verb = "unclosed"
+
+    def __init__(self, count, fun_name, extras=None):
+        self.count = count
+        self.fun_name = fun_name
+        self.extras = extras
+        name = self.resource_name
+        name += "s" if count > 1 else ""  # pluralize
+        msg = f"detected {count} {self.verb} {name} after calling {fun_name!r} 1 time"
+        if extras:
+            msg += ":" + "".join(f"\n* {extra!r}" for extra in extras)
+        super().__init__(msg)
+
+
+class UnclosedFdError(UnclosedResourceError):
+    """An fd opened by one call is still open after it (forgotten close()). UNIX only."""
+
+    resource_name = "file descriptor"
+
+
+class UnclosedHandleError(UnclosedResourceError):
+    """A handle opened by one call is still open after it (forgotten CloseHandle()). Windows only."""
+
+    resource_name = "handle"
+
+
+class UnclosedHeapCreateError(UnclosedResourceError):
+    """HeapCreate() without HeapDestroy() in one call. Windows only."""
+
+    resource_name = "HeapCreate() call"
+
+
+class UnclosedNativeThreadError(UnclosedResourceError):
+    """A native thread started by one call still runs after it (pthread_create() without
+    pthread_join())."""
+
+    resource_name = "native C thread"
+
+
+class UnclosedPythonThreadError(UnclosedResourceError):
+    """A ``threading.Thread`` started by one call still runs after it."""
+
+    resource_name = "Python thread"
+
+
+class UncollectableGarbageError(UnclosedResourceError):
+    """One call left objects that only the cycle collector can free (reference cycles)."""
+
+    resource_name = "GC object"
+    verb = "uncollectable"
+
+
+class MemoryLeakError(Error):
+    """Memory kept growing with the number of calls: ``malloc()`` without ``free()``,
+    ``mmap()`` without ``munmap()``, a forgotten ``Py_DECREF``..."""
+
+
+# --- what the errors list
+
+
+@dataclass(frozen=True)
+class OpenFd:
+    """An fd left open by a call: its number, what it refers to (a path, ``socket:[inode]``),
+    its kind (``file``, ``pipe``, ``AF_INET SOCK_STREAM``...) and, with the tracer, the
+    function that opened it and its stack."""
+
+    fd: int
+    path: str
+    kind: str
+    site: str = ""
+    stack: tuple = ()
+
+    def __repr__(self):
+        s = f"fd {self.fd}: {self.kind} {self.path}"
+        return s + (f", opened by {self.site}" if self.site else "")
+
+
+@dataclass(frozen=True)
+class NativeThread:
+    """A native thread left running by a call; with the tracer, the function that started it."""
+
+    tid: int
+    name: str
+    site: str = ""
+    stack: tuple = ()
+
+    def __repr__(self):
+        s = f"thread {self.tid} ({self.name})"
+        return s + (f", started by {self.site}" if self.site else "")
+
+
+# --- utils
+
+
+def human_bytes(n):
+    """928B, 1K, 1.5K, 2M: psleak's sizes, short."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            value = f"{n / size:.1f}".rstrip("0").rstrip(".")
+            return f"{sign}{value}{unit}"
+    return f"{sign}{n}B"
+
+
+def format_run_line(idx, diffs, times, exact=None):
+    parts = [f"{k}={'+' + human_bytes(v):<6}" for k, v in diffs.items() if v > 0]
+    metrics = " | ".join(parts)
+    avg = "0B"
+    if parts:
+        first_key = next(k for k, v in diffs.items() if v > 0)
+        avg = human_bytes(diffs[first_key] // times)
+    s = f"Run #{idx:>2}: {metrics:<50} (calls={times:>4}, avg/call=+{avg})"
+    if exact is not None:
+        grown = exact["growing_sites"]
+        s += f" traced: {grown} growing site{'s' if grown != 1 else ''}"
+    if idx == 1:
+        s = "\n" + s
+    return s
+
+
+def format_site(site):
+    """``leak_list (test_ext.c:42)``: a frame as the collector sends it."""
+    if not site:
+        return "?"
+    fun, file, line = site.get("function"), site.get("file"), site.get("line")
+    module = os.path.basename(site.get("module") or "") or "?"
+    if fun and file:
+        return f"{fun} ({os.path.basename(file)}:{line})" if line else f"{fun} ({os.path.basename(file)})"
+    if fun:
+        return f"{fun} in {module}"
+    return f"{site['addr']} in {module}"
+
+
+def format_leak_sites(batch, calls):
+    lines = ["", "Leak sites (created by the calls and still live, grown in every batch listed):"]
+    for s in batch["sites"]:
+        memory = s["memory"]
+        kind = memory.get("domain", memory["kind"]) if isinstance(memory, dict) else memory
+        per_call = s["bytes"] / calls if calls else 0
+        lines.append(
+            f"* {format_site(s['site'])}: {s['count']} blocks, {human_bytes(s['bytes'])} live ({kind}),"
+            f" +{human_bytes(max(s['bytes_growth'], 0))} in the last batch, grown {s['streak']} batches in a row,"
+            f" ~{per_call:.1f}B per call"
+        )
+        lines.extend(f"    {format_site(frame)}" for frame in s["stack"][:12])
+    return "\n".join(lines)
+
+
+def qualname(obj):
+    """A human-readable qualified name for a function, method or class."""
+    return getattr(obj, "__qualname__", getattr(obj, "__name__", str(obj)))
+
+
+def warm_caches():
+    """Fill caches that fill slowly with random data, usually on the very first run.
+    Taken from cPython's refleak.py."""
+    s = bytes(range(256))
+    for i in range(256):
+        s[i : i + 1]
+    [chr(i) for i in range(256)]
+    list(range(-5, 257))
+
+
+def assert_isinstance(name, obj, types):
+    if not isinstance(obj, types):
+        exp = " or ".join(t.__name__ for t in types) if isinstance(types, tuple) else types.__name__
+        msg = f"{name!r} must be instance of {exp} (got {obj!r})"
+        raise TypeError(msg)
+
+
+# --- GC debugger
+
+
+class GCDebugger:
+    """Detects objects that reference counting cannot free (reference cycles), with
+    gc.DEBUG_SAVEALL: what the cycle collector finds is kept in gc.garbage."""
+
+    # Temporarily part of a cycle, gone once the cycle is broken.
+    TRANSIENT_TYPES = (
+        types.FrameType,
+        types.TracebackType,
+        type(threading.current_thread()),
+        BaseException,
+    )
+
+    # Values that hold no references to other tracked objects: never part of a cycle.
+    SCALAR_TYPES = (int, float, bool, str, bytes, bytearray, complex, type(None))
+
+    def __enter__(self):
+        self._old_debug = gc.get_debug()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        self.before = list(gc.garbage)
+        self.after = []
+        gc.garbage.clear()
+        return self
+
+    def __exit__(self, *a, **k):
+        gc.collect()
+        self.after = list(gc.garbage)
+        gc.garbage.clear()
+        gc.set_debug(self._old_debug)
+
+    def is_transient(self, obj, _seen=None):
+        if _seen is None:
+            _seen = set()
+        oid = id(obj)
+        if oid in _seen:
+            return True
+        _seen.add(oid)
+        if isinstance(obj, (self.TRANSIENT_TYPES, self.SCALAR_TYPES)):
+            return True
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            return all(self.is_transient(o, _seen) for o in obj)
+        if isinstance(obj, dict):
+            return all(self.is_transient(k, _seen) and self.is_transient(v, _seen) for k, v in obj.items())
+        return False
+
+    def leaked_objects(self):
+        return [obj for obj in self.after if obj not in self.before and not self.is_transient(obj)]
+
+    def check(self, fun):
+        leaked = self.leaked_objects()
+        if leaked:
+            raise UncollectableGarbageError(len(leaked), qualname(fun), extras=leaked)
+
+
+# --- checkers config
+
+
+@dataclass(frozen=True)
+class Checkers:
+    """Which leak checkers are enabled."""
+
+    # C stuff
+    memory: bool = True
+    fds: bool = True
+    handles: bool = True
+    c_threads: bool = True
+    # Python stuff
+    py_threads: bool = True
+    gcgarbage: bool = True
+
+    @classmethod
+    def _validate(cls, check_names):
+        all_fields = set(cls.__annotations__.keys())
+        invalid = set(check_names) - all_fields
+        if invalid:
+            msg = f"invalid checker names: {', '.join(sorted(invalid))}"
+            raise ValueError(msg)
+        return all_fields
+
+    @classmethod
+    def only(cls, *checks):
+        """A config with only the named checkers enabled."""
+        all_fields = cls._validate(checks)
+        return cls(**{f: f in checks for f in all_fields})
+
+    @classmethod
+    def exclude(cls, *checks):
+        """A config with the named checkers disabled."""
+        all_fields = cls._validate(checks)
+        return cls(**{f: f not in checks for f in all_fields})
+
+
+# ---
+
+_warnings_emitted = False
+
+
+def _emit_warnings():
+    global _warnings_emitted  # noqa: PLW0603
+
+    def warn(msg, suffix="memory leak detection may be less reliable"):
+        if suffix:
+            msg += "; " + suffix
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    if _warnings_emitted:
+        return
+    if _native.memory()["heap"] == 0:
+        warn("the allocator reports no heap in use (mallinfo2)")
+    if os.environ.get("PYTHONUNBUFFERED") != "1":
+        warn("PYTHONUNBUFFERED=1 environment variable was not set")
+    if threading.active_count() > 1:
+        warn(
+            f"active Python threads exist before test; memory/thread counts may be unreliable: {threading.enumerate()}",
+            suffix="",
+        )
+    _warnings_emitted = True
+
+
+_announced = False
+
+
+def _announce(backend, verbosity):
+    """Says once which backend runs (not through _log: subclasses record what it logs)."""
+    global _announced  # noqa: PLW0603
+    if verbosity >= 1 and not _announced:
+        print(f"psleak backend: {backend.describe()}", file=sys.stderr)  # noqa: T201
+        _announced = True
+
+
+class LeakTest:
+    """A function and its arguments, for ``MemoryLeakTestCase.auto_generate``."""
+
+    __slots__ = ("args", "execute_kwargs", "fun")
+
+    def __init__(self, fun, *args, **execute_kwargs):
+        assert_isinstance("fun", fun, collections.abc.Callable)
+        self.fun = fun
+        self.args = args
+        self.execute_kwargs = dict(execute_kwargs)
+
+    def _make_callable(self):
+        if self.args:
+            return functools.partial(self.fun, *self.args)
+        return self.fun
+
+
+class MemoryLeakTestCase(unittest.TestCase):
+    # Warm-up calls before starting measurement.
+    warmup_times = 10
+    # Number of times to call the tested function in each iteration.
+    times = 200
+    # Maximum retries if memory keeps growing.
+    retries = 10
+    # Allowed memory growth (in bytes or per-metric) before it is considered a leak.
+    tolerance = 0
+    # Optional callable to free caches before starting measurement.
+    trim_callback = None
+    # Which checkers to run.
+    checkers = Checkers()
+    # 0 = no messages; 1 = print diagnostics when memory increases.
+    verbosity = 0
+
+    __doc__ = __doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        warm_caches()
+
+    @property
+    def backend(self):
+        """The backend the checks run on: "trace" or "poll" (``PSLEAK_BACKEND``)."""
+        return _backends.current().name
+
+    @classmethod
+    def auto_generate(cls):
+        """Return a dict {name: LeakTest}. Override in subclasses."""
+        return {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        calls = cls.auto_generate()
+        if not isinstance(calls, dict):
+            msg = f"{cls.__name__}.auto_generate must return a dict"
+            raise TypeError(msg)
+        for name, entry in calls.items():
+            if not isinstance(entry, LeakTest):
+                msg = f"{cls.__name__}.auto_generate()[{name!r}] must be a LeakTest"
+                raise TypeError(msg)
+            test_name = f"test_leak_{name}"
+            if test_name in cls.__dict__:
+                msg = f"{cls.__name__} already defines {test_name}"
+                raise RuntimeError(msg)
+
+            def make_test(fun, execute_kwargs, test_name=test_name, name=name):
+                def test(self):
+                    self.execute(fun, **execute_kwargs)
+
+                test.__name__ = test_name
+                test.__qualname__ = test_name
+                test.__doc__ = f"Auto-generated leak test for {name}"
+                return test
+
+            setattr(cls, test_name, make_test(entry._make_callable(), dict(entry.execute_kwargs)))
+
+    def _log(self, msg, level):
+        if level <= self.verbosity:
+            print(f"\x1b[33m{msg}\x1b[0m" if sys.stdout.isatty() else msg)  # noqa: T201
+            sys.stdout.flush()
+
+    def _trim_mem(self):
+        """Release unused memory, so that what stays is what is held."""
+        if self._trim_callback is not None:
+            self._trim_callback()
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        for handler in logging.root.handlers:
+            handler.flush()
+        sys.path_importer_cache.clear()
+        linecache.cache.clear()
+        gc.collect()
+        if gc.garbage:
+            msg = f"GC garbage is not empty: {gc.garbage}"
+            raise AssertionError(msg)
+        if hasattr(sys, "_clear_internal_caches"):  # python 3.13
+            sys._clear_internal_caches()
+        elif hasattr(sys, "_clear_type_cache"):
+            sys._clear_type_cache()
+        _native.heap_trim()
+
+    def _warmup(self, fun, warmup_times):
+        for _ in range(warmup_times):
+            self.call(fun)
+
+    # --- getters
+
+    def _get_fds(self):
+        return {fd: (path, kind) for fd, path, kind in _native.open_fds()}
+
+    def _get_threads(self):
+        return dict(_native.threads())
+
+    def _get_counters(self, checkers):
+        # order matters: the first checker that finds something raises
+        d = {}
+        if checkers.py_threads:
+            d["py_threads"] = (threading.active_count(), threading.enumerate())
+        if checkers.fds:
+            fds = self._get_fds()
+            d["num_fds"] = (len(fds), fds)
+        if checkers.c_threads:
+            threads = self._get_threads()
+            d["c_threads"] = (len(threads), threads)
+        return d
+
+    def _get_mem(self):
+        return _native.memory()
+
+    # --- checkers
+
+    def _check_counters(self, fun, checkers):
+        backend = _backends.current()
+        mark = backend.request("mark")["mark"] if backend.exact else None
+        before = self._get_counters(checkers)
+        self.call(fun)
+        after = self._get_counters(checkers)
+        created = backend.request("created", since=mark) if backend.exact else None
+
+        for what, (count_before, extras_before) in before.items():
+            count_after, extras_after = after[what]
+            diff = count_after - count_before
+            if what == "num_fds":
+                leaked = self._new_fds(extras_before, extras_after, created)
+                error = UnclosedFdError
+            elif what == "c_threads":
+                leaked = self._new_threads(extras_before, extras_after, created)
+                error = UnclosedNativeThreadError
+            else:
+                leaked = self._new_py_threads(extras_before, extras_after)
+                error = UnclosedPythonThreadError
+            if diff < 0 and not leaked:
+                self._log(f"WARNING: {what!r} decreased by {abs(diff)} after calling {qualname(fun)!r} once", 0)
+            elif leaked or diff > 0:
+                raise error(max(len(leaked), diff), qualname(fun), extras=leaked)
+
+    # These helpers keep comprehensions out of _check_counters: a comprehension that reads a
+    # local turns it into a cell, and the cell would show up as the call's GC garbage.
+    @staticmethod
+    def _new_py_threads(before, after):
+        return [t for t in after if t not in before]
+
+    @staticmethod
+    def _new_fds(before, after, created):
+        if created is not None and created["fds"]:
+            return [
+                OpenFd(f["fd"], f["target"] or "?", f["kind"], format_site(f["site"]), tuple(map(format_site, f["stack"])))
+                for f in created["fds"]
+            ]
+        # Never blame an fd that was open before, even if its number was reused.
+        return [OpenFd(fd, path, kind) for fd, (path, kind) in after.items() if before.get(fd) != (path, kind)]
+
+    @staticmethod
+    def _new_threads(before, after, created):
+        if created is not None and created["threads"]:
+            return [
+                NativeThread(t["tid"], t["name"] or "?", format_site(t["site"]), tuple(map(format_site, t["stack"])))
+                for t in created["threads"]
+            ]
+        return [NativeThread(tid, name) for tid, name in after.items() if tid not in before]
+
+    def _call_ntimes(self, fun, times):
+        """Memory samples before and after calling fun repeatedly, as a dict of diffs. With the
+        tracer, the batch's exact verdict is kept in ``_exact_batch``."""
+        self._trim_mem()
+        mem1 = self._get_mem()
+        measurement = getattr(self, "_measurement", None)
+        if measurement is not None:
+            since = _backends.current().request("mark")["mark"]
+        for _ in range(times):
+            self.call(fun)
+        self._trim_mem()
+        if measurement is not None:
+            self._exact_batch = _backends.current().request("batch", since=since, **measurement)
+        mem2 = self._get_mem()
+        return {k: mem2[k] - mem1[k] for k in mem1}
+
+    def _check_mem(self, fun, times, retries, tolerance):
+        tolerances = tolerance if isinstance(tolerance, dict) else dict.fromkeys(self._get_mem(), tolerance)
+        backend = _backends.current()
+        self._measurement = None
+        if backend.exact:
+            begun = backend.request("begin")
+            self._measurement = {
+                "measurement": begun["measurement"],
+                "tolerance": {"heap": tolerances.get("heap", 0), "mmap": tolerances.get("mmap", 0)},
+                "confirm": min(CONFIRM_BATCHES, retries),
+            }
+        try:
+            self._judge_batches(fun, times, retries, tolerances)
+        finally:
+            if self._measurement is not None:
+                backend.request("end", measurement=self._measurement["measurement"])
+            self._measurement = None
+
+    def _judge_batches(self, fun, times, retries, tolerances):
+        prev_avg = {}
+        streak = 0
+        messages = []
+        calls = 0
+        for idx in range(1, retries + 1):
+            self._exact_batch = None
+            diffs = self._call_ntimes(fun, times)
+            calls += times
+            exact = self._exact_batch
+            leaks = {k: v for k, v in diffs.items() if v > 0}
+            if leaks or (exact is not None and exact["verdict"] != "clean"):
+                line = format_run_line(idx, leaks, times, exact)
+                messages.append(line)
+                self._log(line, 1)
+
+            # With the tracer, the polling heuristic only judges what it cannot see.
+            judged = diffs if exact is None else {k: diffs[k] for k in UNTRACED_METRICS if k in diffs}
+            avg = {k: judged[k] / times for k in judged}
+
+            # A real leak wastes memory on every call, so its growth keeps up with `times` no
+            # matter how big `times` gets. Noise doesn't: spread over more and more calls, it
+            # fades away. Growth per call must fade twice in a row, by a solid 20%, so that a
+            # single lucky reading can't pass a leaky test.
+            if all(judged[k] <= tolerances.get(k, 0) for k in judged):
+                stable = True
+            else:
+                fading = all(
+                    judged[k] <= tolerances.get(k, 0) or avg[k] <= NOISE_FLOOR or avg[k] <= prev_avg.get(k, 0) * 0.8
+                    for k in judged
+                )
+                streak = streak + 1 if fading else 0
+                stable = streak >= 2
+
+            if exact is not None and exact["verdict"] == "leak":
+                msg = f"memory kept increasing after {idx} runs" + "\n".join(messages)
+                raise MemoryLeakError(msg + format_leak_sites(exact, calls))
+            if stable and (exact is None or exact["verdict"] == "clean"):
+                if idx > 1 and leaks:
+                    self._log("Memory stabilized (growth per call faded)", 1)
+                return
+            prev_avg = avg
+            times = int(times * 1.5)
+
+        msg = f"memory kept increasing after {retries} runs" + "\n".join(messages)
+        if exact is not None and exact["sites"]:
+            msg += format_leak_sites(exact, calls)
+        raise MemoryLeakError(msg)
+
+    def _validate_opts(self, warmup_times, times, retries, tolerance, trim_callback):
+        assert_isinstance("warmup_times", warmup_times, int)
+        assert_isinstance("times", times, int)
+        assert_isinstance("retries", retries, int)
+        assert_isinstance("tolerance", tolerance, (int, dict))
+        if trim_callback is not None:
+            assert_isinstance("trim_callback", trim_callback, collections.abc.Callable)
+        if warmup_times < 0:
+            msg = f"warmup_times must be >= 0 (got {warmup_times})"
+            raise ValueError(msg)
+        if times < 2:
+            # int(1 * 1.5) == 1: with times=1 the escalation would be a no-op
+            msg = f"times must be >= 2 (got {times})"
+            raise ValueError(msg)
+        if retries < 1:
+            msg = f"retries must be >= 1 (got {retries})"
+            raise ValueError(msg)
+        if isinstance(tolerance, int):
+            if tolerance < 0:
+                msg = f"tolerance must be >= 0 (got {tolerance!r})"
+                raise ValueError(msg)
+        else:
+            mem_keys = self._get_mem().keys()
+            for k, v in tolerance.items():
+                if k not in mem_keys:
+                    msg = f"invalid tolerance key {k!r}"
+                    raise ValueError(msg)
+                if v < 0:
+                    msg = f"{k!r} tolerance must be >= 0 (got {v})"
+                    raise ValueError(msg)
+
+    # ---
+
+    def call(self, fun):
+        return fun()
+
+    def execute(
+        self,
+        fun,
+        *args,
+        warmup_times=None,
+        times=None,
+        retries=None,
+        tolerance=None,
+        trim_callback=None,
+        checkers=None,
+    ):
+        """Run a full leak test on a callable. The optional arguments override the class
+        attributes with the same name."""
+        warmup_times = warmup_times if warmup_times is not None else self.warmup_times
+        times = times if times is not None else self.times
+        retries = retries if retries is not None else self.retries
+        tolerance = tolerance if tolerance is not None else self.tolerance
+        checkers = checkers if checkers is not None else self.checkers
+        trim_callback = trim_callback if trim_callback is not None else self.trim_callback
+        self._validate_opts(warmup_times, times, retries, tolerance, trim_callback)
+
+        backend = _backends.current()
+        _announce(backend, self.verbosity)
+        if checkers.memory and not backend.exact and os.environ.get("PYTHONMALLOC", "") != "malloc":
+            msg = "PYTHONMALLOC=malloc was not set (needed by the polling backend)"
+            raise unittest.SkipTest(msg)
+
+        _emit_warnings()
+        if args:
+            fun = functools.partial(fun, *args)
+        self._trim_callback = trim_callback
+
+        # First-call effects (lazy imports, caches, module-level cycles) are not leaks.
+        self.call(fun)
+        if checkers.gcgarbage:
+            with GCDebugger() as gcdbg:
+                self._check_counters(fun, checkers)
+            gcdbg.check(fun)
+        else:
+            self._check_counters(fun, checkers)
+
+        if checkers.memory:
+            self._warmup(fun, warmup_times)
+            self._check_mem(fun, times=times, retries=retries, tolerance=tolerance)
+
+    def execute_w_exc(self, exc, fun, *args, **kwargs):
+        """Run ``execute()`` expecting fun() to raise exc on every call. If it does not, the
+        test fails."""
+
+        def call():
+            try:
+                self.call(fun)
+            except exc:
+                pass
+            else:
+                return self.fail(f"{qualname(fun)!r} did not raise {exc}")
+
+        if args:
+            fun = functools.partial(fun, *args)
+        self.execute(call, **kwargs)

@@ -1,0 +1,129 @@
+"""Where the counters come from. ``TraceBackend`` asks a collector process that follows this
+process with eBPF probes (exact, with the site of every resource); ``PollBackend`` reads
+procfs and the allocator's statistics, psutil-style. Both measure the classic metrics
+natively (``_native.memory``)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+from psleak import _native
+
+PROTOCOL_VERSION = 1
+# Attaching takes ~0.1 s; a loaded CI machine may be much slower.
+READY_TIMEOUT = 60.0
+REPLY_TIMEOUT = 300.0
+
+
+class BackendError(RuntimeError):
+    """The backend that was asked for cannot work here."""
+
+
+class PollBackend:
+    name = "poll"
+    exact = False
+
+    def describe(self):
+        return "poll (procfs and mallinfo2; memory checks need PYTHONMALLOC=malloc)"
+
+
+class TraceBackend:
+    """A private collector process, started for this process and ended with it."""
+
+    name = "trace"
+    exact = True
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "psleak._collector", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        self._sock = ours
+        self._sock.settimeout(READY_TIMEOUT)
+        self._replies = ours.makefile("rb")
+        try:
+            self.ready = self._reply()
+        except BackendError:
+            self.close()
+            raise
+        self._sock.settimeout(REPLY_TIMEOUT)
+        self.request("hello", version=PROTOCOL_VERSION)
+
+    def describe(self):
+        return f"trace (eBPF collector pid {self._process.pid}, {self.ready['probes']} probes)"
+
+    def _reply(self):
+        try:
+            line = self._replies.readline()
+        except OSError as err:
+            raise BackendError(f"the psleak collector did not answer: {err}") from None
+        if not line:
+            self._process.wait(timeout=10)
+            why = self._process.stderr.read().decode(errors="replace").strip()
+            raise BackendError(f"the psleak collector ended: {why or 'no reason given'}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise BackendError(reply["error"])
+        return reply
+
+    def request(self, op, **fields):
+        fields["op"] = op
+        self._sock.sendall(json.dumps(fields).encode() + b"\n")
+        return self._reply()
+
+    def close(self):
+        self._replies.close()
+        self._sock.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process.stderr.close()
+
+
+_backend = None
+
+
+def current():
+    """The backend of this process, chosen on first use: ``PSLEAK_BACKEND`` (auto, trace or
+    poll) says which; auto takes the tracer when this process may load probes."""
+    global _backend  # noqa: PLW0603
+    if _backend is None:
+        _backend = _choose(os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto")
+    return _backend
+
+
+def _choose(wanted):
+    if wanted not in {"auto", "trace", "poll"}:
+        msg = f"PSLEAK_BACKEND must be auto, trace or poll (got {wanted!r})"
+        raise BackendError(msg)
+    if wanted == "poll":
+        return PollBackend()
+    why = _native.tracer_unavailable()
+    if why is None:
+        try:
+            backend = TraceBackend()
+        except BackendError as err:
+            why = str(err)
+        else:
+            import atexit  # noqa: PLC0415
+
+            atexit.register(backend.close)
+            return backend
+        # Privileged, yet the probes could not be had: worth saying, unlike a plain user.
+        msg = f"psleak: using the polling backend; the tracer failed: {why}"
+        if wanted == "auto":
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    if wanted == "trace":
+        msg = f"PSLEAK_BACKEND=trace, but the tracer cannot work here: {why}"
+        raise BackendError(msg)
+    return PollBackend()

@@ -1,0 +1,72 @@
+//! `psleak._native`: what the Python package needs from Rust — the classic metrics of its own
+//! process, its fds and threads, and the private collector that a child process runs.
+
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+
+use psleak::metrics::Metrics;
+use psleak::{poll, session, tracer};
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+/// heap, mmap, uss, rss and vms of this process, in bytes (psleak's memory metrics).
+#[pyfunction]
+fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let metrics = Metrics::of(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))?;
+    let heap = poll::own_heap();
+    let d = PyDict::new(py);
+    d.set_item("heap", heap.heap_used)?;
+    d.set_item("mmap", heap.mmap_used)?;
+    d.set_item("uss", metrics.uss)?;
+    d.set_item("rss", metrics.rss)?;
+    d.set_item("vms", metrics.vms)?;
+    Ok(d)
+}
+
+/// Gives free heap memory back to the system (malloc_trim).
+#[pyfunction]
+fn heap_trim() {
+    poll::trim_own_heap();
+}
+
+/// [(fd, what it refers to, its kind)] for this process: kind is "file", "pipe",
+/// "AF_INET SOCK_STREAM"...
+#[pyfunction]
+fn open_fds() -> PyResult<Vec<(i32, String, String)>> {
+    let fds = poll::open_fds(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))?;
+    Ok(fds.into_iter().map(|(fd, target)| (fd, target, poll::own_fd_kind(fd).describe())).collect())
+}
+
+/// [(tid, name)] for this process.
+#[pyfunction]
+fn threads() -> PyResult<Vec<(u32, String)>> {
+    poll::threads(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
+/// Why this process cannot load the probes, or None when it can.
+#[pyfunction]
+fn tracer_unavailable() -> Option<String> {
+    tracer::check_prerequisites(&psleak_ebpf::Options::default()).err().map(|e| e.to_string())
+}
+
+/// Runs a private collector for `pid` over the connected Unix socket `fd` (taken over), until
+/// the client hangs up or `pid` exits.
+#[pyfunction]
+fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
+    // SAFETY: the caller hands over an open socket fd that nothing else will use.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    py.detach(|| session::serve(stream, pid, &psleak_ebpf::Options::default()))
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(memory, m)?)?;
+    m.add_function(wrap_pyfunction!(heap_trim, m)?)?;
+    m.add_function(wrap_pyfunction!(open_fds, m)?)?;
+    m.add_function(wrap_pyfunction!(threads, m)?)?;
+    m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
+    Ok(())
+}

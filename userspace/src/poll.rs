@@ -1,0 +1,113 @@
+//! The polling view of a process, psutil-style: what procfs and the allocator's own statistics
+//! say right now. The backend for when probes cannot be had, and the classic second opinion
+//! beside the exact ledger.
+
+use std::fs;
+use std::io;
+
+use crate::event::FdKind;
+
+/// The glibc allocator's totals for the calling process (mallinfo2): bytes in use in the main
+/// heap and arenas, and bytes in chunks it mmap'd on their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapUse {
+    pub heap_used: u64,
+    pub mmap_used: u64,
+}
+
+pub fn own_heap() -> HeapUse {
+    // SAFETY: mallinfo2 has no preconditions and returns a plain struct.
+    let info = unsafe { libc::mallinfo2() };
+    HeapUse { heap_used: info.uordblks as u64, mmap_used: info.hblkhd as u64 }
+}
+
+/// Gives free heap memory back to the system, so that what stays is what is used.
+pub fn trim_own_heap() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Open fds of `pid` and what each refers to (a path, `socket:[inode]`, `pipe:[inode]`).
+pub fn open_fds(pid: u32) -> io::Result<Vec<(i32, String)>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<(i32, String)> = fs::read_dir(&dir)?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            // An fd closed between the listing and the readlink is gone: skip it.
+            let target = fs::read_link(entry.path()).ok()?.to_string_lossy().into_owned();
+            // The listing's own fd, when we list ourselves.
+            (target != dir).then_some((fd, target))
+        })
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
+}
+
+/// What an fd of the calling process is, as the tracer would describe it.
+pub fn own_fd_kind(fd: i32) -> FdKind {
+    // SAFETY: fstat and getsockopt only write into the out-parameters given, sized right.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return FdKind::Other;
+        }
+        let (mut family, mut sock_type) = (0i32, 0i32);
+        if st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+            let mut len = size_of::<i32>() as libc::socklen_t;
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&raw mut family).cast(), &mut len);
+            len = size_of::<i32>() as libc::socklen_t;
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut sock_type).cast(), &mut len);
+        }
+        FdKind::from_mode(u64::from(st.st_mode), family as u16, sock_type as u16)
+    }
+}
+
+/// Threads of `pid` with their names.
+pub fn threads(pid: u32) -> io::Result<Vec<(u32, String)>> {
+    let mut threads: Vec<(u32, String)> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let tid = entry.file_name().to_str()?.parse().ok()?;
+            let name = fs::read_to_string(entry.path().join("comm")).ok()?;
+            Some((tid, name.trim_end().to_string()))
+        })
+        .collect();
+    threads.sort_unstable();
+    Ok(threads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_heap_fds_and_threads_of_this_process() {
+        let me = std::process::id();
+        let before = own_heap();
+        let block = vec![7u8; 10_000];
+        assert!(own_heap().heap_used >= before.heap_used + 10_000, "{before:?} {:?}", own_heap());
+        drop(block);
+        let big = vec![7u8; 4 << 20]; // above the mmap threshold: its own mapping
+        assert!(own_heap().mmap_used >= before.mmap_used + (4 << 20));
+        drop(big);
+
+        let path = std::env::temp_dir().join(format!("psleak-poll-{me}"));
+        let file = fs::File::create(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let entry = (fd, path.to_string_lossy().into_owned());
+        assert!(open_fds(me).unwrap().contains(&entry));
+        drop(file);
+        fs::remove_file(&path).unwrap();
+        assert!(!open_fds(me).unwrap().contains(&entry), "closed");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(own_fd_kind(std::os::fd::AsRawFd::as_raw_fd(&listener)).describe(), "AF_INET SOCK_STREAM");
+
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new().name("psleak-probe".into()).spawn(move || rx.recv()).unwrap();
+        assert!(threads(me).unwrap().iter().any(|(_, name)| name == "psleak-probe"));
+        drop(tx);
+        worker.join().unwrap().unwrap_err();
+    }
+}

@@ -1,0 +1,52 @@
+//! Naming creation sites: the stack a resource was created with, symbolized, and the frame to
+//! blame — the first one outside libc and the Python runtime, where the program itself asked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use psleak_ebpf::{Probes, Target};
+
+use crate::event::Origin;
+use crate::process::Process;
+use crate::symbols::{Frame, Symbols};
+
+pub struct SiteNamer {
+    runtime_modules: Vec<PathBuf>,
+    symbols: Symbols,
+    stacks: HashMap<u32, Vec<u64>>,
+}
+
+impl SiteNamer {
+    pub fn new(target: &Target) -> Self {
+        let runtime_modules = [Some(&target.libc), target.python.as_ref()].into_iter().flatten().cloned().collect();
+        Self { runtime_modules, symbols: Symbols::default(), stacks: HashMap::new() }
+    }
+
+    /// Return addresses from the creating call outwards: the exact caller first, then the
+    /// recorded stack without its innermost frame (the probed function itself), up to the
+    /// first address outside code (a frame-pointer walk through code built without frame
+    /// pointers goes astray there).
+    fn stack_of(&mut self, origin: Origin, probes: &Probes<'_>, process: &Process) -> Vec<u64> {
+        let recorded = match origin.stack_id {
+            Some(id) => self.stacks.entry(id).or_insert_with(|| probes.user_stack(id)).clone(),
+            None => Vec::new(),
+        };
+        let mut stack: Vec<u64> = origin.caller.into_iter().collect();
+        for addr in recorded.into_iter().skip(1).take_while(|&a| process.in_code(a)) {
+            if stack.last() != Some(&addr) {
+                stack.push(addr);
+            }
+        }
+        stack
+    }
+
+    /// The site to blame and the symbolized stack it was found in.
+    pub fn name(&mut self, origin: Origin, probes: &Probes<'_>, process: &Process) -> (Option<Frame>, Vec<Frame>) {
+        let addrs = self.stack_of(origin, probes, process);
+        let frames = self.symbols.frames(&addrs, process);
+        let is_runtime =
+            |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
+        let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
+        (site, frames)
+    }
+}
