@@ -559,12 +559,16 @@ class MemoryLeakTestCase(unittest.TestCase):
         mem1 = self._get_mem()
         measurement = getattr(self, "_measurement", None)
         if measurement is not None:
-            since = _backends.current().request("mark")["mark"]
+            backend = _backends.current()
+            # Made before the batch: after the last trim, the batch may create nothing of ours
+            # (an object the trim did not free would be counted, and reused by later replies).
+            end_batch = backend.encode("batch", calls=times, **measurement)
+            backend.request("window", measurement=measurement["measurement"])
         for _ in range(times):
             self.call(fun)
         self._trim_mem()
         if measurement is not None:
-            self._exact_batch = _backends.current().request("batch", since=since, **measurement)
+            self._exact_batch = backend.send(end_batch)
         mem2 = self._get_mem()
         return {k: mem2[k] - mem1[k] for k in mem1}
 
@@ -587,6 +591,7 @@ class MemoryLeakTestCase(unittest.TestCase):
             self._measurement = None
 
     def _judge_batches(self, fun, times, retries, tolerances):
+        self.last_run["calls"] = self.last_run.get("calls", 0) + self._warmup_calls
         prev_avg = {}
         streak = 0
         messages = []
@@ -595,6 +600,7 @@ class MemoryLeakTestCase(unittest.TestCase):
             self._exact_batch = None
             diffs = self._call_ntimes(fun, times)
             calls += times
+            self.last_run.update(calls=self.last_run["calls"] + times, batches=idx)
             exact = self._exact_batch
             leaks = {k: v for k, v in diffs.items() if v > 0}
             if leaks or (exact is not None and exact["verdict"] != "clean"):
@@ -703,6 +709,9 @@ class MemoryLeakTestCase(unittest.TestCase):
             fun = functools.partial(fun, *args)
         self._trim_callback = trim_callback
 
+        # What the last execute() did: its backend, calls of fun, memory batches (benchmarks).
+        self.last_run = {"backend": backend.name, "calls": 2, "batches": 0}
+        self._warmup_calls = warmup_times
         # First-call effects (lazy imports, caches, module-level cycles) are not leaks.
         self.call(fun)
         if checkers.gcgarbage:

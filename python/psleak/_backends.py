@@ -74,10 +74,19 @@ class TraceBackend:
             raise BackendError(reply["error"])
         return reply
 
-    def request(self, op, **fields):
+    @staticmethod
+    def encode(op, **fields):
+        """A request line, made ahead when sending it must not allocate."""
         fields["op"] = op
-        self._sock.sendall(json.dumps(fields).encode() + b"\n")
+        return json.dumps(fields).encode() + b"\n"
+
+    def send(self, line):
+        """Sends an encoded request and returns its reply."""
+        self._sock.sendall(line)
         return self._reply()
+
+    def request(self, op, **fields):
+        return self.send(self.encode(op, **fields))
 
     def close(self):
         self._replies.close()

@@ -60,8 +60,9 @@ def pytest_pyfunc_call(pyfuncitem):
         test(**funcargs)
 
     fun.__qualname__ = getattr(test, "__qualname__", pyfuncitem.name)
+    pyfuncitem._psleak_case = case = _Case()
     try:
-        _Case().execute(fun, **marker.kwargs)
+        case.execute(fun, **marker.kwargs)
     except unittest.SkipTest as skip:
         pytest.skip(str(skip))
     return True
@@ -75,6 +76,10 @@ def pytest_runtest_makereport(item, call):
     if call.when != "call" or not checked:
         return
     finding = {"test": item.nodeid, "outcome": report.outcome, "backend": _backends.current().name}
+    case = getattr(item, "funcargs", {}).get("psleak") or getattr(item, "_psleak_case", None)
+    if case is not None and hasattr(case, "last_run"):
+        finding["calls"] = case.last_run["calls"]
+        finding["batches"] = case.last_run["batches"]
     if call.excinfo is not None and isinstance(call.excinfo.value, _psleak.Error):
         err = call.excinfo.value
         finding["error"] = type(err).__name__

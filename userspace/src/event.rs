@@ -95,6 +95,9 @@ fn sock_type_name(sock_type: u16) -> String {
 pub struct Origin {
     pub caller: Option<u64>,
     pub stack_id: Option<u32>,
+    /// Return addresses unwound from stack words with the CFI, caller first (interned by the
+    /// decoder): reaches through code built without frame pointers.
+    pub chain: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

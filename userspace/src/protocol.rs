@@ -25,11 +25,15 @@ pub enum Request {
     },
     /// Starts a series of batches judged together (one memory check).
     Begin,
-    /// Ends a batch of the series: the verdict so far and the sites that grew.
+    /// Starts a batch of the series: what is created from now on is the batch's.
+    Window {
+        measurement: u64,
+    },
+    /// Ends the batch: the verdict so far and the sites that grew.
     Batch {
         measurement: u64,
-        /// The mark taken right before the batch's first call.
-        since: Mark,
+        /// How many calls the batch made.
+        calls: u64,
         #[serde(default)]
         tolerance: Tolerance,
         /// Batches a site must grow in, in a row, to be a leak.

@@ -192,7 +192,7 @@ impl Handler<'_> {
                     .ledger
                     .open_fds(since)
                     .map(|(fd, f)| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, process);
+                        let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, &c.decoder);
                         let target = process.fd_target(fd);
                         FdReport { fd, kind: f.kind.describe(), target, age_s: 0.0, site, stack }
                     })
@@ -201,7 +201,7 @@ impl Handler<'_> {
                     .ledger
                     .live_threads(since)
                     .map(|(tid, t)| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, process);
+                        let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, &c.decoder);
                         ThreadReport { tid, name: process.thread_name(tid), age_s: 0.0, site, stack }
                     })
                     .collect();
@@ -213,11 +213,17 @@ impl Handler<'_> {
                 self.measurements.insert(id, Measurement::default());
                 json!({"measurement": id})
             }
-            Request::Batch { measurement, since, tolerance, confirm, top } => {
+            Request::Window { measurement } => {
                 let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                m.open_window = Some(c.ledger.mark());
+                json!({})
+            }
+            Request::Batch { measurement, calls, tolerance, confirm, top } => {
+                let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                let since = m.open_window.take().ok_or("a batch must start with a window request")?;
                 m.windows.push((since, c.ledger.mark()));
                 let live = live_in_windows(&c.ledger, &m.windows);
-                let (verdict, growth) = m.batch(&live, &tolerance, confirm);
+                let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
                 let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0, 0, 0);
                 for t in &live {
                     match t.memory {
@@ -225,12 +231,11 @@ impl Handler<'_> {
                         Memory::Mmap => mmap_bytes += t.bytes,
                     }
                 }
-                let process = &c.decoder.process;
                 let sites: Vec<Value> = growth
                     .iter()
                     .take(top)
                     .map(|g| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(g.totals.site), self.probes, process);
+                        let (site, stack) = self.sites.name(c.ledger.origin(g.totals.site), self.probes, &c.decoder);
                         json!({
                             "memory": g.totals.memory,
                             "count": g.totals.count,

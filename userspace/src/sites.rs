@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use psleak_ebpf::{Probes, Target};
 
 use crate::event::Origin;
-use crate::process::Process;
 use crate::symbols::{Frame, Symbols};
+use crate::tracer::RecordDecoder;
 
 pub struct SiteNamer {
     runtime_modules: Vec<PathBuf>,
@@ -22,11 +22,16 @@ impl SiteNamer {
         Self { runtime_modules, symbols: Symbols::default(), stacks: HashMap::new() }
     }
 
-    /// Return addresses from the creating call outwards: the exact caller first, then the
+    /// Return addresses from the creating call outwards: the chain unwound from stack words
+    /// when there is one; else the exact caller first, then the
     /// recorded stack without its innermost frame (the probed function itself), up to the
     /// first address outside code (a frame-pointer walk through code built without frame
     /// pointers goes astray there).
-    fn stack_of(&mut self, origin: Origin, probes: &Probes<'_>, process: &Process) -> Vec<u64> {
+    fn stack_of(&mut self, origin: Origin, probes: &Probes<'_>, decoder: &RecordDecoder) -> Vec<u64> {
+        if let Some(chain) = origin.chain {
+            return decoder.chain(chain).to_vec();
+        }
+        let process = &decoder.process;
         let recorded = match origin.stack_id {
             Some(id) => self.stacks.entry(id).or_insert_with(|| probes.user_stack(id)).clone(),
             None => Vec::new(),
@@ -41,9 +46,14 @@ impl SiteNamer {
     }
 
     /// The site to blame and the symbolized stack it was found in.
-    pub fn name(&mut self, origin: Origin, probes: &Probes<'_>, process: &Process) -> (Option<Frame>, Vec<Frame>) {
-        let addrs = self.stack_of(origin, probes, process);
-        let frames = self.symbols.frames(&addrs, process);
+    pub fn name(
+        &mut self,
+        origin: Origin,
+        probes: &Probes<'_>,
+        decoder: &RecordDecoder,
+    ) -> (Option<Frame>, Vec<Frame>) {
+        let addrs = self.stack_of(origin, probes, decoder);
+        let frames = self.symbols.frames(&addrs, &decoder.process);
         let is_runtime =
             |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
         let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();

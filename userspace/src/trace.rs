@@ -215,7 +215,7 @@ impl<'a> Reporter<'a> {
             }
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.args.top {
-                let (site, stack) = self.sites.name(c.ledger.origin(s.site), self.probes, process);
+                let (site, stack) = self.sites.name(c.ledger.origin(s.site), self.probes, &c.decoder);
                 suspects.push(Suspect {
                     memory: s.memory,
                     count: s.count,
@@ -233,7 +233,7 @@ impl<'a> Reporter<'a> {
             .ledger
             .open_fds(since_attach)
             .map(|(fd, f)| {
-                let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, process);
+                let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, &c.decoder);
                 FdReport {
                     fd,
                     kind: f.kind.describe(),
@@ -248,7 +248,7 @@ impl<'a> Reporter<'a> {
             .ledger
             .live_threads(since_attach)
             .map(|(tid, t)| {
-                let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, process);
+                let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, &c.decoder);
                 ThreadReport { tid, name: process.thread_name(tid), age_s: age(t.ts_ns), site, stack }
             })
             .collect();

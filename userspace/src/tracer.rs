@@ -1,6 +1,7 @@
 //! The eBPF backend: checks that probes can be had, attaches them to a process, and turns
 //! their ring records into [`Event`]s for the ledger.
 
+use std::collections::HashMap;
 use std::fs;
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -122,31 +123,65 @@ impl Collector {
 pub struct RecordDecoder {
     pub process: Process,
     unwinder: Unwinder,
+    chains: Vec<Vec<u64>>,
+    chain_ids: HashMap<Vec<u64>, u32>,
 }
 
 impl RecordDecoder {
     pub fn new(process: Process) -> Self {
-        Self { process, unwinder: Unwinder::default() }
+        Self { process, unwinder: Unwinder::default(), chains: Vec::new(), chain_ids: HashMap::new() }
     }
 
     /// The event of a record; `None` for a record that does not make sense.
     pub fn event(&mut self, raw: &types::event, scan: Option<&types::stack_scan>) -> Option<Event> {
         let change = change_of(raw)?;
-        let caller = match scan {
-            Some(scan) => self.caller_in(scan),
-            None => (raw.caller != 0).then_some(raw.caller),
+        let (caller, chain) = match scan {
+            Some(scan) => {
+                let chain = self.unwind(scan);
+                (chain.first().copied(), (chain.len() > 1).then(|| self.intern(chain)))
+            }
+            None => ((raw.caller != 0).then_some(raw.caller), None),
         };
-        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok() };
+        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok(), chain };
         Some(Event { ts_ns: raw.ts_ns, tid: raw.tid, origin, change })
     }
 
-    /// The return address in a stack scan: at the slot the code's CFI names, or else the
-    /// first word that follows a call instruction.
-    fn caller_in(&mut self, scan: &types::stack_scan) -> Option<u64> {
-        match self.unwinder.return_address_slot(&mut self.process, scan.ip) {
-            Some(slot) => scan.words.get(slot).copied().filter(|&w| w != 0),
-            None => scan.words.iter().copied().find(|&w| self.process.is_return_address(w)),
+    /// The return addresses unwound under `Origin::chain`.
+    pub fn chain(&self, id: u32) -> &[u64] {
+        &self.chains[id as usize]
+    }
+
+    fn intern(&mut self, chain: Vec<u64>) -> u32 {
+        if let Some(&id) = self.chain_ids.get(&chain) {
+            return id;
         }
+        let id = self.chains.len() as u32;
+        self.chains.push(chain.clone());
+        self.chain_ids.insert(chain, id);
+        id
+    }
+
+    /// Return addresses in a stack scan, from the code at `scan.ip` outwards: each frame's
+    /// return address sits at the slot its code's CFI names, relative to the stack pointer
+    /// there. Without usable CFI at `scan.ip`, the first word that follows a call instruction.
+    fn unwind(&mut self, scan: &types::stack_scan) -> Vec<u64> {
+        let Some(mut slot) = self.unwinder.return_address_slot(&mut self.process, scan.ip) else {
+            return scan.words.iter().copied().find(|&w| self.process.is_return_address(w)).into_iter().collect();
+        };
+        let mut chain = Vec::new();
+        while let Some(&ra) = scan.words.get(slot) {
+            if ra == 0 || (!chain.is_empty() && !self.process.in_code(ra)) {
+                break;
+            }
+            chain.push(ra);
+            // The caller's stack pointer is just above the return address; its own return
+            // address is where the CFI at the return address says.
+            match self.unwinder.return_address_slot(&mut self.process, ra - 1) {
+                Some(next) => slot += 1 + next,
+                None => break,
+            }
+        }
+        chain
     }
 }
 
@@ -204,7 +239,11 @@ mod tests {
         let mut d = decoder();
         let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT), None).unwrap();
         assert_eq!(alloc.change, Change::Alloc { domain: Domain::Pyobject, addr: 0x1000, size: 24 });
-        assert_eq!(alloc.origin, Origin { caller: Some(0x401234), stack_id: None }, "a negative stack id is no stack");
+        assert_eq!(
+            alloc.origin,
+            Origin { caller: Some(0x401234), stack_id: None, chain: None },
+            "a negative stack id is no stack"
+        );
         let close =
             types::event { aux: u64::from(u32::MAX), ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC) };
         assert_eq!(d.event(&close, None).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });

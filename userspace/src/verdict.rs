@@ -1,6 +1,10 @@
 //! The exact memory verdict: psleak's batches of calls, judged on live allocations per
 //! creation site instead of process-wide counters. A site whose live count or bytes keep
 //! growing batch after batch leaks; one that grows once (a cache filling) and stops does not.
+//!
+//! Growth must also keep up with the calls: at least a byte, or a block every other call, on
+//! average. The interpreter's free lists fill a block at a time whatever the batch size (a
+//! dict per batch of a hundred calls), and a real leak, however small, grows with every call.
 
 use std::collections::HashMap;
 
@@ -54,6 +58,8 @@ pub struct SiteGrowth {
 pub struct Measurement {
     /// Each batch's [start, end) in the event stream.
     pub windows: Vec<(Mark, Mark)>,
+    /// The start of the batch under way.
+    pub open_window: Option<Mark>,
     last: HashMap<(Memory, SiteId), (u64, u64)>,
     streaks: HashMap<(Memory, SiteId), u32>,
 }
@@ -61,7 +67,14 @@ pub struct Measurement {
 impl Measurement {
     /// Judges the batch that just ended from the live memory created in all windows, by site.
     /// Returns the verdict and the sites that grew, longest streak first.
-    pub fn batch(&mut self, live: &[SiteTotals], tolerance: &Tolerance, confirm: u32) -> (Verdict, Vec<SiteGrowth>) {
+    pub fn batch(
+        &mut self,
+        live: &[SiteTotals],
+        calls: u64,
+        tolerance: &Tolerance,
+        confirm: u32,
+    ) -> (Verdict, Vec<SiteGrowth>) {
+        let calls = calls as i64;
         let mut growth: Vec<SiteGrowth> = live
             .iter()
             .map(|t| {
@@ -73,7 +86,7 @@ impl Measurement {
                     streak: 0,
                 }
             })
-            .filter(|g| g.count_growth > 0 || g.bytes_growth > 0)
+            .filter(|g| (g.count_growth > 0 || g.bytes_growth > 0) && keeps_up(g, calls))
             .collect();
         // Tolerance excuses a kind of memory whose whole growth in this batch stays within it.
         let grown = |heap: bool| -> u64 {
@@ -81,7 +94,8 @@ impl Measurement {
             growth.iter().filter(of_kind).map(|g| g.bytes_growth.max(0) as u64).sum()
         };
         let (heap_excused, mmap_excused) = (grown(true) <= tolerance.heap, grown(false) <= tolerance.mmap);
-        let tolerated = |m: Memory| tolerance.of(m) > 0 && if matches!(m, Memory::Heap(_)) { heap_excused } else { mmap_excused };
+        let tolerated =
+            |m: Memory| tolerance.of(m) > 0 && if matches!(m, Memory::Heap(_)) { heap_excused } else { mmap_excused };
         growth.retain(|g| !tolerated(g.totals.memory));
 
         let mut streaks = HashMap::with_capacity(growth.len());
@@ -103,6 +117,11 @@ impl Measurement {
     }
 }
 
+/// Whether a site grew at least a byte, or a block every other call, per call of the batch.
+fn keeps_up(g: &SiteGrowth, calls: i64) -> bool {
+    g.bytes_growth >= calls || g.count_growth * 2 >= calls
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,9 +131,21 @@ mod tests {
         SiteTotals { memory: Memory::Heap(Domain::Libc), site, count, bytes }
     }
 
+    const CALLS: u64 = 50;
+
     fn run(batches: &[Vec<SiteTotals>], tolerance: Tolerance) -> Vec<Verdict> {
         let mut m = Measurement::default();
-        batches.iter().map(|live| m.batch(live, &tolerance, 3).0).collect()
+        batches.iter().map(|live| m.batch(live, CALLS, &tolerance, 3).0).collect()
+    }
+
+    #[test]
+    fn a_free_list_filling_a_block_per_batch_is_noise() {
+        let dicts = |n| vec![site(9, n, n * 32)];
+        assert_eq!(run(&[dicts(1), dicts(2), dicts(3), dicts(4)], Tolerance::default()), [Verdict::Clean; 4]);
+        // The same growth in a batch of fewer calls than it has bytes is a leak's.
+        let mut m = Measurement::default();
+        let verdicts: Vec<Verdict> = (1..=3).map(|n| m.batch(&dicts(n), 2, &Tolerance::default(), 3).0).collect();
+        assert_eq!(verdicts.last(), Some(&Verdict::Leak));
     }
 
     #[test]
@@ -134,13 +165,17 @@ mod tests {
     #[test]
     fn a_buffer_that_only_grows_in_bytes_leaks() {
         // One realloc'd block whose size grows with the calls (a list that is appended to).
-        let verdicts = run(&[vec![site(3, 1, 400)], vec![site(3, 1, 1000)], vec![site(3, 1, 1900)]], Tolerance::default());
+        let verdicts =
+            run(&[vec![site(3, 1, 400)], vec![site(3, 1, 1000)], vec![site(3, 1, 1900)]], Tolerance::default());
         assert_eq!(verdicts.last(), Some(&Verdict::Leak));
     }
 
     #[test]
     fn intermittent_growth_restarts_the_streak() {
-        let v = run(&[vec![site(1, 1, 8)], vec![site(1, 1, 8)], vec![site(1, 2, 16)], vec![site(1, 3, 24)]], Tolerance::default());
+        let v = run(
+            &[vec![site(1, 50, 50)], vec![site(1, 50, 50)], vec![site(1, 100, 100)], vec![site(1, 150, 150)]],
+            Tolerance::default(),
+        );
         assert_eq!(v, [Verdict::Undecided, Verdict::Clean, Verdict::Undecided, Verdict::Undecided]);
     }
 

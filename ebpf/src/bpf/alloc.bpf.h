@@ -24,6 +24,8 @@ struct alloc_call {
 	__u64 old_addr;
 	__u64 out_ptr; /* posix_memalign's result slot */
 	__u64 caller;
+	__u64 entry_ip; /* the probed function: where the stack words' unwinding starts */
+	__u64 entry_sp; /* the stack pointer at its entry, the callers' frames above it */
 	__s32 stack_id;
 	__u32 depth;   /* nesting of probed calls of this layer in this thread */
 	__u8 op;
@@ -81,14 +83,32 @@ int BPF_UPROBE(alloc_enter)
 	default: return 0;
 	}
 	call.caller = return_address_at(PT_REGS_SP(ctx));
+	call.entry_ip = PT_REGS_IP(ctx);
+	call.entry_sp = PT_REGS_SP(ctx);
 	call.stack_id = user_stack_id(ctx);
 	bpf_map_update_elem(calls, &tid, &call, BPF_ANY);
 	return 0;
 }
 
+/*
+ * Python's allocator is mostly called from inside libpython, built without frame pointers:
+ * its events carry the callers' stack words, which userspace unwinds with the CFI up to the
+ * extension that asked. Read at return: the frames above the entry stack pointer are intact,
+ * but the return address slot holds the uretprobe trampoline, so it is put back.
+ */
+static __always_inline struct event *reserve_alloc_event(struct alloc_call *call, __u8 kind)
+{
+	if (call->domain == DOMAIN_LIBC)
+		return reserve_event(kind);
+	struct event *e = reserve_scan_event(kind, call->entry_ip, call->entry_sp);
+	if (e)
+		((struct event_with_scan *)e)->scan.words[0] = call->caller; /* the event comes first */
+	return e;
+}
+
 static __always_inline void emit_alloc(struct alloc_call *call, __u8 kind, __u64 addr)
 {
-	struct event *e = reserve_event(kind);
+	struct event *e = reserve_alloc_event(call, kind);
 	if (!e)
 		return;
 	e->domain = call->domain;

@@ -95,9 +95,9 @@ static __always_inline struct event *reserve_event(__u8 kind)
 	return e;
 }
 
-/* An event raised inside a syscall made by the target: the caller is found in userspace from a
- * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
-static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, struct pt_regs *user_regs)
+/* An event followed by the user stack words from `sp` upward, for userspace to unwind from `ip`
+ * with the code's CFI (.eh_frame). */
+static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u64 sp)
 {
 	struct event_with_scan *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
@@ -109,10 +109,19 @@ static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind,
 	r->event.ts_ns = bpf_ktime_get_ns();
 	r->event.tid = current_tid();
 	r->event.flags = EVF_STACK_SCAN;
-	r->event.stack_id = user_stack_id(ctx);
-	r->scan.ip = BPF_CORE_READ(user_regs, ip);
-	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)BPF_CORE_READ(user_regs, sp));
+	r->scan.ip = ip;
+	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)sp);
 	return &r->event;
+}
+
+/* An event raised inside a syscall made by the target: the caller is found in userspace from a
+ * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
+static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, struct pt_regs *user_regs)
+{
+	struct event *e = reserve_scan_event(kind, BPF_CORE_READ(user_regs, ip), BPF_CORE_READ(user_regs, sp));
+	if (e)
+		e->stack_id = user_stack_id(ctx);
+	return e;
 }
 
 /* The user registers of the current task, from inside the kernel. */

@@ -1,0 +1,292 @@
+/*
+ * leaky_ext: a C extension that leaks on purpose, each leak beside its clean twin, for
+ * psleak's Python tests. Every leaking function is named after what it forgets, so that a test
+ * can check that psleak blames it by name.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* Keeps the compiler from dropping an allocation it can see is never used. */
+static void *volatile sink;
+
+static PyObject *forget_free(PyObject *self, PyObject *arg)
+{
+	Py_ssize_t size = PyLong_AsSsize_t(arg);
+	if (size < 0 && PyErr_Occurred())
+		return NULL;
+	char *p = malloc(size);
+	p[0] = 1;
+	sink = p;
+	Py_RETURN_NONE;
+}
+
+static PyObject *malloc_and_free(PyObject *self, PyObject *arg)
+{
+	Py_ssize_t size = PyLong_AsSsize_t(arg);
+	if (size < 0 && PyErr_Occurred())
+		return NULL;
+	char *p = malloc(size);
+	p[0] = 1;
+	sink = p;
+	free(p);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_munmap(PyObject *self, PyObject *arg)
+{
+	Py_ssize_t size = PyLong_AsSsize_t(arg);
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	Py_RETURN_NONE;
+}
+
+static PyObject *mmap_and_munmap(PyObject *self, PyObject *arg)
+{
+	Py_ssize_t size = PyLong_AsSsize_t(arg);
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	munmap(p, size);
+	Py_RETURN_NONE;
+}
+
+/* Forgotten Py_DECREF: each builds an object, uses it, and drops the reference on the floor. */
+static PyObject *forget_decref_list(PyObject *self, PyObject *noarg)
+{
+	PyObject *list = PyList_New(8);
+	if (!list)
+		return NULL;
+	for (Py_ssize_t i = 0; i < 8; i++)
+		PyList_SET_ITEM(list, i, Py_NewRef(Py_None));
+	Py_RETURN_NONE;
+}
+
+static PyObject *decref_list(PyObject *self, PyObject *noarg)
+{
+	PyObject *list = PyList_New(8);
+	if (!list)
+		return NULL;
+	for (Py_ssize_t i = 0; i < 8; i++)
+		PyList_SET_ITEM(list, i, Py_NewRef(Py_None));
+	Py_DECREF(list);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_decref_int(PyObject *self, PyObject *noarg)
+{
+	PyObject *n = PyLong_FromLongLong(1LL << 40); /* not a cached small int */
+	if (!n)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *decref_int(PyObject *self, PyObject *noarg)
+{
+	PyObject *n = PyLong_FromLongLong(1LL << 40);
+	Py_XDECREF(n);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_decref_tuple(PyObject *self, PyObject *noarg)
+{
+	PyObject *t = PyTuple_Pack(2, Py_None, Py_True);
+	if (!t)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *decref_tuple(PyObject *self, PyObject *noarg)
+{
+	PyObject *t = PyTuple_Pack(2, Py_None, Py_True);
+	Py_XDECREF(t);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_decref_dict(PyObject *self, PyObject *noarg)
+{
+	PyObject *d = PyDict_New();
+	if (!d || PyDict_SetItemString(d, "key", Py_None) < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *decref_dict(PyObject *self, PyObject *noarg)
+{
+	PyObject *d = PyDict_New();
+	if (!d)
+		return NULL;
+	if (PyDict_SetItemString(d, "key", Py_None) < 0) {
+		Py_DECREF(d);
+		return NULL;
+	}
+	Py_DECREF(d);
+	Py_RETURN_NONE;
+}
+
+/* A list that holds itself, with the extension's reference never dropped: the collector cannot
+ * free it either, since that reference keeps it alive from outside the cycle. */
+static PyObject *forget_decref_cycle(PyObject *self, PyObject *noarg)
+{
+	PyObject *list = PyList_New(0);
+	if (!list || PyList_Append(list, list) < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *decref_cycle(PyObject *self, PyObject *noarg)
+{
+	PyObject *list = PyList_New(0);
+	if (!list || PyList_Append(list, list) < 0)
+		return NULL;
+	PyList_SetSlice(list, 0, 1, NULL); /* break the cycle */
+	Py_DECREF(list);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_pymem_free(PyObject *self, PyObject *arg)
+{
+	sink = PyMem_Malloc(PyLong_AsSsize_t(arg));
+	Py_RETURN_NONE;
+}
+
+static PyObject *pymem_malloc_and_free(PyObject *self, PyObject *arg)
+{
+	sink = PyMem_Malloc(PyLong_AsSsize_t(arg));
+	PyMem_Free(sink);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_pyobject_free(PyObject *self, PyObject *arg)
+{
+	sink = PyObject_Malloc(PyLong_AsSsize_t(arg));
+	Py_RETURN_NONE;
+}
+
+static PyObject *pyobject_malloc_and_free(PyObject *self, PyObject *arg)
+{
+	sink = PyObject_Malloc(PyLong_AsSsize_t(arg));
+	PyObject_Free(sink);
+	Py_RETURN_NONE;
+}
+
+static int stop_threads;
+
+static void *spin(void *arg)
+{
+	while (!__atomic_load_n(&stop_threads, __ATOMIC_RELAXED))
+		usleep(1000);
+	return NULL;
+}
+
+static void *quick(void *arg)
+{
+	return NULL;
+}
+
+static PyObject *forget_pthread_join(PyObject *self, PyObject *noarg)
+{
+	pthread_t t;
+	if (pthread_create(&t, NULL, spin, NULL) != 0)
+		return PyErr_Format(PyExc_OSError, "pthread_create failed");
+	pthread_detach(t);
+	Py_RETURN_NONE;
+}
+
+static PyObject *pthread_create_and_join(PyObject *self, PyObject *noarg)
+{
+	pthread_t t;
+	if (pthread_create(&t, NULL, quick, NULL) != 0)
+		return PyErr_Format(PyExc_OSError, "pthread_create failed");
+	pthread_join(t, NULL);
+	Py_RETURN_NONE;
+}
+
+/* Lets the threads left running end, once a test is done with them. */
+static PyObject *stop_leaked_threads(PyObject *self, PyObject *noarg)
+{
+	__atomic_store_n(&stop_threads, 1, __ATOMIC_RELAXED);
+	Py_RETURN_NONE;
+}
+
+static PyObject *forget_close(PyObject *self, PyObject *noarg)
+{
+	int fd = open("/dev/null", O_RDONLY);
+	if (fd < 0)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	return PyLong_FromLong(fd);
+}
+
+static PyObject *open_and_close(PyObject *self, PyObject *noarg)
+{
+	int fd = open("/dev/null", O_RDONLY);
+	if (fd < 0)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	close(fd);
+	Py_RETURN_NONE;
+}
+
+/* Parses a "positive number": the buffer is leaked only when the input is refused. */
+static PyObject *leak_on_error_path(PyObject *self, PyObject *arg)
+{
+	char *scratch = malloc(256);
+	sink = scratch;
+	long n = PyLong_AsLong(arg);
+	if (n <= 0)
+		return PyErr_Format(PyExc_ValueError, "not a positive number: %ld", n); /* scratch leaks */
+	free(scratch);
+	return PyLong_FromLong(n);
+}
+
+static PyObject *free_on_error_path(PyObject *self, PyObject *arg)
+{
+	char *scratch = malloc(256);
+	sink = scratch;
+	long n = PyLong_AsLong(arg);
+	free(scratch);
+	if (n <= 0)
+		return PyErr_Format(PyExc_ValueError, "not a positive number: %ld", n);
+	return PyLong_FromLong(n);
+}
+
+static PyMethodDef methods[] = {
+	{"forget_free", forget_free, METH_O, NULL},
+	{"malloc_and_free", malloc_and_free, METH_O, NULL},
+	{"forget_munmap", forget_munmap, METH_O, NULL},
+	{"mmap_and_munmap", mmap_and_munmap, METH_O, NULL},
+	{"forget_decref_list", forget_decref_list, METH_NOARGS, NULL},
+	{"decref_list", decref_list, METH_NOARGS, NULL},
+	{"forget_decref_int", forget_decref_int, METH_NOARGS, NULL},
+	{"decref_int", decref_int, METH_NOARGS, NULL},
+	{"forget_decref_tuple", forget_decref_tuple, METH_NOARGS, NULL},
+	{"decref_tuple", decref_tuple, METH_NOARGS, NULL},
+	{"forget_decref_dict", forget_decref_dict, METH_NOARGS, NULL},
+	{"decref_dict", decref_dict, METH_NOARGS, NULL},
+	{"forget_decref_cycle", forget_decref_cycle, METH_NOARGS, NULL},
+	{"decref_cycle", decref_cycle, METH_NOARGS, NULL},
+	{"forget_pymem_free", forget_pymem_free, METH_O, NULL},
+	{"pymem_malloc_and_free", pymem_malloc_and_free, METH_O, NULL},
+	{"forget_pyobject_free", forget_pyobject_free, METH_O, NULL},
+	{"pyobject_malloc_and_free", pyobject_malloc_and_free, METH_O, NULL},
+	{"forget_pthread_join", forget_pthread_join, METH_NOARGS, NULL},
+	{"pthread_create_and_join", pthread_create_and_join, METH_NOARGS, NULL},
+	{"stop_leaked_threads", stop_leaked_threads, METH_NOARGS, NULL},
+	{"forget_close", forget_close, METH_NOARGS, NULL},
+	{"open_and_close", open_and_close, METH_NOARGS, NULL},
+	{"leak_on_error_path", leak_on_error_path, METH_O, NULL},
+	{"free_on_error_path", free_on_error_path, METH_O, NULL},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leaky_ext", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_leaky_ext(void)
+{
+	return PyModule_Create(&module);
+}

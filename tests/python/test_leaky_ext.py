@@ -1,0 +1,79 @@
+"""Every deliberate leak of leaky_ext fails with the right error and, with the tracer, names the
+leaking C function; every clean twin passes. Runs under whichever backend PSLEAK_BACKEND picks
+(`cargo xtask test` runs it under trace, trace without PYTHONMALLOC=malloc, and poll)."""
+
+import os
+
+import leaky_ext as ext
+import pytest
+
+from psleak import MemoryLeakError
+from psleak import UnclosedFdError
+from psleak import UnclosedNativeThreadError
+
+PYMALLOC = os.environ.get("PYTHONMALLOC") != "malloc"
+
+# (leaking function, its arguments, clean twin, error, execute() arguments)
+CASES = [
+    ("forget_free", (1,), "malloc_and_free", MemoryLeakError, {}),
+    ("forget_free", (1024,), "malloc_and_free", MemoryLeakError, {}),
+    ("forget_free", (16 * 1024,), "malloc_and_free", MemoryLeakError, {}),
+    ("forget_free", (1 << 20,), "malloc_and_free", MemoryLeakError, {"times": 20, "retries": 4}),
+    ("forget_munmap", (4096,), "mmap_and_munmap", MemoryLeakError, {}),
+    ("forget_decref_list", (), "decref_list", MemoryLeakError, {}),
+    ("forget_decref_int", (), "decref_int", MemoryLeakError, {}),
+    ("forget_decref_tuple", (), "decref_tuple", MemoryLeakError, {}),
+    ("forget_decref_dict", (), "decref_dict", MemoryLeakError, {}),
+    ("forget_decref_cycle", (), "decref_cycle", MemoryLeakError, {}),
+    ("forget_pymem_free", (64,), "pymem_malloc_and_free", MemoryLeakError, {}),
+    ("forget_pyobject_free", (64,), "pyobject_malloc_and_free", MemoryLeakError, {}),
+    ("forget_pthread_join", (), "pthread_create_and_join", UnclosedNativeThreadError, {}),
+    ("forget_close", (), "open_and_close", UnclosedFdError, {}),
+]
+
+IDS = [f"{leak}{args[0] if args else ''}" for leak, args, *_ in CASES]
+
+
+def memory_is_checked(backend):
+    return backend == "trace" or not PYMALLOC
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_leaked_threads():
+    yield
+    ext.stop_leaked_threads()
+
+
+@pytest.mark.parametrize(("leak", "args", "twin", "error", "kwargs"), CASES, ids=IDS)
+def test_leak_is_caught_and_named(psleak, backend, leak, args, twin, error, kwargs):
+    if error is MemoryLeakError and not memory_is_checked(backend):
+        pytest.skip("the polling backend checks memory only with PYTHONMALLOC=malloc")
+    psleak.times, psleak.retries, psleak.warmup_times = 50, 10, 2
+    with pytest.raises(error) as info:
+        psleak.execute(getattr(ext, leak), *args, **kwargs)
+    message = str(info.value)
+    if backend == "trace":
+        assert f"{leak} (leaky_ext.c:" in message, message
+    if error is UnclosedFdError:
+        assert "/dev/null" in message, message
+    assert info.value.__class__ is error
+
+
+@pytest.mark.parametrize(("leak", "args", "twin", "error", "kwargs"), CASES, ids=IDS)
+def test_clean_twin_passes(psleak, backend, leak, args, twin, error, kwargs):
+    if error is MemoryLeakError and not memory_is_checked(backend):
+        pytest.skip("the polling backend checks memory only with PYTHONMALLOC=malloc")
+    psleak.times, psleak.retries, psleak.warmup_times = 50, 10, 2
+    psleak.execute(getattr(ext, twin), *args, **kwargs)
+
+
+def test_leak_on_error_path_only(psleak, backend):
+    if not memory_is_checked(backend):
+        pytest.skip("the polling backend checks memory only with PYTHONMALLOC=malloc")
+    psleak.times, psleak.warmup_times = 50, 2
+    psleak.execute(ext.leak_on_error_path, 7)  # the happy path frees
+    with pytest.raises(MemoryLeakError) as info:
+        psleak.execute_w_exc(ValueError, ext.leak_on_error_path, 0)
+    if backend == "trace":
+        assert "leak_on_error_path (leaky_ext.c:" in str(info.value)
+    psleak.execute_w_exc(ValueError, ext.free_on_error_path, 0)
