@@ -59,8 +59,13 @@ def test_leak_is_caught_and_named(psleak, backend, leak, args, twin, error, kwar
     assert info.value.__class__ is error
 
 
+# The flakiness check: `PSLEAK_TWIN_ROUNDS=20` runs every clean twin 20 times in one session.
+ROUNDS = range(int(os.environ.get("PSLEAK_TWIN_ROUNDS", "1")))
+
+
+@pytest.mark.parametrize("round_", ROUNDS, ids=[f"round{r}" for r in ROUNDS])
 @pytest.mark.parametrize(("leak", "args", "twin", "error", "kwargs"), CASES, ids=IDS)
-def test_clean_twin_passes(psleak, backend, leak, args, twin, error, kwargs):
+def test_clean_twin_passes(psleak, backend, leak, args, twin, error, kwargs, round_):
     if error is MemoryLeakError and not memory_is_checked(backend):
         pytest.skip("the polling backend checks memory only with PYTHONMALLOC=malloc")
     psleak.times, psleak.retries, psleak.warmup_times = 50, 10, 2

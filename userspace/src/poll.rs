@@ -105,7 +105,16 @@ mod tests {
         assert_eq!(own_fd_kind(std::os::fd::AsRawFd::as_raw_fd(&listener)).describe(), "AF_INET SOCK_STREAM");
 
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let worker = std::thread::Builder::new().name("psleak-probe".into()).spawn(move || rx.recv()).unwrap();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        // The new thread names itself: wait until it runs.
+        let worker = std::thread::Builder::new()
+            .name("psleak-probe".into())
+            .spawn(move || {
+                started_tx.send(()).unwrap();
+                rx.recv()
+            })
+            .unwrap();
+        started.recv().unwrap();
         assert!(threads(me).unwrap().iter().any(|(_, name)| name == "psleak-probe"));
         drop(tx);
         worker.join().unwrap().unwrap_err();

@@ -3,7 +3,7 @@
 //!
 //!   cargo xtask setup   install the system packages the build and the tests need
 //!   cargo xtask demo    trace a real leaking C process and show the leaking functions
-//!   cargo xtask test    the whole test suite
+//!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin)
 //!   cargo xtask bench   tracing overhead, attach time and event throughput, as a table
 
 use std::io::{BufRead, BufReader, Write};
@@ -112,12 +112,204 @@ fn test() -> Result {
         }
     }
     let status = cargo.wait().map_err(|e| e.to_string())?;
+    let python = python_tests();
+    let (py_passed, py_failed) = python.as_ref().map_or((0, 1), |r| (r.passed, r.failed));
     // One closing line for the whole suite: cargo's own last line is the last test binary's.
-    println!("tests: {passed} passed, {failed} failed");
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("cargo test failed ({status})"))
+    println!("tests: {} passed, {} failed", passed + py_passed, failed + py_failed);
+    if let Err(err) = &python {
+        eprintln!("xtask: the Python tests could not run: {err}");
+    }
+    if !status.success() {
+        return Err(format!("cargo test failed ({status})"));
+    }
+    match python {
+        Ok(r) if r.failed == 0 => Ok(()),
+        Ok(r) => Err(format!("{} Python tests failed", r.failed)),
+        Err(err) => Err(err),
+    }
+}
+
+/// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
+/// run unchanged against our package, import it.
+const PYTHON_TEST_DEPS: &[&str] =
+    &["maturin==1.16.0", "pytest==9.2.0", "pytest-instafail", "pytest-xdist", "psutil", "setuptools"];
+
+/// psleak 0.1.6's tests that poke at psutil itself (`psleak.psutil.heap_info`), which this
+/// package does not use; everything else of theirs runs unchanged.
+const UPSTREAM_PSUTIL_TESTS: &[&str] = &[
+    "tests/test_interface.py::TestEmitWarnings::test_no_heap_info",
+    "tests/test_interface.py::TestEmitWarnings::test_heap_used_zero",
+];
+
+/// Expects a skip without PYTHONMALLOC=malloc: true of the polling backend only, the tracer
+/// sees Python's own allocator.
+const UPSTREAM_POLL_ONLY_TEST: &str = "tests/test_interface.py::TestMisc::test_pythonmalloc_not_set";
+
+#[derive(Default)]
+struct PytestCounts {
+    passed: u64,
+    failed: u64,
+}
+
+/// Builds the package with maturin into a virtualenv under target/, then runs our Python tests
+/// and psleak 0.1.6's under each backend, with and without PYTHONMALLOC=malloc.
+fn python_tests() -> Result<PytestCounts> {
+    let target = root().join("target");
+    let venv = target.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(PYTHON_TEST_DEPS))?;
+    let wheels = target.join("wheels");
+    let _ = std::fs::remove_dir_all(&wheels);
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["build", "--release", "--locked", "--compatibility", "linux", "--auditwheel", "skip", "-q", "-o"])
+        .arg(&wheels)
+        .arg("-i")
+        .arg(&python)
+        .current_dir(root().join("python")))?;
+    let wheel = std::fs::read_dir(&wheels)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("maturin built no wheel")?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(&wheel))?;
+    let upstream = upstream_tests(&python, &target)?;
+
+    let ours = root().join("tests/python");
+    let malloc = Some("malloc");
+    let trace_report = target.join("psleak-trace.json");
+    let poll_report = target.join("psleak-poll.json");
+    let twin_rounds = ("PSLEAK_TWIN_ROUNDS", "20");
+    let report_arg = |path: &Path| format!("--psleak-report={}", path.display());
+    let runs: Vec<(String, &Path, &str, Option<&str>, Vec<String>, Vec<(&str, &str)>)> = vec![
+        ("ours, trace".into(), &ours, "trace", malloc, vec![report_arg(&trace_report)], vec![twin_rounds]),
+        ("ours, trace, pymalloc".into(), &ours, "trace", None, vec![], vec![]),
+        ("ours, poll".into(), &ours, "poll", malloc, vec![report_arg(&poll_report)], vec![]),
+        ("psleak 0.1.6's, trace".into(), &upstream, "trace", malloc, deselect(false), vec![]),
+        ("psleak 0.1.6's, trace, pymalloc".into(), &upstream, "trace", None, deselect(false), vec![]),
+        ("psleak 0.1.6's, poll".into(), &upstream, "poll", malloc, deselect(true), vec![]),
+    ];
+    let mut total = PytestCounts::default();
+    let mut times = Vec::new();
+    for (name, dir, backend, pythonmalloc, args, env) in runs {
+        println!("xtask: Python tests ({name})");
+        let started = Instant::now();
+        let mut command = Command::new(&python);
+        command
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:instafail"])
+            .args(&args)
+            .current_dir(dir)
+            .env("PSLEAK_BACKEND", backend)
+            .env("PYTHONUNBUFFERED", "1")
+            .envs(env);
+        match pythonmalloc {
+            Some(allocator) => command.env("PYTHONMALLOC", allocator),
+            None => command.env_remove("PYTHONMALLOC"),
+        };
+        let counts = pytest(&mut command)?;
+        times.push((name, started.elapsed(), counts.passed, counts.failed));
+        total.passed += counts.passed;
+        total.failed += counts.failed;
+    }
+    println!("\n| Python test run | wall time | passed | failed |\n|---|---:|---:|---:|");
+    for (name, took, passed, failed) in &times {
+        println!("| {name} | {:.1} s | {passed} | {failed} |", took.as_secs_f64());
+    }
+    print_calls_to_verdict(&trace_report, &poll_report);
+    Ok(total)
+}
+
+fn deselect(poll: bool) -> Vec<String> {
+    let mut tests: Vec<&str> = UPSTREAM_PSUTIL_TESTS.to_vec();
+    if !poll {
+        tests.push(UPSTREAM_POLL_ONLY_TEST);
+    }
+    tests.iter().map(|t| format!("--deselect={t}")).collect()
+}
+
+/// psleak 0.1.6's test files and their C extension, from the sdist on PyPI, unchanged.
+fn upstream_tests(python: &Path, target: &Path) -> Result<PathBuf> {
+    let dir = target.join("psleak-0.1.6");
+    if !dir.join("tests/test_algo.py").exists() {
+        let download = target.join("psleak-sdist");
+        run(Command::new(python)
+            .args(["-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:"])
+            .args(["psleak==0.1.6", "-d"])
+            .arg(&download))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        run(Command::new("tar")
+            .arg("xzf")
+            .arg(download.join("psleak-0.1.6.tar.gz"))
+            .args(["--strip-components=1", "-C"])
+            .arg(&dir)
+            .arg("psleak-0.1.6/tests"))?;
+    }
+    run(Command::new(python)
+        .args(["tests/build_ext.py", "-q", "build_ext", "--inplace"])
+        .current_dir(&dir)
+        .stdout(Stdio::null()))?;
+    Ok(dir)
+}
+
+/// Runs pytest, echoing its output, and reads its closing summary line.
+fn pytest(command: &mut Command) -> Result<PytestCounts> {
+    let mut child = command.stdout(Stdio::piped()).spawn().map_err(|e| format!("cannot run pytest: {e}"))?;
+    let mut counts = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        if let Some(c) = pytest_counts(&line) {
+            counts = Some(c);
+        }
+    }
+    child.wait().map_err(|e| e.to_string())?;
+    counts.ok_or_else(|| "pytest printed no summary (it could not run)".into())
+}
+
+/// (passed, failed + errors) from pytest's `3 failed, 75 passed, 13 skipped in 9.8s`.
+fn pytest_counts(line: &str) -> Option<PytestCounts> {
+    let summary = line.trim().trim_matches('=').trim();
+    let (counts, took) = summary.rsplit_once(" in ")?;
+    // "5.17s", or "69.83s (0:01:09)" past a minute
+    took.split(' ').next()?.strip_suffix('s')?.parse::<f64>().ok()?;
+    let mut result = PytestCounts::default();
+    for part in counts.split(", ") {
+        let (n, what) = part.split_once(' ')?;
+        let n: u64 = n.parse().ok()?;
+        match what {
+            "passed" => result.passed += n,
+            "failed" | "error" | "errors" => result.failed += n,
+            _ => {}
+        }
+    }
+    Some(result)
+}
+
+/// For each deliberate leak, the calls of the leaking function each backend needed to decide.
+fn print_calls_to_verdict(trace: &Path, poll: &Path) {
+    let calls = |path: &Path| -> std::collections::BTreeMap<String, u64> {
+        let Ok(text) = std::fs::read_to_string(path) else { return Default::default() };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return Default::default() };
+        json["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["test"].as_str().is_some_and(|t| t.contains("test_leak_is_caught")))
+            .filter_map(|f| {
+                Some((f["test"].as_str()?.rsplit_once('[')?.1.trim_end_matches(']').to_string(), f["calls"].as_u64()?))
+            })
+            .collect()
+    };
+    let (traced, polled) = (calls(trace), calls(poll));
+    println!("\n| deliberate leak | calls to verdict, trace | calls to verdict, poll |\n|---|---:|---:|");
+    for (case, n) in &traced {
+        let p = polled.get(case).map_or("-".into(), |p| p.to_string());
+        println!("| {case} | {n} | {p} |");
     }
 }
 
@@ -312,6 +504,18 @@ fn bench() -> Result {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pytest_summaries() {
+        let c = pytest_counts("3 failed, 75 passed, 13 skipped, 1 error in 9.80s").unwrap();
+        assert_eq!((c.passed, c.failed), (75, 4));
+        let c = pytest_counts("========== 29 passed in 5.17s ==========").unwrap();
+        assert_eq!((c.passed, c.failed), (29, 0));
+        assert_eq!(pytest_counts("302 passed in 69.83s (0:01:09)").unwrap().passed, 302);
+        assert!(pytest_counts("collected 29 items in the module").is_none());
+    }
+
     #[test]
     fn reads_cargo_result_lines() {
         let ok = "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 33.02s";

@@ -1,0 +1,19 @@
+"""The native half of psleak (Rust, PyO3)."""
+
+def memory() -> dict[str, int]:
+    """heap, mmap (mallinfo2), uss, rss and vms of this process, in bytes."""
+
+def heap_trim() -> None:
+    """Give free heap memory back to the system (malloc_trim)."""
+
+def open_fds() -> list[tuple[int, str, str]]:
+    """(fd, what it refers to, kind) for each open fd of this process."""
+
+def threads() -> list[tuple[int, str]]:
+    """(tid, name) for each thread of this process."""
+
+def tracer_unavailable() -> str | None:
+    """Why this process cannot load the eBPF probes, or None when it can."""
+
+def serve_collector(fd: int, pid: int) -> None:
+    """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""

@@ -1,0 +1,117 @@
+"""The pytest plugin (marker, fixture, JSON report) and how the backend is chosen."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import psleak
+
+HERE = os.path.dirname(__file__)
+
+LEAKY_TESTS = """
+    import os
+    import pytest
+    from psleak import Checkers
+
+    @pytest.mark.psleak(times=10, warmup_times=1, checkers=Checkers.only("fds"))
+    def test_opens_and_forgets(tmp_path):
+        os.open(tmp_path / "kept", os.O_CREAT | os.O_RDONLY)
+
+    @pytest.mark.psleak(times=10, warmup_times=1, checkers=Checkers.only("fds"))
+    def test_opens_and_closes(tmp_path):
+        os.close(os.open(tmp_path / "kept", os.O_CREAT | os.O_RDONLY))
+
+    def test_with_the_fixture(psleak):
+        psleak.execute(lambda: None, checkers=Checkers.only("fds", "c_threads"))
+"""
+
+
+def run_pytest(tmp_path, source, *args, env=None):
+    test_file = tmp_path / "test_user.py"
+    test_file.write_text(textwrap.dedent(source))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env or os.environ,
+        check=False,
+    )
+
+
+def test_marker_fixture_and_report(tmp_path, backend):
+    report = tmp_path / "findings.json"
+    result = run_pytest(tmp_path, LEAKY_TESTS, f"--psleak-report={report}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 failed, 2 passed" in result.stdout, result.stdout
+    findings = {f["test"].split("::")[1]: f for f in json.loads(report.read_text())["findings"]}
+    leak = findings["test_opens_and_forgets"]
+    assert (leak["outcome"], leak["error"], leak["count"], leak["backend"]) == ("failed", "UnclosedFdError", 1, backend)
+    assert "kept" in leak["extras"][0]
+    if backend == "trace":
+        assert "test_opens_and_forgets" in leak["message"] or "opened by" in leak["extras"][0], leak
+    assert findings["test_opens_and_closes"]["outcome"] == "passed"
+    assert findings["test_with_the_fixture"]["outcome"] == "passed"
+    assert findings["test_with_the_fixture"]["calls"] == 2, "a first call, then the counted one"
+
+
+def test_marker_rejects_positional_arguments(tmp_path):
+    result = run_pytest(tmp_path, "import pytest\n@pytest.mark.psleak(5)\ndef test_x():\n    pass\n")
+    assert result.returncode != 0
+    assert "keyword arguments only" in result.stdout + result.stderr
+
+
+def test_the_backend_is_visible(backend):
+    class Case(psleak.MemoryLeakTestCase):
+        def runTest(self):  # noqa: N802
+            pass
+
+    assert Case().backend == backend
+    wanted = os.environ.get("PSLEAK_BACKEND", "auto")
+    assert wanted == "auto" or wanted == backend
+
+
+SCRIPT = """
+import psleak
+class Case(psleak.MemoryLeakTestCase):
+    def runTest(self):
+        pass
+case = Case()
+print(case.backend)
+case.execute(lambda: None, checkers=psleak.Checkers.only("fds"))
+"""
+
+
+def without_cap_sys_admin(env):
+    """Runs this Python without CAP_SYS_ADMIN, as an unprivileged test process would be."""
+    cmd = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", sys.executable, "-c", SCRIPT]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
+
+
+def test_auto_falls_back_to_polling_without_privileges():
+    result = without_cap_sys_admin({"PSLEAK_BACKEND": "auto"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["poll"]
+
+
+def test_forcing_the_tracer_without_privileges_says_why():
+    result = without_cap_sys_admin({"PSLEAK_BACKEND": "trace"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "BackendError: PSLEAK_BACKEND=trace, but the tracer cannot work here: loading eBPF probes needs root" in last
+
+
+def test_an_unknown_backend_is_refused():
+    result = without_cap_sys_admin({"PSLEAK_BACKEND": "ptrace"})
+    assert "PSLEAK_BACKEND must be auto, trace or poll (got 'ptrace')" in result.stderr
+
+
+def test_auto_takes_the_tracer_when_privileged():
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env={**os.environ, "PSLEAK_BACKEND": "auto"}, check=False
+    )
+    assert result.stdout.split() == ["trace"], result.stderr
