@@ -155,28 +155,7 @@ struct PytestCounts {
 /// and psleak 0.1.6's under each backend, with and without PYTHONMALLOC=malloc.
 fn python_tests() -> Result<PytestCounts> {
     let target = root().join("target");
-    let venv = target.join("venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    run(Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(PYTHON_TEST_DEPS))?;
-    let wheels = target.join("wheels");
-    let _ = std::fs::remove_dir_all(&wheels);
-    run(Command::new(venv.join("bin/maturin"))
-        .args(["build", "--release", "--locked", "--compatibility", "linux", "--auditwheel", "skip", "-q", "-o"])
-        .arg(&wheels)
-        .arg("-i")
-        .arg(&python)
-        .current_dir(root().join("python")))?;
-    let wheel = std::fs::read_dir(&wheels)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or("maturin built no wheel")?;
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(&wheel))?;
+    let python = python_with_psleak()?;
     let upstream = upstream_tests(&python, &target)?;
 
     let ours = root().join("tests/python");
@@ -229,6 +208,34 @@ fn deselect(poll: bool) -> Vec<String> {
         tests.push(UPSTREAM_POLL_ONLY_TEST);
     }
     tests.iter().map(|t| format!("--deselect={t}")).collect()
+}
+
+/// A virtualenv under target/ with the test dependencies and this package, built by maturin.
+fn python_with_psleak() -> Result<PathBuf> {
+    let target = root().join("target");
+    let venv = target.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(PYTHON_TEST_DEPS))?;
+    let wheels = target.join("wheels");
+    let _ = std::fs::remove_dir_all(&wheels);
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["build", "--release", "--locked", "--compatibility", "linux", "--auditwheel", "skip", "-q", "-o"])
+        .arg(&wheels)
+        .arg("-i")
+        .arg(&python)
+        .current_dir(root().join("python")))?;
+    let wheel = std::fs::read_dir(&wheels)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("maturin built no wheel")?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(&wheel))?;
+    Ok(python)
 }
 
 /// psleak 0.1.6's test files and their C extension, from the sdist on PyPI, unchanged.
@@ -380,6 +387,41 @@ fn demo() -> Result {
     }
     println!("\nxtask: caught: the sessions leaked in remember_session and the fds opened in rotate_log,");
     println!("xtask: while handle_request's own 4 KiB buffer, freed every time, does not show.");
+    python_demo()
+}
+
+/// A unit test of a C extension that forgets a Py_DECREF, failed by the Python package, with
+/// the leaking C function named.
+fn python_demo() -> Result {
+    let python = python_with_psleak()?;
+    println!("\nxtask: and from Python: a unittest of a C extension whose function forgets a Py_DECREF");
+    println!("xtask: (tests/python/ext/leaky_ext.c), run without PYTHONMALLOC=malloc:\n");
+    let script = r#"
+import sys, unittest
+sys.path.insert(0, "tests/python")
+import conftest  # builds leaky_ext
+import leaky_ext, psleak
+
+class TestLeakyExt(psleak.MemoryLeakTestCase):
+    def test_forget_decref_list(self):
+        self.execute(leaky_ext.forget_decref_list)
+    def test_decref_list(self):
+        self.execute(leaky_ext.decref_list)
+
+unittest.main(argv=["demo", "-v"], exit=False)
+"#;
+    let output = Command::new(&python)
+        .args(["-c", script])
+        .current_dir(root())
+        .env_remove("PYTHONMALLOC")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&output.stderr);
+    print!("{text}");
+    if !text.contains("forget_decref_list (leaky_ext.c:") || !text.contains("test_decref_list") {
+        return Err("the Python demo did not name forget_decref_list".into());
+    }
+    println!("\nxtask: caught after 3 batches, named forget_decref_list; its twin decref_list passes.");
     Ok(())
 }
 
