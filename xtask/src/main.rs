@@ -167,7 +167,7 @@ fn python_tests() -> Result<PytestCounts> {
     let runs: Vec<(String, &Path, &str, Option<&str>, Vec<String>, Vec<(&str, &str)>)> = vec![
         ("ours, trace".into(), &ours, "trace", malloc, vec![report_arg(&trace_report)], vec![twin_rounds]),
         ("ours, trace, pymalloc".into(), &ours, "trace", None, vec![], vec![]),
-        ("ours, poll".into(), &ours, "poll", malloc, vec![report_arg(&poll_report)], vec![]),
+        ("ours, poll".into(), &ours, "poll", malloc, vec![report_arg(&poll_report)], vec![twin_rounds]),
         ("psleak 0.1.6's, trace".into(), &upstream, "trace", malloc, deselect(false), vec![]),
         ("psleak 0.1.6's, trace, pymalloc".into(), &upstream, "trace", None, deselect(false), vec![]),
         ("psleak 0.1.6's, poll".into(), &upstream, "poll", malloc, deselect(true), vec![]),
