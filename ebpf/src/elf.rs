@@ -20,9 +20,17 @@ pub fn exports(binary: &Path, symbol: &str) -> bool {
     symbol_file_offset(binary, symbol).is_some()
 }
 
-/// The offset within `func` at which to probe it (0 when no better place is known).
-pub fn free_probe_offset(binary: &Path, func: &str) -> usize {
-    entry_bytes(binary, func).map_or(0, |code| offset_past_null_check(&code))
+/// Where `symbol` starts in `binary`, as a file offset (what a uprobe is placed by).
+pub fn file_offset(binary: &Path, symbol: &str) -> Option<usize> {
+    symbol_file_offset(binary, symbol).map(|offset| offset as usize)
+}
+
+/// The file offset at which to probe `func`: past its NULL check when `skip_null_check` and the
+/// prologue is one we know, else its entry. None when `binary` does not define it.
+pub fn free_probe_file_offset(binary: &Path, func: &str, skip_null_check: bool) -> Option<usize> {
+    let entry = symbol_file_offset(binary, func)?;
+    let past = if skip_null_check { entry_bytes(binary, entry).map_or(0, |code| offset_past_null_check(&code)) } else { 0 };
+    Some(entry as usize + past)
 }
 
 fn symbol_file_offset(binary: &Path, func: &str) -> Option<u64> {
@@ -35,8 +43,7 @@ fn symbol_file_offset(binary: &Path, func: &str) -> Option<u64> {
     found.first()?.first()?.file_offset
 }
 
-fn entry_bytes(binary: &Path, func: &str) -> Option<[u8; 16]> {
-    let file_offset = symbol_file_offset(binary, func)?;
+fn entry_bytes(binary: &Path, file_offset: u64) -> Option<[u8; 16]> {
     let mut code = [0u8; 16];
     File::open(binary).ok()?.read_exact_at(&mut code, file_offset).ok()?;
     Some(code)
@@ -96,7 +103,8 @@ mod tests {
     #[test]
     fn finds_this_machines_free() {
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        assert!(entry_bytes(libc, "free").is_some(), "free not found in {}", libc.display());
+        let free = free_probe_file_offset(libc, "free", true).expect("free is in libc");
+        assert!(free > free_probe_file_offset(libc, "free", false).unwrap(), "glibc's free starts with its NULL check");
         assert!(exports(libc, "malloc"));
         assert!(!exports(libc, "PyObject_Malloc"));
     }

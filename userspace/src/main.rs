@@ -56,6 +56,9 @@ struct TraceCli {
     /// Probe free() at its entry instead of past its NULL check (for `cargo xtask bench`).
     #[arg(long, hide = true)]
     free_probe_at_entry: bool,
+    /// Attach the probes with programs that do nothing (the floor, for `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    empty_probes: bool,
 }
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
                     btf: t.btf,
                     ring_bytes: t.ring_mib << 20,
                     free_probe_at_entry: t.free_probe_at_entry,
+                    empty_programs: t.empty_probes,
                 },
             })
         }

@@ -53,9 +53,11 @@ static __always_inline bool in_allocator(__u32 tid)
 	return bpf_map_lookup_elem(&libc_calls, &tid) || bpf_map_lookup_elem(&python_calls, &tid);
 }
 
-SEC("uprobe")
+SEC("uprobe.multi")
 int BPF_UPROBE(alloc_enter)
 {
+	if (empty_programs)
+		return 0;
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u8 op = cookie & 0xff, domain = (cookie >> 8) & 0xff;
 	__u32 tid = current_tid();
@@ -120,9 +122,11 @@ static __always_inline void emit_alloc(struct alloc_call *call, __u8 kind, __u64
 	submit_event(e);
 }
 
-SEC("uretprobe")
+SEC("uretprobe.multi")
 int BPF_URETPROBE(alloc_exit, __u64 ret)
 {
+	if (empty_programs)
+		return 0;
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u32 tid = current_tid();
 	void *calls = calls_of((cookie >> 8) & 0xff);
@@ -163,9 +167,11 @@ int BPF_URETPROBE(alloc_exit, __u64 ret)
  * (glibc's free starts with `test %rdi,%rdi; je`): the probe then sits on a `push`, which
  * the kernel emulates, instead of the `test`, which it must single-step at five times the cost.
  */
-SEC("uprobe")
+SEC("uprobe.multi")
 int BPF_UPROBE(free_enter)
 {
+	if (empty_programs)
+		return 0;
 	__u8 domain = (bpf_get_attach_cookie(ctx) >> 8) & 0xff;
 	__u64 addr = PT_REGS_PARM1(ctx);
 	__u32 tid = current_tid();

@@ -12,6 +12,8 @@
 
 /* Set by the loader before load; the verifier then prunes every other process's path. */
 const volatile __u32 target_tgid = 0;
+/* Benchmark floor: the same probes fire but every program returns at once. */
+const volatile bool empty_programs = false;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

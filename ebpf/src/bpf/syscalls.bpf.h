@@ -16,7 +16,7 @@
 SEC("tp_btf/sys_exit")
 int BPF_PROG(syscall_exit, struct pt_regs *regs, long ret)
 {
-	if (!is_target())
+	if (empty_programs || !is_target())
 		return 0;
 	long nr = BPF_CORE_READ(regs, orig_ax);
 	switch (nr) {

@@ -13,7 +13,7 @@
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child)
 {
-	if (!is_target() || BPF_CORE_READ(child, tgid) != target_tgid)
+	if (empty_programs || !is_target() || BPF_CORE_READ(child, tgid) != target_tgid)
 		return 0; /* a fork of the target is another process */
 	__u32 tid = current_tid();
 	struct alloc_call *spawn = bpf_map_lookup_elem(&libc_calls, &tid);
@@ -38,7 +38,7 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(thread_exit, struct task_struct *task)
 {
-	if (!is_target())
+	if (empty_programs || !is_target())
 		return 0;
 	__u32 tid = current_tid();
 	/* a thread that dies inside an allocator call never returns from it */
