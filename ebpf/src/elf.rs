@@ -29,7 +29,8 @@ pub fn file_offset(binary: &Path, symbol: &str) -> Option<usize> {
 /// prologue is one we know, else its entry. None when `binary` does not define it.
 pub fn free_probe_file_offset(binary: &Path, func: &str, skip_null_check: bool) -> Option<usize> {
     let entry = symbol_file_offset(binary, func)?;
-    let past = if skip_null_check { entry_bytes(binary, entry).map_or(0, |code| offset_past_null_check(&code)) } else { 0 };
+    let past =
+        if skip_null_check { entry_bytes(binary, entry).map_or(0, |code| offset_past_null_check(&code)) } else { 0 };
     Some(entry as usize + past)
 }
 

@@ -206,7 +206,13 @@ impl<'obj> Probes<'obj> {
     }
 
     /// The allocators' entries and returns and the frees of one binary: three links.
-    fn attach_places(&mut self, pid: u32, binary: &Path, allocators: &Places, frees: &Places) -> Result<(), AttachError> {
+    fn attach_places(
+        &mut self,
+        pid: u32,
+        binary: &Path,
+        allocators: &Places,
+        frees: &Places,
+    ) -> Result<(), AttachError> {
         let progs = &self.skel.progs;
         let links = [
             attach_multi(&progs.alloc_enter, pid, binary, allocators, false)?,

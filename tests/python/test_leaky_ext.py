@@ -85,3 +85,11 @@ def test_leak_on_error_path_only(psleak, backend):
     if backend == "trace":
         assert "leak_on_error_path (leaky_ext.c:" in str(info.value)
     psleak.execute_w_exc(ValueError, ext.free_on_error_path, 0)
+
+
+@pytest.mark.parametrize("control", ["fill_cache_once", "churn"])
+def test_controls_pass(psleak, backend, control):
+    """A cache that fills once and a function that allocates and frees a lot are not leaks."""
+    if not memory_is_checked(backend):
+        pytest.skip("the polling backend checks memory only with PYTHONMALLOC=malloc")
+    psleak.execute(getattr(ext, control))

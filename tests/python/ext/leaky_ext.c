@@ -255,6 +255,41 @@ static PyObject *free_on_error_path(PyObject *self, PyObject *arg)
 	return PyLong_FromLong(n);
 }
 
+/* Control: a cache that fills once. Its first 64 calls each keep a 1 KiB entry; later calls keep
+ * nothing new. Not a leak. */
+#define CACHE_ENTRIES 64
+static void *cache[CACHE_ENTRIES];
+static int cached;
+
+static PyObject *fill_cache_once(PyObject *self, PyObject *noarg)
+{
+	if (cached < CACHE_ENTRIES) {
+		char *entry = calloc(1, 1024);
+		if (!entry)
+			return PyErr_NoMemory();
+		cache[cached++] = entry;
+	}
+	Py_RETURN_NONE;
+}
+
+/* Control: allocates and frees a lot in every call (256 blocks of 1 B to 32 KiB, a list of 256
+ * ints). Not a leak. */
+static PyObject *churn(PyObject *self, PyObject *noarg)
+{
+	void *blocks[256];
+	PyObject *list = PyList_New(256);
+	if (!list)
+		return NULL;
+	for (int i = 0; i < 256; i++) {
+		blocks[i] = malloc((size_t)1 << (i % 16));
+		PyList_SET_ITEM(list, i, PyLong_FromLong(1000003L * i));
+	}
+	for (int i = 0; i < 256; i++)
+		free(blocks[i]);
+	Py_DECREF(list);
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
 	{"forget_free", forget_free, METH_O, NULL},
 	{"malloc_and_free", malloc_and_free, METH_O, NULL},
@@ -281,6 +316,8 @@ static PyMethodDef methods[] = {
 	{"open_and_close", open_and_close, METH_NOARGS, NULL},
 	{"leak_on_error_path", leak_on_error_path, METH_O, NULL},
 	{"free_on_error_path", free_on_error_path, METH_O, NULL},
+	{"fill_cache_once", fill_cache_once, METH_NOARGS, NULL},
+	{"churn", churn, METH_NOARGS, NULL},
 	{NULL, NULL, 0, NULL},
 };
 
