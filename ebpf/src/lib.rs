@@ -302,6 +302,18 @@ impl Places {
     }
 }
 
+impl Drop for Probes<'_> {
+    fn drop(&mut self) {
+        // Detaching a uprobe link waits for an RCU grace period (30-75 ms each here): dropped
+        // together, the waits overlap (measured: 0.32 s one after the other).
+        std::thread::scope(|scope| {
+            for link in self.links.drain(..) {
+                scope.spawn(move || drop(link));
+            }
+        });
+    }
+}
+
 /// One uprobe-multi link for all `places`, with the number of probes it holds. Detaching it
 /// waits for the kernel once, where a link per function waits ~0.1 s each (measured: 4.4 s to
 /// detach 40 single links). Offsets are resolved here (blazesym), not by libbpf, whose lookup
