@@ -4,12 +4,14 @@
 //!   cargo xtask setup   install the system packages the build and the tests need
 //!   cargo xtask demo    trace a real leaking C process and show the leaking functions
 //!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin)
-//!   cargo xtask bench   tracing overhead, attach time and event throughput, as a table
+//!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+mod bench;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
 /// the bundled libbpf), and what the tests use (gcc for the C targets, bpftool to check that no
@@ -35,7 +37,7 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "demo" => setup().and_then(|()| demo()),
         "test" => setup().and_then(|()| test()),
-        "bench" => setup().and_then(|()| bench()),
+        "bench" => setup().and_then(|()| bench::bench()),
         _ => Err("usage: cargo xtask setup|demo|test|bench".into()),
     };
     match result {
@@ -422,125 +424,6 @@ unittest.main(argv=["demo", "-v"], exit=False)
         return Err("the Python demo did not name forget_decref_list".into());
     }
     println!("\nxtask: caught after 3 batches, named forget_decref_list; its twin decref_list passes.");
-    Ok(())
-}
-
-/// A benchmark target that waits for a line on stdin before it starts.
-struct Waiting {
-    child: Guard,
-    stdout: BufReader<std::process::ChildStdout>,
-}
-
-impl Waiting {
-    fn start(command: &mut Command) -> Result<Self> {
-        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        Ok(Self { child: Guard(child), stdout })
-    }
-
-    fn pid(&self) -> String {
-        self.child.0.id().to_string()
-    }
-
-    /// Lets it run and returns the number it prints.
-    fn go(&mut self) -> Result<f64> {
-        writeln!(self.child.0.stdin.as_mut().unwrap(), "go").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        line.trim().parse().map_err(|_| format!("benchmark target printed {line:?}"))
-    }
-}
-
-/// psleak attached to a waiting target; returns (tracer, seconds to attach).
-fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> {
-    let started = Instant::now();
-    let mut child = Command::new(psleak)
-        .args(["trace", "--json", "--interval", "3600", "--ring-mib", "64", "--pid", pid])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
-    if !line.contains("tracing pid") {
-        return Err(format!("psleak did not attach: {line}"));
-    }
-    Ok((Guard(child), started.elapsed().as_secs_f64()))
-}
-
-/// Stops the tracer and returns (events, events lost).
-fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
-    run(Command::new("kill").args(["-INT", &tracer.0.id().to_string()]))?;
-    let mut out = String::new();
-    std::io::Read::read_to_string(tracer.0.stdout.as_mut().unwrap(), &mut out).map_err(|e| e.to_string())?;
-    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
-        .map_err(|e| format!("psleak's final report is not JSON: {e}"))?;
-    let number = |v: &serde_json::Value| v.as_u64().ok_or_else(|| format!("no such number in {report}"));
-    Ok((number(&report["events"])?, number(&report["lost"]["ring_full"])?))
-}
-
-const PYTHON_WORKLOAD: &str = "import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n\
-n = 200000\nt = time.perf_counter_ns()\nfor i in range(n):\n    d = {'k': [i, str(i)]}\n\
-print((time.perf_counter_ns() - t) / n, flush=True)\nsys.stdin.readline()\n";
-
-fn bench() -> Result {
-    let psleak = build_release()?;
-    let alloc = build_c("bench_alloc")?;
-    let pairs = 2_000_000u64;
-    let pairs_arg = pairs.to_string();
-    let alloc_cmd = || {
-        let mut c = Command::new(&alloc);
-        c.args([pairs_arg.as_str(), "64"]);
-        c
-    };
-    let python_cmd = || {
-        let mut c = Command::new("python3");
-        c.args(["-c", PYTHON_WORKLOAD]).env("PYTHONMALLOC", "malloc");
-        c
-    };
-    println!("\nxtask: interleaving untraced and traced runs, 3 rounds (medians shown)\n");
-    let mut rows: Vec<(&str, Vec<f64>)> = vec![
-        ("malloc/free pair, untraced (ns)", vec![]),
-        ("malloc/free pair, traced (ns)", vec![]),
-        ("malloc/free pair, traced, free probed at entry (ns)", vec![]),
-        ("Python loop iteration, PYTHONMALLOC=malloc, untraced (ns)", vec![]),
-        ("Python loop iteration, PYTHONMALLOC=malloc, traced (ns)", vec![]),
-        ("time to attach, C target (s)", vec![]),
-        ("time to attach, Python target (s)", vec![]),
-        ("events per second, traced malloc/free loop", vec![]),
-        ("events lost", vec![]),
-    ];
-    for _ in 0..3 {
-        rows[0].1.push(Waiting::start(&mut alloc_cmd())?.go()?);
-        for (row, extra) in [(1, &[][..]), (2, &["--free-probe-at-entry"][..])] {
-            let mut target = Waiting::start(&mut alloc_cmd())?;
-            let (tracer, attach_s) = attach(&psleak, &target.pid(), extra)?;
-            let ns = target.go()?;
-            std::thread::sleep(Duration::from_millis(300));
-            let (events, lost) = stop(tracer)?;
-            rows[row].1.push(ns);
-            if row == 1 {
-                rows[5].1.push(attach_s);
-                rows[7].1.push(events as f64 / (pairs as f64 * ns / 1e9));
-                rows[8].1.push(lost as f64);
-            }
-        }
-        rows[3].1.push(Waiting::start(&mut python_cmd())?.go()?);
-        let mut target = Waiting::start(&mut python_cmd())?;
-        let (tracer, attach_s) = attach(&psleak, &target.pid(), &[])?;
-        rows[4].1.push(target.go()?);
-        rows[6].1.push(attach_s);
-        stop(tracer)?;
-    }
-    println!("| measure | median | runs |\n|---|---:|---|");
-    for (name, mut values) in rows {
-        values.sort_by(f64::total_cmp);
-        let runs: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
-        println!("| {name} | {:.3} | {} |", values[values.len() / 2], runs.join(", "));
-    }
     Ok(())
 }
 
