@@ -166,13 +166,15 @@ fn python_tests() -> Result<PytestCounts> {
     let poll_report = target.join("psleak-poll.json");
     let twin_rounds = ("PSLEAK_TWIN_ROUNDS", "20");
     let report_arg = |path: &Path| format!("--psleak-report={}", path.display());
-    let runs: Vec<(String, &Path, &str, Option<&str>, Vec<String>, Vec<(&str, &str)>)> = vec![
-        ("ours, trace".into(), &ours, "trace", malloc, vec![report_arg(&trace_report)], vec![twin_rounds]),
-        ("ours, trace, pymalloc".into(), &ours, "trace", None, vec![], vec![]),
-        ("ours, poll".into(), &ours, "poll", malloc, vec![report_arg(&poll_report)], vec![twin_rounds]),
-        ("psleak 0.1.6's, trace".into(), &upstream, "trace", malloc, deselect(false), vec![]),
-        ("psleak 0.1.6's, trace, pymalloc".into(), &upstream, "trace", None, deselect(false), vec![]),
-        ("psleak 0.1.6's, poll".into(), &upstream, "poll", malloc, deselect(true), vec![]),
+    // (name, directory, backend, PYTHONMALLOC, pytest arguments, environment)
+    type PytestRun<'a> = (&'a str, &'a Path, &'a str, Option<&'a str>, Vec<String>, Vec<(&'a str, &'a str)>);
+    let runs: Vec<PytestRun> = vec![
+        ("ours, trace", &ours, "trace", malloc, vec![report_arg(&trace_report)], vec![twin_rounds]),
+        ("ours, trace, pymalloc", &ours, "trace", None, vec![], vec![]),
+        ("ours, poll", &ours, "poll", malloc, vec![report_arg(&poll_report)], vec![twin_rounds]),
+        ("psleak 0.1.6's, trace", &upstream, "trace", malloc, deselect(false), vec![]),
+        ("psleak 0.1.6's, trace, pymalloc", &upstream, "trace", None, deselect(false), vec![]),
+        ("psleak 0.1.6's, poll", &upstream, "poll", malloc, deselect(true), vec![]),
     ];
     let mut total = PytestCounts::default();
     let mut times = Vec::new();
