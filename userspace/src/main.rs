@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use psleak::daemon::{self, DaemonArgs};
 use psleak::trace::{self, TraceArgs};
 use psleak_ebpf::Options;
 
@@ -19,6 +20,45 @@ enum Command {
     /// Attach to a running process and show what it creates and keeps: memory by site,
     /// fds and threads opened since attach and still open.
     Trace(TraceCli),
+    /// Serve unprivileged test processes over a Unix socket: run as root, e.g. on a CI runner.
+    /// Each client may trace only its own uid's processes.
+    Daemon(DaemonCli),
+}
+
+#[derive(clap::Args)]
+struct DaemonCli {
+    /// The socket to listen on (the Python package looks at $PSLEAK_SOCKET, else this default).
+    #[arg(long, default_value = psleak::daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Permission bits of the socket, in octal: 600 admits root only; 660 with --socket-group
+    /// admits that group; 666 admits every local user.
+    #[arg(long, default_value = "600", value_parser = octal_mode)]
+    socket_mode: u32,
+    /// Group (name or gid) that owns the socket.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// End a session whose client has asked nothing for this many seconds.
+    #[arg(long, default_value_t = 3600.0, value_parser = positive_seconds)]
+    idle_timeout: f64,
+    /// Sessions served at once, at most (each holds its own probes and a --ring-mib event ring).
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+    /// Ask the daemon on --socket for its sessions and state, print them as JSON, and exit.
+    #[arg(long)]
+    status: bool,
+    /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
+    #[arg(long)]
+    btf: Option<PathBuf>,
+    /// Size of each session's kernel event ring in MiB (a power of two).
+    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
+    ring_mib: u32,
+}
+
+fn octal_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("`{s}` is not a permission mode in octal (e.g. 600, 660)")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -107,6 +147,15 @@ fn main() -> ExitCode {
                 },
             })
         }
+        Command::Daemon(d) if d.status => daemon::print_status(&d.socket),
+        Command::Daemon(d) => daemon::run(DaemonArgs {
+            socket: d.socket,
+            mode: d.socket_mode,
+            group: d.socket_group,
+            idle_limit: Duration::from_secs_f64(d.idle_timeout),
+            max_sessions: d.max_sessions,
+            options: Options { btf: d.btf, ring_bytes: d.ring_mib << 20, ..Options::default() },
+        }),
     };
     match result {
         Ok(()) | Err(psleak::error::Error::OutputClosed) => ExitCode::SUCCESS,

@@ -1,5 +1,12 @@
-//! The collector protocol: JSON lines over a Unix socket, one request, one reply. A test
-//! process speaks it to a private collector it started, and (issue 5) to a shared daemon.
+//! The collector protocol: JSON lines over a Unix socket, one request, one reply
+//! (`{"ok": true, ...}` or `{"ok": false, "error": "..."}`), at most `MAX_REQUEST_BYTES` a line.
+//!
+//! A private collector (started by the test process on a socketpair) attaches at once and
+//! sends its ready line first. A `psleak daemon` connection starts with an [`Opening`]:
+//! `{"op":"attach","pid":P,"version":1}`, answered by the same ready line (or a refusal), or
+//! `{"op":"status"}`. From the ready line on both speak [`Request`]: `hello` (the version
+//! handshake), `mark`, `created` (fds and threads since a mark), `begin`/`window`/`batch`/`end`
+//! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +18,17 @@ pub const VERSION: u32 = 1;
 /// Longest request line accepted; longer ones are answered with an error and skipped.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// The first request on a daemon connection.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Opening {
+    /// Trace `pid` for the rest of the connection.
+    Attach { pid: u32, version: u32 },
+    /// The sessions this client may see, and the daemon's own state.
+    Status,
+}
+
+/// A request within a session.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -45,6 +63,8 @@ pub enum Request {
     End {
         measurement: u64,
     },
+    /// Ends the session once answered: the probes are detached (as when the client hangs up).
+    Detach,
 }
 
 fn default_top() -> usize {

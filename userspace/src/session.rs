@@ -8,7 +8,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use libbpf_rs::RingBufferBuilder;
 use psleak_ebpf::{Options, Probes};
@@ -27,10 +28,34 @@ use crate::verdict::Measurement;
 /// How often the ring is drained while the client is quiet (probes wake us only for bursts).
 const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 
+/// What the owner of a session (the daemon) sees of it and may ask of it.
+#[derive(Default)]
+pub struct Control {
+    /// Set to end the session (the daemon is shutting down).
+    pub stop: AtomicBool,
+    /// The session ends when its client has asked nothing for this long.
+    pub idle_limit: Option<Duration>,
+    /// Events received so far, and lost: to a full ring, or without their stack.
+    pub events: AtomicU64,
+    pub lost_ring_full: AtomicU64,
+    pub lost_no_stack: AtomicU64,
+}
+
 /// Attaches to `pid` and serves `stream` until the client hangs up or the target exits. The
 /// first line sent is the outcome of the attach: ready, or the error that prevented it.
 pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Error> {
-    let mut out = stream.try_clone().map_err(|e| Error::Io("cannot use the client socket".into(), e))?;
+    let requests = BufReader::new(stream.try_clone().map_err(|e| Error::Io("cannot use the client socket".into(), e))?);
+    serve_requests(requests, stream, pid, options, &Control::default())
+}
+
+/// `serve`, reading requests from `requests` (which may hold lines already read) and under `control`.
+pub fn serve_requests(
+    mut requests: BufReader<UnixStream>,
+    mut out: UnixStream,
+    pid: u32,
+    options: &Options,
+    control: &Control,
+) -> Result<(), Error> {
     let mut storage = MaybeUninit::uninit();
     let (process, target, probes) = match attach_to(&mut storage, pid, options) {
         Ok(attached) => attached,
@@ -54,6 +79,7 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Erro
     builder
         .add(probes.events(), |record: &[u8]| {
             collector.borrow_mut().ingest(record);
+            control.events.fetch_add(1, Ordering::Relaxed);
             0
         })
         .map_err(ring_error)?;
@@ -65,10 +91,18 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Erro
         sites: SiteNamer::new(&target),
         measurements: HashMap::new(),
         next_measurement: 1,
+        detached: false,
     };
     let exit_fd = collector.borrow().decoder.process.exit_fd();
-    let mut requests = BufReader::new(stream);
+    let mut last_request = Instant::now();
     loop {
+        if control.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if control.idle_limit.is_some_and(|limit| last_request.elapsed() > limit) {
+            let _ = out.write_all(failure("session ended: idle for too long".into()).as_bytes());
+            return Ok(());
+        }
         let mut fds = [
             libc::pollfd { fd: requests.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: ring.epoll_fd(), events: libc::POLLIN, revents: 0 },
@@ -84,12 +118,16 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Erro
             fds[0].revents = libc::POLLIN;
         }
         drain()?;
+        let losses = probes.losses();
+        control.lost_ring_full.store(losses.ring_full, Ordering::Relaxed);
+        control.lost_no_stack.store(losses.no_stack, Ordering::Relaxed);
         if fds[2].revents != 0 {
             return Ok(()); // the target exited: nobody is left to ask
         }
         if fds[0].revents == 0 {
             continue;
         }
+        last_request = Instant::now();
         let reply = match read_request(&mut requests) {
             Ok(Some(line)) => handler.handle(&line),
             Ok(None) => return Ok(()), // the client hung up
@@ -97,6 +135,9 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Erro
             Err(e) => return Err(client_gone(e)),
         };
         out.write_all(reply.as_bytes()).map_err(client_gone)?;
+        if handler.detached {
+            return Ok(());
+        }
     }
 }
 
@@ -122,14 +163,14 @@ fn send<T: Serialize>(out: &mut UnixStream, reply: &Reply<T>) -> io::Result<()> 
     out.write_all(line.as_bytes())
 }
 
-fn failure(error: String) -> String {
+pub fn failure(error: String) -> String {
     let mut line = serde_json::to_string(&Reply { ok: false, body: Failure { error } }).expect("replies serialize");
     line.push('\n');
     line
 }
 
 /// One request line; an oversized one is consumed up to its end and refused.
-fn read_request(reader: &mut BufReader<UnixStream>) -> io::Result<Option<String>> {
+pub fn read_request(reader: &mut BufReader<UnixStream>) -> io::Result<Option<String>> {
     let mut line = Vec::new();
     let read = reader.by_ref().take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line)?;
     if read == 0 {
@@ -155,6 +196,8 @@ struct Handler<'a> {
     sites: SiteNamer,
     measurements: HashMap<u64, Measurement>,
     next_measurement: u64,
+    /// The client asked to detach: the session ends after this reply.
+    detached: bool,
 }
 
 impl Handler<'_> {
@@ -259,6 +302,10 @@ impl Handler<'_> {
             }
             Request::End { measurement } => {
                 self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                json!({})
+            }
+            Request::Detach => {
+                self.detached = true;
                 json!({})
             }
         })

@@ -182,3 +182,23 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
     done()
 }
+
+/// The names of psleak's BPF programs (as the kernel keeps them, 15 characters at most).
+pub const PROGRAMS: [&str; 6] =
+    ["alloc_enter", "alloc_exit", "free_enter", "syscall_exit", "thread_start", "thread_exit"];
+
+/// How many of psleak's programs the kernel holds, by bpftool: tests that count them take turns.
+pub fn psleak_programs_loaded() -> usize {
+    let output = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool runs (cargo xtask setup installs it)");
+    assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
+    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    programs.as_array().unwrap().iter().filter(|p| PROGRAMS.iter().any(|name| p["name"] == *name)).count()
+}
+
+pub fn assert_no_probes_remain() {
+    let gone = wait_until(Duration::from_secs(5), || psleak_programs_loaded() == 0);
+    assert!(gone, "{} psleak programs are still loaded", psleak_programs_loaded());
+}
