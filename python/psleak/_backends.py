@@ -30,26 +30,49 @@ class PollBackend:
         return "poll (procfs and mallinfo2; memory checks need PYTHONMALLOC=malloc)"
 
 
+DEFAULT_SOCKET = "/run/psleak.sock"
+
+
 class TraceBackend:
-    """A private collector process, started for this process and ended with it."""
+    """A session with a collector that follows this process: a private one, started for this
+    process and ended with it (``daemon=None``), or a ``psleak daemon`` reached at that socket."""
 
     name = "trace"
     exact = True
 
-    def __init__(self):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "psleak._collector", str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
+    def __init__(self, daemon=None):
+        self._process = None
+        self.daemon = daemon
+        if daemon is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with theirs:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "psleak._collector", str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+        else:
+            ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                ours.connect(daemon)
+            except PermissionError:
+                ours.close()
+                msg = (
+                    f"the psleak daemon on {daemon} does not admit this user: its --socket-mode and "
+                    "--socket-group say who may connect"
+                )
+                raise BackendError(msg) from None
+            except OSError as err:
+                ours.close()
+                raise BackendError(f"no psleak daemon answers on {daemon}: {err.strerror}") from None
         self._sock = ours
         self._sock.settimeout(READY_TIMEOUT)
         self._replies = ours.makefile("rb")
         try:
+            if daemon is not None:
+                self._sock.sendall(self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION))
             self.ready = self._reply()
         except BackendError:
             self.close()
@@ -58,7 +81,8 @@ class TraceBackend:
         self.request("hello", version=PROTOCOL_VERSION)
 
     def describe(self):
-        return f"trace (eBPF collector pid {self._process.pid}, {self.ready['probes']} probes)"
+        where = f"daemon at {self.daemon}" if self.daemon else f"collector pid {self._process.pid}"
+        return f"trace (eBPF, {where}, {self.ready['probes']} probes)"
 
     def _reply(self):
         try:
@@ -66,8 +90,10 @@ class TraceBackend:
         except OSError as err:
             raise BackendError(f"the psleak collector did not answer: {err}") from None
         if not line:
-            self._process.wait(timeout=10)
-            why = self._process.stderr.read().decode(errors="replace").strip()
+            why = "the daemon closed the session"
+            if self._process is not None:
+                self._process.wait(timeout=10)
+                why = self._process.stderr.read().decode(errors="replace").strip()
             raise BackendError(f"the psleak collector ended: {why or 'no reason given'}")
         reply = json.loads(line)
         if not reply.pop("ok"):
@@ -93,7 +119,7 @@ class TraceBackend:
         there is no need to wait for that (~0.3 s of kernel RCU waits)."""
         self._replies.close()
         self._sock.close()
-        if not wait:
+        if not wait or self._process is None:
             return
         try:
             self._process.wait(timeout=10)
@@ -108,7 +134,8 @@ _backend = None
 
 def current():
     """The backend of this process, chosen on first use: ``PSLEAK_BACKEND`` (auto, trace or
-    poll) says which; auto takes the tracer when this process may load probes."""
+    poll) says which; auto takes the tracer when a psleak daemon answers (``PSLEAK_SOCKET``, else
+    /run/psleak.sock) or this process may load probes itself."""
     global _backend  # noqa: PLW0603
     if _backend is None:
         _backend = _choose(os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto")
@@ -121,6 +148,21 @@ def _choose(wanted):
         raise BackendError(msg)
     if wanted == "poll":
         return PollBackend()
+    daemon = os.environ.get("PSLEAK_SOCKET") or (DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None)
+    daemon_error = None
+    if daemon:
+        try:
+            backend = TraceBackend(daemon)
+        except BackendError as err:
+            if os.environ.get("PSLEAK_SOCKET"):
+                msg = f"PSLEAK_SOCKET={daemon}, but the daemon cannot trace this process: {err}"
+                raise BackendError(msg) from None
+            daemon_error = err
+        else:
+            import atexit  # noqa: PLC0415
+
+            atexit.register(backend.close, wait=False)
+            return backend
     why = _native.tracer_unavailable()
     if why is None:
         try:
@@ -138,5 +180,9 @@ def _choose(wanted):
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
     if wanted == "trace":
         msg = f"PSLEAK_BACKEND=trace, but the tracer cannot work here: {why}"
+        if daemon_error is not None:
+            msg += f"; and {daemon_error}"
+        elif not daemon:
+            msg += f"; or have root run `psleak daemon` and set PSLEAK_SOCKET to its socket (default {DEFAULT_SOCKET})"
         raise BackendError(msg)
     return PollBackend()

@@ -105,6 +105,20 @@ def test_forcing_the_tracer_without_privileges_says_why():
     assert "BackendError: PSLEAK_BACKEND=trace, but the tracer cannot work here: loading eBPF probes needs root" in last
 
 
+def test_forcing_the_tracer_without_privileges_points_at_the_daemon():
+    result = without_cap_sys_admin({"PSLEAK_BACKEND": "trace"})
+    assert "or have root run `psleak daemon` and set PSLEAK_SOCKET" in result.stderr
+
+
+def test_a_psleak_socket_that_nobody_answers_is_an_error(tmp_path):
+    socket_path = tmp_path / "psleak.sock"
+    result = without_cap_sys_admin({"PSLEAK_BACKEND": "auto", "PSLEAK_SOCKET": str(socket_path)})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    expected = f"BackendError: PSLEAK_SOCKET={socket_path}, but the daemon cannot trace this process: no psleak daemon answers"
+    assert expected in last
+
+
 def test_an_unknown_backend_is_refused():
     result = without_cap_sys_admin({"PSLEAK_BACKEND": "ptrace"})
     assert "PSLEAK_BACKEND must be auto, trace or poll (got 'ptrace')" in result.stderr

@@ -257,9 +257,15 @@ impl Daemon {
     fn run_session(&self, id: u64, requests: BufReader<UnixStream>, out: UnixStream, pid: u32, control: &Control) {
         let ended = session::serve_requests(requests, out, pid, &self.args.options, control);
         self.sessions.lock().unwrap().remove(&id);
+        let counts = format!(
+            "{} events, {} lost to a full ring, {} without a stack",
+            control.events.load(Ordering::Relaxed),
+            control.lost_ring_full.load(Ordering::Relaxed),
+            control.lost_no_stack.load(Ordering::Relaxed)
+        );
         match ended {
-            Ok(()) => eprintln!("psleak: session {id} ended"),
-            Err(e) => eprintln!("psleak: session {id} ended: {e}"),
+            Ok(()) => eprintln!("psleak: session {id} ended ({counts})"),
+            Err(e) => eprintln!("psleak: session {id} ended ({counts}): {e}"),
         }
     }
 

@@ -353,6 +353,31 @@ fn idle_sessions_end_and_the_session_limit_is_kept() {
 }
 
 #[test]
+fn a_service_manager_is_told_when_the_daemon_is_ready() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let socket = dir.join("psleak.sock");
+    let mut daemon = common::psleak()
+        .args(["daemon", "--socket"])
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", dir.join("notify"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 64];
+    let received = notify.recv(&mut message);
+    let listening = UnixStream::connect(&socket).is_ok();
+    let _ = daemon.kill();
+    daemon.wait().unwrap();
+    assert_eq!(&message[..received.expect("READY=1 within 10 s")], b"READY=1");
+    assert!(listening, "ready means listening");
+}
+
+#[test]
 fn bad_daemon_arguments_get_one_line_errors() {
     let refused = |args: &[&str], expected: &str| {
         let (code, stderr) = common::run_psleak(args);

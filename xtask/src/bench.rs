@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{build_c, build_release, python_with_psleak, root, run, Guard, Result};
 
 const REPETITIONS: usize = 5;
-const MEMRAY_PACKAGES: &[&str] = &["pytest==9.2.0", "pytest-memray==1.11.0", "matplotlib==3.11.2"];
+const MEMRAY_PACKAGES: &[&str] = &[super::PYTEST, "pytest-memray==1.11.0", "matplotlib==3.11.2"];
 const OLD_PSLEAK_PACKAGES: &[&str] = &["psleak==0.1.6"];
 /// Per-call leak sizes tried for "smallest leak caught": 1 B, 2 B, 4 B ... 64 KiB.
 const LEAK_SIZES: std::ops::RangeInclusive<u32> = 0..=16;

@@ -3,7 +3,8 @@
 //!
 //!   cargo xtask setup   install the system packages the build and the tests need
 //!   cargo xtask demo    trace a real leaking C process and show the leaking functions
-//!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin)
+//!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin),
+//!                       also as an unprivileged user through `psleak daemon`
 //!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
 
 use std::io::{BufRead, BufReader};
@@ -12,10 +13,12 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Instant;
 
 mod bench;
+mod unprivileged;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
 /// the bundled libbpf), and what the tests use (gcc for the C targets, bpftool to check that no
-/// probe remains, setpriv to run unprivileged, python3 as a traced interpreter).
+/// probe remains, setpriv to run unprivileged, python3 as a traced interpreter, and with its
+/// headers and venv for the tests an unprivileged user runs through the daemon).
 const PACKAGES: &[&str] = &[
     "clang",
     "libelf-dev",
@@ -27,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "python3",
+    "python3-dev",
+    "python3-venv",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -134,7 +139,10 @@ fn test() -> Result {
 /// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
 /// run unchanged against our package, import it.
 const PYTHON_TEST_DEPS: &[&str] =
-    &["maturin==1.16.0", "pytest==9.2.0", "pytest-instafail", "pytest-xdist", "psutil", "setuptools"];
+    &["maturin==1.16.0", PYTEST, "pytest-instafail", "pytest-xdist", "psutil", "setuptools"];
+
+/// The pytest of every Python run, ours and the benchmark's.
+const PYTEST: &str = "pytest==9.2.0";
 
 /// psleak 0.1.6's tests that poke at psutil itself (`psleak.psutil.heap_info`), which this
 /// package does not use; everything else of theirs runs unchanged.
@@ -198,11 +206,22 @@ fn python_tests() -> Result<PytestCounts> {
         total.passed += counts.passed;
         total.failed += counts.failed;
     }
+    print_calls_to_verdict(&trace_report, &poll_report);
+
+    let started = Instant::now();
+    let counts = unprivileged::run_through_daemon()?;
+    times.push((
+        "ours (leaky_ext), Debian python3: root, then a user through the daemon",
+        started.elapsed(),
+        counts.passed,
+        counts.failed,
+    ));
+    total.passed += counts.passed;
+    total.failed += counts.failed;
     println!("\n| Python test run | wall time | passed | failed |\n|---|---:|---:|---:|");
     for (name, took, passed, failed) in &times {
         println!("| {name} | {:.1} s | {passed} | {failed} |", took.as_secs_f64());
     }
-    print_calls_to_verdict(&trace_report, &poll_report);
     Ok(total)
 }
 
@@ -233,13 +252,17 @@ fn python_with_psleak() -> Result<PathBuf> {
         .arg("-i")
         .arg(&python)
         .current_dir(root().join("python")))?;
-    let wheel = std::fs::read_dir(&wheels)
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(wheel()?))?;
+    Ok(python)
+}
+
+/// The wheel that `python_with_psleak` built.
+fn wheel() -> Result<PathBuf> {
+    std::fs::read_dir(root().join("target/wheels"))
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or("maturin built no wheel")?;
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(&wheel))?;
-    Ok(python)
+        .ok_or_else(|| "maturin built no wheel".into())
 }
 
 /// psleak 0.1.6's test files and their C extension, from the sdist on PyPI, unchanged.
