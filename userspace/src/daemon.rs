@@ -143,7 +143,8 @@ async fn accept_loop(listener: std::os::unix::net::UnixListener, daemon: Arc<Dae
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let Ok(peer) = stream.peer_cred() else { continue };
-                let Ok(stream) = stream.into_std() else { continue };
+                // tokio leaves it non-blocking; sessions read it blocking, with timeouts.
+                let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
                 let daemon = Arc::clone(&daemon);
                 sessions.spawn_blocking(move || daemon.serve_client(stream, peer.uid(), peer.pid().unwrap_or(0)));
             }

@@ -183,6 +183,29 @@ fn garbage_and_oversized_messages_get_errors_while_another_session_goes_on() {
 
     std::thread::scope(|scope| {
         let hostile = scope.spawn(|| {
+            // Slow clients: lines that arrive in pieces are read whole, whatever their size.
+            let mut slow = daemon.connect();
+            let pause = || std::thread::sleep(Duration::from_millis(100));
+            for (head, tail, expected) in [
+                (&br#"{"op":"sta"#[..], &b"tus\"}\n"[..], None),
+                (&[b'x'; 70 << 10][..], &b"xxxx\n"[..], Some("longer than")),
+            ] {
+                slow.stream.write_all(head).unwrap();
+                pause();
+                let reply = slow.ask_bytes(tail);
+                match expected {
+                    None => assert_eq!(reply["ok"], true, "{reply}"),
+                    Some(error) => assert_error(&reply, error),
+                }
+            }
+            let mut rude = Client::attach(&daemon, pid);
+            rude.stream.write_all(&[b'{'; 70 << 10]).unwrap();
+            pause();
+            assert_error(&rude.ask_bytes(b"}\n"), "longer than");
+            rude.stream.write_all(br#"{"op":"#).unwrap();
+            pause();
+            let reply = rude.ask(r#""mark"}"#);
+            assert_eq!(reply["ok"], true, "{reply}");
             for _ in 0..20 {
                 let mut bad = daemon.connect();
                 assert_error(&bad.ask("hello there"), "bad request");
