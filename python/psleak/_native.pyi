@@ -17,3 +17,6 @@ def tracer_unavailable() -> str | None:
 
 def serve_collector(fd: int, pid: int) -> None:
     """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""
+
+def cli(argv: list[str]) -> int:
+    """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""

@@ -50,6 +50,12 @@ fn tracer_unavailable() -> Option<String> {
     tracer::check_prerequisites(&psleak_ebpf::Options::default()).err().map(|e| e.to_string())
 }
 
+/// The `psleak` command line (`argv` with the program name first): its exit status.
+#[pyfunction]
+fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
+    py.detach(|| psleak::cli::run(argv))
+}
+
 /// Runs a private collector for `pid` over the connected Unix socket `fd` (taken over), until
 /// the client hangs up or `pid` exits.
 #[pyfunction]
@@ -68,5 +74,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     Ok(())
 }

@@ -129,3 +129,19 @@ def test_auto_takes_the_tracer_when_privileged():
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env={**os.environ, "PSLEAK_BACKEND": "auto"}, check=False
     )
     assert result.stdout.split() == ["trace"], result.stderr
+
+
+def test_the_psleak_command_comes_with_the_package():
+    psleak_script = os.path.join(os.path.dirname(sys.executable), "psleak")
+    version = subprocess.run([psleak_script, "--version"], capture_output=True, text=True, check=False)
+    assert (version.returncode, version.stdout.split()[0]) == (0, "psleak"), version
+    refused = subprocess.run(
+        [sys.executable, "-m", "psleak", "daemon", "--status", "--socket", "/nonexistent/psleak.sock"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "psleak: no psleak daemon answers on /nonexistent/psleak.sock: No such file or directory (os error 2)"
+    ]

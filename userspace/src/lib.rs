@@ -1,6 +1,7 @@
 //! psleak's collector: the event model, the ledger of live resources, the eBPF backend, and
 //! the live `trace` of a running process.
 
+pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod event;

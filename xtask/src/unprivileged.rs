@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{build_release, pytest, root, run, wheel, Guard, PytestCounts, Result, PYTEST};
+use super::{pytest, root, run, wheel, Guard, PytestCounts, Result, PYTEST};
 
 /// Created by the test setup when missing: a system user with nothing but its own group.
 const USER: &str = "psleak-ci";
@@ -71,7 +71,8 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
     let socket = dir.join("psleak.sock");
     let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
     let mut daemon = Guard(
-        Command::new(build_release()?)
+        // The package's own `psleak` script: what `pip install psleak` gives a CI runner.
+        Command::new(venv.join("bin/psleak"))
             .args(["daemon", "--socket-mode", "660", "--socket-group", USER, "--socket"])
             .arg(&socket)
             .stderr(log)

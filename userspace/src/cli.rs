@@ -1,0 +1,178 @@
+//! The `psleak` command line, shared by the `psleak` binary and the Python package's `psleak`
+//! script (`python -m psleak`), so that `pip install psleak` gives the daemon and the tracer too.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::daemon::{self, DaemonArgs};
+use crate::trace::{self, TraceArgs};
+use clap::{Parser, Subcommand};
+use psleak_ebpf::Options;
+
+/// Leak observer for Python code and native extensions.
+#[derive(Parser)]
+#[command(name = "psleak", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a running process and show what it creates and keeps: memory by site,
+    /// fds and threads opened since attach and still open.
+    Trace(TraceCli),
+    /// Serve unprivileged test processes over a Unix socket: run as root, e.g. on a CI runner.
+    /// Each client may trace only its own uid's processes.
+    Daemon(DaemonCli),
+}
+
+#[derive(clap::Args)]
+struct DaemonCli {
+    /// The socket to listen on (the Python package looks at $PSLEAK_SOCKET, else this default).
+    #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Permission bits of the socket, in octal: 600 admits root only; 660 with --socket-group
+    /// admits that group; 666 admits every local user.
+    #[arg(long, default_value = "600", value_parser = octal_mode)]
+    socket_mode: u32,
+    /// Group (name or gid) that owns the socket.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// End a session whose client has asked nothing for this many seconds.
+    #[arg(long, default_value_t = 3600.0, value_parser = positive_seconds)]
+    idle_timeout: f64,
+    /// Sessions served at once, at most (each holds its own probes and a --ring-mib event ring).
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+    /// Ask the daemon on --socket for its sessions and state, print them as JSON, and exit.
+    #[arg(long)]
+    status: bool,
+    /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
+    #[arg(long)]
+    btf: Option<PathBuf>,
+    /// Size of each session's kernel event ring in MiB (a power of two).
+    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
+    ring_mib: u32,
+}
+
+fn octal_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("`{s}` is not a permission mode in octal (e.g. 600, 660)")),
+    }
+}
+
+#[derive(clap::Args)]
+struct TraceCli {
+    /// The process to trace.
+    #[arg(long, short)]
+    pid: u32,
+    /// Seconds between reports.
+    #[arg(long, short, default_value_t = 5.0, value_parser = positive_seconds)]
+    interval: f64,
+    /// Stop after this many seconds (default: until Ctrl-C or the target exits).
+    #[arg(long, short, value_parser = positive_seconds)]
+    duration: Option<f64>,
+    /// One JSON object per report, one per line.
+    #[arg(long)]
+    json: bool,
+    /// How many memory sites to show.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Ignore allocations and mappings smaller than this many bytes.
+    #[arg(long, default_value_t = 0)]
+    min_size: u64,
+    /// Ignore allocations and mappings larger than this many bytes.
+    #[arg(long)]
+    max_size: Option<u64>,
+    /// Ignore memory younger than this many seconds (short-lived allocations).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_seconds)]
+    min_age: f64,
+    /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
+    #[arg(long)]
+    btf: Option<PathBuf>,
+    /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost.
+    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
+    ring_mib: u32,
+    /// Probe free() at its entry instead of past its NULL check (for `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    free_probe_at_entry: bool,
+    /// Attach the probes with programs that do nothing (the floor, for `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    empty_probes: bool,
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds")),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match non_negative_seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("must be more than 0 seconds".into()),
+    }
+}
+
+fn ring_mib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v.is_power_of_two() && v <= 1024 => Ok(v),
+        _ => Err(format!("`{s}` is not a power of two between 1 and 1024")),
+    }
+}
+
+/// Runs the command line `args` (the program name first); returns the exit status: 0, or 2
+/// after one line on stderr saying what went wrong.
+pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let result = match cli.command {
+        Command::Trace(t) => {
+            if t.max_size.is_some_and(|max| max < t.min_size) {
+                eprintln!("psleak: --max-size is smaller than --min-size: nothing would be shown");
+                return 2;
+            }
+            trace::run(&TraceArgs {
+                pid: t.pid,
+                interval: Duration::from_secs_f64(t.interval),
+                duration: t.duration.map(Duration::from_secs_f64),
+                json: t.json,
+                top: t.top,
+                min_size: t.min_size,
+                max_size: t.max_size,
+                min_age: Duration::from_secs_f64(t.min_age),
+                options: Options {
+                    btf: t.btf,
+                    ring_bytes: t.ring_mib << 20,
+                    free_probe_at_entry: t.free_probe_at_entry,
+                    empty_programs: t.empty_probes,
+                },
+            })
+        }
+        Command::Daemon(d) if d.status => daemon::print_status(&d.socket),
+        Command::Daemon(d) => daemon::run(DaemonArgs {
+            socket: d.socket,
+            mode: d.socket_mode,
+            group: d.socket_group,
+            idle_limit: Duration::from_secs_f64(d.idle_timeout),
+            max_sessions: d.max_sessions,
+            options: Options { btf: d.btf, ring_bytes: d.ring_mib << 20, ..Options::default() },
+        }),
+    };
+    match result {
+        Ok(()) | Err(crate::error::Error::OutputClosed) => 0,
+        Err(err) => {
+            eprintln!("psleak: {err}");
+            2
+        }
+    }
+}
