@@ -15,15 +15,13 @@ use super::{pytest, root, run, wheel, Guard, PytestCounts, Result, PYTEST};
 /// Created by the test setup when missing: a system user with nothing but its own group.
 const USER: &str = "psleak-ci";
 
-/// The tests run that way: the deliberate leaks of leaky_ext (memory in each allocator, an
-/// mmap, an fd, a thread, an error path), each to be caught and named.
-const TESTS: &[&str] = &["test_leaky_ext.py", "-k", "test_leak_is_caught_and_named or test_leak_on_error_path_only"];
+/// The tests run that way: leaky_ext's deliberate leaks (each caught and named), their clean
+/// twins and the controls (each passing).
+const TESTS: &str = "test_leaky_ext.py";
 
 /// Known gaps of the tracer with Debian's python3.11 (static, LTO, no frame pointers), the
 /// same with or without the daemon: its inlined allocator calls are named after the CPython
-/// function (`_PyLong_New in python3.11`), not the extension's; and the clean twins and
-/// controls are not run, since about one run in four flags one of them there (a free it
-/// misses). Neither is about the daemon; both are in the note of issue 5.
+/// function (`_PyLong_New in python3.11`), not the extension's. Not about the daemon.
 const DEBIAN_PYTHON_GAPS: &[&str] = &[
     "test_leaky_ext.py::test_leak_is_caught_and_named[forget_decref_int]",
     "test_leaky_ext.py::test_leak_is_caught_and_named[forget_decref_tuple]",
@@ -53,7 +51,7 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
         let mut command = Command::new(&python);
         command
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:instafail"])
-            .args(TESTS)
+            .arg(TESTS)
             .args(DEBIAN_PYTHON_GAPS.iter().map(|t| format!("--deselect={t}")))
             .arg(format!("--psleak-report={}", report.display()))
             .current_dir(&home)
@@ -64,7 +62,7 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
         command
     };
 
-    println!("xtask: Python tests (leaky_ext's leaks, Debian's python3, as root with a private collector)");
+    println!("xtask: Python tests (leaky_ext, Debian's python3, as root with a private collector)");
     let reference = dir.join("privileged.json");
     let mut counts = pytest(&mut pytest_run(&reference))?;
 
@@ -87,7 +85,7 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("xtask: Python tests (leaky_ext's leaks, Debian's python3, as user {USER} through root's psleak daemon)");
+    println!("xtask: Python tests (leaky_ext, Debian's python3, as user {USER} through root's psleak daemon)");
     let report = home.join("report.json");
     let unprivileged = pytest(pytest_run(&report).uid(uid).gid(gid).env("HOME", &home).env("PSLEAK_SOCKET", &socket))?;
     counts.passed += unprivileged.passed;
