@@ -32,6 +32,9 @@ pub struct Target {
     pub libc: PathBuf,
     /// The executable or libpython that exports `PyObject_Malloc`, when the process is Python.
     pub python: Option<PathBuf>,
+    /// Where `python`'s code is mapped in the process: libc allocations called from there carry
+    /// stack words too, since CPython is often built without frame pointers.
+    pub python_code: std::ops::Range<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +151,8 @@ impl<'obj> Probes<'obj> {
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the probes have read-only data");
         rodata.target_tgid = target.pid;
         rodata.empty_programs = options.empty_programs;
+        rodata.python_code_start = target.python_code.start;
+        rodata.python_code_end = target.python_code.end;
         open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
         let skel = open.load().map_err(|e| classify("load the probes", e))?;
 
@@ -372,10 +377,11 @@ mod tests {
         };
         assert!(decode(bytes).is_none(), "flags announce a scan that is missing");
         let mut with_scan = bytes.to_vec();
-        with_scan.extend((0..=32u64).flat_map(u64::to_ne_bytes));
+        let words = types::stack_scan::default().words.len() as u64;
+        with_scan.extend((0..=words).flat_map(u64::to_ne_bytes));
         let (decoded, scan) = decode(&with_scan).expect("a full record");
         assert_eq!(decoded.flags, EVF_STACK_SCAN);
         let scan = scan.expect("a stack scan");
-        assert_eq!((scan.ip, scan.words[31]), (0, 32));
+        assert_eq!((scan.ip, scan.words[words as usize - 1]), (0, words));
     }
 }

@@ -152,6 +152,13 @@ impl Process {
     }
 
     /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
+    /// The addresses spanned by the code `path` has mapped (empty when it has none).
+    pub fn code_range(&self, path: &Path) -> std::ops::Range<u64> {
+        let mapped = self.code.iter().filter(|m| m.path == path);
+        let start = mapped.clone().map(|m| m.start).min().unwrap_or(0);
+        start..mapped.map(|m| m.end).max().unwrap_or(0)
+    }
+
     pub fn in_code(&self, addr: u64) -> bool {
         self.code_at(addr).is_some()
     }

@@ -63,7 +63,8 @@ pub fn target_of(process: &mut Process) -> Result<Target, Error> {
         });
     };
     let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
-    Ok(Target { pid: process.pid(), libc, python })
+    let python_code = python.as_deref().map_or(0..0, |p| process.code_range(p));
+    Ok(Target { pid: process.pid(), libc, python, python_code })
 }
 
 /// Loads and attaches the probes to `process`; fails if it died meanwhile.

@@ -30,6 +30,7 @@ struct alloc_call {
 	__u32 depth;   /* nesting of probed calls of this layer in this thread */
 	__u8 op;
 	__u8 domain;
+	bool scanned;  /* its event carries stack words (see reserve_alloc_event) */
 };
 
 /* In-flight calls per thread, one map per layer, so a libc call can tell it is inside Python's. */
@@ -87,20 +88,24 @@ int BPF_UPROBE(alloc_enter)
 	call.caller = return_address_at(PT_REGS_SP(ctx));
 	call.entry_ip = PT_REGS_IP(ctx);
 	call.entry_sp = PT_REGS_SP(ctx);
-	call.stack_id = user_stack_id(ctx);
+	call.scanned = domain != DOMAIN_LIBC || (call.caller >= python_code_start && call.caller < python_code_end);
+	/* A frame-pointer walk is useless where the stack words are unwound instead. */
+	call.stack_id = call.scanned ? -1 : user_stack_id(ctx);
 	bpf_map_update_elem(calls, &tid, &call, BPF_ANY);
 	return 0;
 }
 
 /*
  * Python's allocator is mostly called from inside libpython, built without frame pointers:
- * its events carry the callers' stack words, which userspace unwinds with the CFI up to the
- * extension that asked. Read at return: the frames above the entry stack pointer are intact,
- * but the return address slot holds the uretprobe trampoline, so it is put back.
+ * its events, and those of libc calls made from Python's code (PYTHONMALLOC=malloc, or an
+ * allocator inlined by LTO), carry the callers' stack words, which userspace unwinds with
+ * the CFI up to the extension that asked. Read at return: the frames above the entry stack
+ * pointer are intact, but the return address slot holds the uretprobe trampoline, so it is
+ * put back.
  */
 static __always_inline struct event *reserve_alloc_event(struct alloc_call *call, __u8 kind)
 {
-	if (call->domain == DOMAIN_LIBC)
+	if (!call->scanned)
 		return reserve_event(kind);
 	struct event *e = reserve_scan_event(kind, call->entry_ip, call->entry_sp);
 	if (e)

@@ -14,6 +14,9 @@
 const volatile __u32 target_tgid = 0;
 /* Benchmark floor: the same probes fire but every program returns at once. */
 const volatile bool empty_programs = false;
+/* Where the Python runtime's code is mapped (empty when the target is not Python). */
+const volatile __u64 python_code_start = 0;
+const volatile __u64 python_code_end = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

@@ -63,7 +63,7 @@ enum alloc_op {
 /* Words read upward from the user stack pointer for events raised inside a syscall, where the
  * libc wrapper may have pushed a frame: userspace finds the return address among them by
  * unwinding the wrapper's frame with its CFI (.eh_frame), at the user instruction pointer. */
-#define PSLEAK_SCAN_WORDS 32
+#define PSLEAK_SCAN_WORDS 64
 
 struct event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -72,7 +72,7 @@ struct event {
 	__u64 old_addr;
 	__u64 aux;
 	__u64 caller;   /* return address of the probed call: the immediate caller, even without frame pointers */
-	__s32 stack_id; /* user stack in the `stacks` map, or a negative errno when none could be taken */
+	__s32 stack_id; /* user stack in the `stacks` map; negative when none was taken (the event carries stack words instead) or none could be */
 	__u32 tid;      /* thread that caused the event */
 	__u8 kind;      /* enum event_kind */
 	__u8 domain;    /* enum alloc_domain, for allocation events */
