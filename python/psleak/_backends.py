@@ -16,6 +16,8 @@ PROTOCOL_VERSION = 1
 # Attaching takes ~0.1 s; a loaded CI machine may be much slower.
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0
+# Objects made to check that the probes see CPython's allocations.
+CALIBRATION_OBJECTS = 2000
 
 
 class BackendError(RuntimeError):
@@ -42,6 +44,7 @@ class TraceBackend:
 
     def __init__(self, daemon=None):
         self._process = None
+        self._sees_python = None
         self.daemon = daemon
         if daemon is None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,6 +116,22 @@ class TraceBackend:
 
     def request(self, op, **fields):
         return self.send(self.encode(op, **fields))
+
+    def sees_python_allocations(self):
+        """Whether the probes see CPython's own object allocations. A CPython built with LTO
+        (Debian's python3) inlines its allocator into its callers, out of the probes' reach,
+        unless PYTHONMALLOC=malloc routes it through malloc. Asked once: 2000 new ints must be
+        seen live."""
+        if self._sees_python is None:
+            measurement = self.request("begin")["measurement"]
+            end_batch = self.encode("batch", measurement=measurement, calls=1, confirm=3, top=0)
+            self.request("window", measurement=measurement)
+            ints = [i * 1000003 for i in range(CALIBRATION_OBJECTS)]
+            seen = self.send(end_batch)["live"]["heap_blocks"]
+            del ints
+            self.request("end", measurement=measurement)
+            self._sees_python = seen >= CALIBRATION_OBJECTS
+        return self._sees_python
 
     def close(self, wait=True):
         """Ends the session: the collector detaches its probes and exits. At interpreter exit

@@ -145,3 +145,39 @@ def test_the_psleak_command_comes_with_the_package():
     assert refused.stderr.splitlines() == [
         "psleak: no psleak daemon answers on /nonexistent/psleak.sock: No such file or directory (os error 2)"
     ]
+
+
+LEAKY_SCRIPT = """
+import unittest, psleak
+kept = []
+class Case(psleak.MemoryLeakTestCase):
+    def runTest(self):
+        pass
+try:
+    Case().execute(lambda: kept.append(len(kept) * 1000003))
+    print("no leak found")
+except unittest.SkipTest as e:
+    print("skipped:", e)
+except psleak.MemoryLeakError as e:
+    print("leak:", str(e).splitlines()[0])
+"""
+
+
+def run_leaky_script(python, pythonmalloc):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+    env.update({"PYTHONPATH": os.path.dirname(os.path.dirname(psleak.__file__)), "PSLEAK_BACKEND": "trace"})
+    if pythonmalloc:
+        env["PYTHONMALLOC"] = pythonmalloc
+    result = subprocess.run([python, "-c", LEAKY_SCRIPT], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_python_that_inlines_its_allocator_needs_pythonmalloc():
+    """Debian's python3 (built with LTO) makes objects out of the probes' sight unless
+    PYTHONMALLOC=malloc: memory checks are skipped, saying why, rather than passing blind."""
+    debian = "/usr/bin/python3"  # installed by `cargo xtask setup`
+    assert run_leaky_script(debian, None).startswith("skipped: PYTHONMALLOC=malloc was not set, and this Python inlines")
+    assert run_leaky_script(debian, "malloc").startswith("leak: memory kept increasing")
+    # The Python of this run calls its allocator: it needs no PYTHONMALLOC.
+    assert run_leaky_script(sys.executable, None).startswith("leak: memory kept increasing")

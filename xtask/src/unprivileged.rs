@@ -19,15 +19,6 @@ const USER: &str = "psleak-ci";
 /// twins and the controls (each passing).
 const TESTS: &str = "test_leaky_ext.py";
 
-/// Known gaps of the tracer with Debian's python3.11 (static, LTO, no frame pointers), the
-/// same with or without the daemon: its inlined allocator calls are named after the CPython
-/// function (`_PyLong_New in python3.11`), not the extension's. Not about the daemon.
-const DEBIAN_PYTHON_GAPS: &[&str] = &[
-    "test_leaky_ext.py::test_leak_is_caught_and_named[forget_decref_int]",
-    "test_leaky_ext.py::test_leak_is_caught_and_named[forget_decref_tuple]",
-    "test_leaky_ext.py::test_leak_is_caught_and_named[forget_decref_dict]",
-];
-
 /// Runs `TESTS` twice with the same interpreter: as root with a private collector, then as
 /// `USER` through a daemon admitting `USER`'s group (socket mode 0660); a test whose outcome
 /// differs counts as a failure, as does a daemon that does not end cleanly on SIGTERM.
@@ -52,7 +43,6 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
         command
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:instafail"])
             .arg(TESTS)
-            .args(DEBIAN_PYTHON_GAPS.iter().map(|t| format!("--deselect={t}")))
             .arg(format!("--psleak-report={}", report.display()))
             .current_dir(&home)
             .env("PSLEAK_BACKEND", "trace")
