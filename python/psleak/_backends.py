@@ -17,7 +17,7 @@ PROTOCOL_VERSION = 1
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0
 # Objects made to check that the probes see CPython's allocations.
-CALIBRATION_OBJECTS = 2000
+CALIBRATION_OBJECTS = 200
 
 
 class BackendError(RuntimeError):
@@ -120,7 +120,7 @@ class TraceBackend:
     def sees_python_allocations(self):
         """Whether the probes see CPython's own object allocations. A CPython built with LTO
         (Debian's python3) inlines its allocator into its callers, out of the probes' reach,
-        unless PYTHONMALLOC=malloc routes it through malloc. Asked once: 2000 new ints must be
+        unless PYTHONMALLOC=malloc routes it through malloc. Asked once: 200 new ints must be
         seen live."""
         if self._sees_python is None:
             measurement = self.request("begin")["measurement"]
