@@ -40,17 +40,10 @@ impl Daemon {
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.join("psleak.sock");
-        let mut child = common::psleak()
-            .args(["daemon", "--socket"])
-            .arg(&socket)
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psleak starts");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        assert!(line.contains("daemon listening on"), "the daemon did not start: {line:?}");
+        let (child, mut stderr) = common::start_psleak(
+            common::psleak().args(["daemon", "--socket"]).arg(&socket).args(extra),
+            "daemon listening on",
+        );
         // Its log goes on; nobody reads it, so it must not fill the pipe.
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         Self { child, socket }

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,17 @@ pub fn psleak() -> Command {
     Command::new(env!("CARGO_BIN_EXE_psleak"))
 }
 
+/// Starts psleak with its stderr piped and waits for its first line, which must contain
+/// `expected` (it is running); the rest of stderr is left to the caller.
+pub fn start_psleak(command: &mut Command, expected: &str) -> (Child, BufReader<ChildStderr>) {
+    let mut child = command.stderr(Stdio::piped()).spawn().expect("psleak starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains(expected), "psleak did not start: {line:?}");
+    (child, stderr)
+}
+
 /// `psleak trace --json` attached to a process, reporting only when stopped.
 pub struct Tracer {
     child: Option<Child>,
@@ -92,18 +103,14 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn attach(pid: u32, extra: &[&str]) -> Self {
-        let mut child = psleak()
-            .args(["trace", "--json", "--pid", &pid.to_string()])
-            .args(if extra.contains(&"--interval") { &[][..] } else { &["--interval", "3600"][..] })
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psleak starts");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        assert!(line.contains("tracing pid"), "psleak did not attach: {line:?}");
+        let (mut child, _) = start_psleak(
+            psleak()
+                .args(["trace", "--json", "--pid", &pid.to_string()])
+                .args(if extra.contains(&"--interval") { &[][..] } else { &["--interval", "3600"][..] })
+                .args(extra)
+                .stdout(Stdio::piped()),
+            "tracing pid",
+        );
         let reports = child.stdout.take().map(BufReader::new);
         Self { child: Some(child), reports }
     }
