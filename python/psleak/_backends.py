@@ -3,6 +3,7 @@ process with eBPF probes (exact, with the site of every resource); ``PollBackend
 procfs and the allocator's statistics, psutil-style. Both measure the classic metrics
 natively (``_native.memory``)."""
 
+import atexit
 import json
 import os
 import socket
@@ -161,6 +162,12 @@ def current():
     return _backend
 
 
+def _ended_at_exit(backend):
+    """Registers the session's end at interpreter exit, without waiting for the detach."""
+    atexit.register(backend.close, wait=False)
+    return backend
+
+
 def _choose(wanted):
     if wanted not in {"auto", "trace", "poll"}:
         msg = f"PSLEAK_BACKEND must be auto, trace or poll (got {wanted!r})"
@@ -178,10 +185,7 @@ def _choose(wanted):
                 raise BackendError(msg) from None
             daemon_error = err
         else:
-            import atexit  # noqa: PLC0415
-
-            atexit.register(backend.close, wait=False)
-            return backend
+            return _ended_at_exit(backend)
     why = _native.tracer_unavailable()
     if why is None:
         try:
@@ -189,10 +193,7 @@ def _choose(wanted):
         except BackendError as err:
             why = str(err)
         else:
-            import atexit  # noqa: PLC0415
-
-            atexit.register(backend.close, wait=False)
-            return backend
+            return _ended_at_exit(backend)
         # Privileged, yet the probes could not be had: worth saying, unlike a plain user.
         msg = f"psleak: using the polling backend; the tracer failed: {why}"
         if wanted == "auto":
