@@ -3,6 +3,13 @@
 def memory() -> dict[str, int]:
     """heap, mmap (mallinfo2), uss, rss and vms of this process, in bytes."""
 
+def mark_memory() -> None:
+    """Take the reading that memory_since_mark() compares with (kept natively, so that
+    nothing made after it counts as growth)."""
+
+def memory_since_mark() -> dict[str, int]:
+    """How much each of memory()'s metrics grew since mark_memory(), in bytes."""
+
 def heap_trim() -> None:
     """Give free heap memory back to the system (malloc_trim)."""
 

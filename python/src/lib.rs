@@ -3,24 +3,71 @@
 
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
 
-use psleak::metrics::Metrics;
+use psleak::metrics::MemoryUse;
 use psleak::{poll, session, tracer};
 use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+/// psleak's memory metrics of this process (heap, mmap, uss, rss, vms), read without
+/// allocating.
+#[derive(Clone, Copy)]
+struct MemoryReading {
+    heap: poll::HeapUse,
+    memory: MemoryUse,
+}
+
+impl MemoryReading {
+    fn now() -> PyResult<Self> {
+        let memory = MemoryUse::own().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(Self { heap: poll::own_heap(), memory })
+    }
+
+    fn fields(&self) -> [(&'static str, i64); 5] {
+        let MemoryUse { rss, vms, uss } = self.memory;
+        let poll::HeapUse { heap_used, mmap_used } = self.heap;
+        [("heap", heap_used), ("mmap", mmap_used), ("uss", uss), ("rss", rss), ("vms", vms)]
+            .map(|(name, bytes)| (name, bytes as i64))
+    }
+}
+
+/// The reading `memory_since_mark` compares with. Kept here rather than handed to the caller:
+/// a Python object made after the heap was read and held across the calls would itself count
+/// as growth (a dict and five ints, ~700 bytes per batch).
+static MEMORY_MARK: Mutex<Option<MemoryReading>> = Mutex::new(None);
+
 /// heap, mmap, uss, rss and vms of this process, in bytes (psleak's memory metrics).
 #[pyfunction]
 fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let metrics = Metrics::of(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))?;
-    let heap = poll::own_heap();
     let d = PyDict::new(py);
-    d.set_item("heap", heap.heap_used)?;
-    d.set_item("mmap", heap.mmap_used)?;
-    d.set_item("uss", metrics.uss)?;
-    d.set_item("rss", metrics.rss)?;
-    d.set_item("vms", metrics.vms)?;
+    for (name, bytes) in MemoryReading::now()?.fields() {
+        d.set_item(name, bytes)?;
+    }
+    Ok(d)
+}
+
+/// Takes the reading that `memory_since_mark` compares with.
+#[pyfunction]
+fn mark_memory() -> PyResult<()> {
+    let reading = MemoryReading::now()?;
+    *MEMORY_MARK.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
+    Ok(())
+}
+
+/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes.
+#[pyfunction]
+fn memory_since_mark(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let now = MemoryReading::now()?;
+    let mark = MEMORY_MARK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .ok_or_else(|| PyRuntimeError::new_err("memory_since_mark() needs mark_memory() first"))?;
+    let d = PyDict::new(py);
+    for ((name, after), (_, before)) in now.fields().into_iter().zip(mark.fields()) {
+        d.set_item(name, after - before)?;
+    }
     Ok(d)
 }
 
@@ -69,6 +116,8 @@ fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory, m)?)?;
+    m.add_function(wrap_pyfunction!(mark_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_since_mark, m)?)?;
     m.add_function(wrap_pyfunction!(heap_trim, m)?)?;
     m.add_function(wrap_pyfunction!(open_fds, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;

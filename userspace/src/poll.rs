@@ -16,9 +16,32 @@ pub struct HeapUse {
 }
 
 pub fn own_heap() -> HeapUse {
+    fill_thread_cache();
     // SAFETY: mallinfo2 has no preconditions and returns a plain struct.
     let info = unsafe { libc::mallinfo2() };
     HeapUse { heap_used: info.uordblks as u64, mmap_used: info.hblkhd as u64 }
+}
+
+/// glibc counts the freed small blocks that it keeps in this thread's cache (tcache: up to 7
+/// per size class, 24 to 1032 bytes) as used, so how full the cache happens to be moves
+/// `heap_used` by up to kilobytes between two readings with the same live memory — enough to
+/// fail a clean test. Filling every size class to the brim first makes the cache's share the
+/// same at every reading: what a class already held is handed out and comes back, and the
+/// blocks that do not fit go to the allocator's free lists, which count as free.
+fn fill_thread_cache() {
+    const CLASSES: usize = 64;
+    // Above glibc's default of 7 per class, in case a tunable raised it a little.
+    const PER_CLASS: usize = 16;
+    let mut blocks = [std::ptr::null_mut::<libc::c_void>(); CLASSES * PER_CLASS];
+    for (i, block) in blocks.iter_mut().enumerate() {
+        // Request sizes 24, 40, ... 1032: one per chunk size class of the cache.
+        // SAFETY: malloc has no preconditions; a null result is freed harmlessly below.
+        *block = unsafe { libc::malloc(16 * (i % CLASSES) + 24) };
+    }
+    for block in blocks {
+        // SAFETY: each block came from malloc above and is freed once.
+        unsafe { libc::free(block) };
+    }
 }
 
 /// Gives free heap memory back to the system, so that what stays is what is used.
