@@ -11,6 +11,8 @@ pub enum Domain {
     PymemRaw,
     Pymem,
     Pyobject,
+    /// Windows HeapAlloc family, any heap.
+    WinHeap,
 }
 
 impl Domain {
@@ -20,6 +22,7 @@ impl Domain {
             Self::PymemRaw => "PyMem_Raw",
             Self::Pymem => "PyMem",
             Self::Pyobject => "PyObject",
+            Self::WinHeap => "HeapAlloc",
         }
     }
 }
@@ -68,24 +71,44 @@ impl FdKind {
     }
 }
 
+// Linux's numbers, which the probes read from the kernel's sockets (and the Linux polling
+// backend from getsockopt), whatever platform shows them.
 fn family_name(family: u16) -> String {
-    match i32::from(family) {
-        libc::AF_UNIX => "AF_UNIX".into(),
-        libc::AF_INET => "AF_INET".into(),
-        libc::AF_INET6 => "AF_INET6".into(),
-        libc::AF_NETLINK => "AF_NETLINK".into(),
-        libc::AF_PACKET => "AF_PACKET".into(),
+    match family {
+        1 => "AF_UNIX".into(),
+        2 => "AF_INET".into(),
+        10 => "AF_INET6".into(),
+        16 => "AF_NETLINK".into(),
+        17 => "AF_PACKET".into(),
         other => format!("AF_{other}"),
     }
 }
 
 fn sock_type_name(sock_type: u16) -> String {
-    match i32::from(sock_type) {
-        libc::SOCK_STREAM => "SOCK_STREAM".into(),
-        libc::SOCK_DGRAM => "SOCK_DGRAM".into(),
-        libc::SOCK_RAW => "SOCK_RAW".into(),
-        libc::SOCK_SEQPACKET => "SOCK_SEQPACKET".into(),
+    match sock_type {
+        1 => "SOCK_STREAM".into(),
+        2 => "SOCK_DGRAM".into(),
+        3 => "SOCK_RAW".into(),
+        5 => "SOCK_SEQPACKET".into(),
         other => format!("SOCK_{other}"),
+    }
+}
+
+/// What a Windows handle refers to: the kernel's object type index (its name, `File`, `Event`...,
+/// is the system's to tell, per boot) and the object's name when it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandleKind {
+    pub object_type: u16,
+    pub name: String,
+}
+
+impl HandleKind {
+    /// `type 37 \Device\Afd`, or `type 16` for an unnamed object.
+    pub fn describe(&self) -> String {
+        match self.name.as_str() {
+            "" => format!("type {}", self.object_type),
+            name => format!("type {} {name}", self.object_type),
+        }
     }
 }
 
@@ -149,6 +172,21 @@ pub enum Change {
     },
     ThreadExit {
         tid: u32,
+    },
+    /// A Windows private heap (HeapCreate), a resource of its own.
+    HeapCreate {
+        heap: u64,
+    },
+    /// Destroying a heap also frees its blocks: the backend sends their frees before this.
+    HeapDestroy {
+        heap: u64,
+    },
+    HandleOpen {
+        handle: u64,
+        kind: HandleKind,
+    },
+    HandleClose {
+        handle: u64,
     },
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Change, Domain, Event, FdKind, Origin};
+use crate::event::{Change, Domain, Event, FdKind, HandleKind, Origin};
 
 /// An interned creation site.
 pub type SiteId = u32;
@@ -53,8 +53,17 @@ pub struct OpenFd {
     seq: u64,
 }
 
+#[derive(Debug, Clone)]
+pub struct OpenHandle {
+    pub kind: HandleKind,
+    pub site: SiteId,
+    pub ts_ns: u64,
+    seq: u64,
+}
+
+/// A live thread or Windows heap.
 #[derive(Debug, Clone, Copy)]
-pub struct LiveThread {
+pub struct Live {
     pub site: SiteId,
     pub ts_ns: u64,
     seq: u64,
@@ -105,7 +114,9 @@ pub struct Ledger {
     heap: HashMap<u64, Block>,
     mappings: BTreeMap<u64, Mapping>,
     fds: BTreeMap<i32, OpenFd>,
-    threads: BTreeMap<u32, LiveThread>,
+    threads: BTreeMap<u32, Live>,
+    heaps: BTreeMap<u64, Live>,
+    handles: BTreeMap<u64, OpenHandle>,
     /// Releases of resources the ledger never saw created (made before attach).
     pub untracked_releases: u64,
 }
@@ -148,6 +159,7 @@ impl Ledger {
     pub fn apply(&mut self, event: &Event) {
         let created = Created { site: self.intern(event.origin), seq: self.seq, ts_ns: event.ts_ns };
         self.seq += 1;
+        let live = Live { site: created.site, ts_ns: event.ts_ns, seq: created.seq };
         match event.change {
             Change::Alloc { domain, addr, size } => {
                 self.heap.insert(addr, Block { domain, size, created });
@@ -190,20 +202,40 @@ impl Ledger {
             }
             Change::FdClose { .. } => {}
             Change::ThreadStart { tid } => {
-                self.threads.insert(tid, LiveThread { site: created.site, ts_ns: event.ts_ns, seq: created.seq });
+                self.threads.insert(tid, live);
             }
             Change::ThreadExit { tid } => {
-                if self.threads.remove(&tid).is_none() {
-                    self.untracked_releases += 1;
-                }
+                let tracked = self.threads.remove(&tid).is_some();
+                self.release(tracked);
+            }
+            Change::HeapCreate { heap } => {
+                self.heaps.insert(heap, live);
+            }
+            Change::HeapDestroy { heap } => {
+                let tracked = self.heaps.remove(&heap).is_some();
+                self.release(tracked);
+            }
+            Change::HandleOpen { handle, ref kind } => {
+                let open = OpenHandle { kind: kind.clone(), site: live.site, ts_ns: live.ts_ns, seq: live.seq };
+                self.handles.insert(handle, open);
+            }
+            Change::HandleClose { handle } => {
+                let tracked = self.handles.remove(&handle).is_some();
+                self.release(tracked);
             }
         }
     }
 
-    fn release_block(&mut self, addr: u64) {
-        if self.heap.remove(&addr).is_none() {
+    /// Counts the release of a resource the ledger never saw created.
+    fn release(&mut self, was_tracked: bool) {
+        if !was_tracked {
             self.untracked_releases += 1;
         }
+    }
+
+    fn release_block(&mut self, addr: u64) {
+        let was_tracked = self.heap.remove(&addr).is_some();
+        self.release(was_tracked);
     }
 
     /// Removes `[addr, addr+len)` from the tracked mappings, splitting those that straddle it.
@@ -255,8 +287,18 @@ impl Ledger {
     }
 
     /// Threads started since `since` and still alive, by tid.
-    pub fn live_threads(&self, since: Mark) -> impl Iterator<Item = (u32, &LiveThread)> {
+    pub fn live_threads(&self, since: Mark) -> impl Iterator<Item = (u32, &Live)> {
         self.threads.iter().filter(move |(_, t)| t.seq >= since.0).map(|(&tid, t)| (tid, t))
+    }
+
+    /// Windows heaps created since `since` and not destroyed, by handle.
+    pub fn live_heaps(&self, since: Mark) -> impl Iterator<Item = (u64, &Live)> {
+        self.heaps.iter().filter(move |(_, h)| h.seq >= since.0).map(|(&heap, h)| (heap, h))
+    }
+
+    /// Windows handles opened since `since` and still open, by handle value.
+    pub fn open_handles(&self, since: Mark) -> impl Iterator<Item = (u64, &OpenHandle)> {
+        self.handles.iter().filter(move |(_, h)| h.seq >= since.0).map(|(&handle, h)| (handle, h))
     }
 }
 

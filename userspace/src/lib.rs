@@ -1,20 +1,33 @@
-//! psleak's collector: the event model, the ledger of live resources, the eBPF backend, and
-//! the live `trace` of a running process.
+//! psleak's collector: the event model, the ledger of live resources, the verdict, and the
+//! polling metrics, on every platform; the eBPF backend, its sessions, the daemon and the live
+//! `trace` of a running process on Linux; the ETW records' translation for Windows.
 
-pub mod cli;
-pub mod daemon;
-pub mod error;
+pub mod etw;
 pub mod event;
 pub mod ledger;
 pub mod metrics;
 pub mod poll;
-pub mod process;
 pub mod protocol;
 pub mod report;
-pub mod session;
-pub mod sites;
-pub mod symbols;
-pub mod trace;
-pub mod tracer;
-pub mod unwind;
 pub mod verdict;
+
+#[cfg(target_os = "linux")]
+pub mod cli;
+#[cfg(target_os = "linux")]
+pub mod daemon;
+#[cfg(target_os = "linux")]
+pub mod error;
+#[cfg(target_os = "linux")]
+pub mod process;
+#[cfg(target_os = "linux")]
+pub mod session;
+#[cfg(target_os = "linux")]
+pub mod sites;
+#[cfg(target_os = "linux")]
+pub mod symbols;
+#[cfg(target_os = "linux")]
+pub mod trace;
+#[cfg(target_os = "linux")]
+pub mod tracer;
+#[cfg(target_os = "linux")]
+pub mod unwind;

@@ -2,12 +2,46 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::ledger::{Memory, SiteId};
 use crate::metrics::{Metrics, MetricsChange};
-use crate::symbols::Frame;
+
+/// One frame of a site's stack, named as far as the symbols allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    #[serde(serialize_with = "hex")]
+    pub addr: u64,
+    pub function: Option<String>,
+    pub module: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{addr:#x}"))
+}
+
+impl Frame {
+    /// `leak_bytes (leaky.c:12)`, or the module and address when no symbol is known.
+    pub fn describe(&self) -> String {
+        let module = self
+            .module
+            .as_deref()
+            .map(|m| Path::new(m).file_name().map_or(m.into(), |n| n.to_string_lossy()))
+            .unwrap_or_default();
+        match (&self.function, &self.file) {
+            (Some(f), Some(file)) => match self.line {
+                Some(line) => format!("{f} ({file}:{line})"),
+                None => format!("{f} ({file})"),
+            },
+            (Some(f), None) => format!("{f} in {module}"),
+            _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct Report {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use psleak_ebpf::{Probes, Target};
 
 use crate::event::Origin;
-use crate::symbols::{Frame, Symbols};
+use crate::report::Frame;
+use crate::symbols::Symbols;
 use crate::tracer::RecordDecoder;
 
 pub struct SiteNamer {

@@ -6,44 +6,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::process::Process;
+use crate::report::Frame;
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer};
-use serde::Serialize;
-
-use crate::process::Process;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Frame {
-    #[serde(serialize_with = "hex")]
-    pub addr: u64,
-    pub function: Option<String>,
-    pub module: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-}
-
-fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{addr:#x}"))
-}
-
-impl Frame {
-    /// `leak_bytes (leaky.c:12)`, or the module and address when no symbol is known.
-    pub fn describe(&self) -> String {
-        let module = self
-            .module
-            .as_deref()
-            .map(|m| Path::new(m).file_name().map_or(m.into(), |n| n.to_string_lossy()))
-            .unwrap_or_default();
-        match (&self.function, &self.file) {
-            (Some(f), Some(file)) => match self.line {
-                Some(line) => format!("{f} ({file}:{line})"),
-                None => format!("{f} ({file})"),
-            },
-            (Some(f), None) => format!("{f} in {module}"),
-            _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
-        }
-    }
-}
 
 #[derive(Default)]
 pub struct Symbols {

@@ -1,6 +1,8 @@
 //! Nothing of psleak stays in the kernel after it ends, however it ends: checked with bpftool.
 //! The tests of this file take turns, since each counts every psleak program in the kernel.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::sync::Mutex;

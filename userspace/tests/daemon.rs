@@ -3,6 +3,8 @@
 //! input is answered while another session goes on; no probe outlives its session, however
 //! the session ends (bpftool). The tests take turns, since they count every psleak program.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

@@ -1,5 +1,7 @@
 //! Bad input gets one clear line on stderr and exit status 2, never a panic.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::process::{Command, Stdio};

@@ -1,6 +1,8 @@
 //! The heap figure of the polling backend, alone in its test binary: mallinfo2 sums every
 //! thread's arena, so a concurrent test would move it.
 
+#![cfg(target_os = "linux")]
+
 use psleak::poll::own_heap;
 
 const BLOCK: usize = 200;

@@ -1,6 +1,8 @@
 //! Real processes that leak on purpose, traced by the real probes: each leak is found with
 //! its exact count and bytes and named by the C function that leaked; clean code shows nothing.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::process::Command;
