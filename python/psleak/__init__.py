@@ -54,6 +54,9 @@ CONFIRM_BATCHES = 3
 # these are judged by the polling heuristic, as a second opinion.
 UNTRACED_METRICS = ("uss", "rss")
 
+POSIX = os.name == "posix"
+WINDOWS = os.name == "nt"
+
 
 # --- exceptions
 
@@ -111,6 +114,10 @@ class UnclosedPythonThreadError(UnclosedResourceError):
     """A ``threading.Thread`` started by one call still runs after it."""
 
     resource_name = "Python thread"
+
+
+# The counts the Windows checkers compare, and what each raises when it grew.
+WINDOWS_COUNTS = {"num_handles": UnclosedHandleError, "heap_count": UnclosedHeapCreateError}
 
 
 class UncollectableGarbageError(UnclosedResourceError):
@@ -490,12 +497,16 @@ class MemoryLeakTestCase(unittest.TestCase):
         d = {}
         if checkers.py_threads:
             d["py_threads"] = (threading.active_count(), threading.enumerate())
-        if checkers.fds:
+        if POSIX and checkers.fds:
             fds = self._get_fds()
             d["num_fds"] = (len(fds), fds)
+        if WINDOWS and checkers.handles:
+            d["num_handles"] = (_native.handle_count(), [])
         if checkers.c_threads:
             threads = self._get_threads()
             d["c_threads"] = (len(threads), threads)
+        if WINDOWS and checkers.memory:
+            d["heap_count"] = (_native.heap_count(), [])
         return d
 
     def _get_mem(self):
@@ -520,6 +531,9 @@ class MemoryLeakTestCase(unittest.TestCase):
             elif what == "c_threads":
                 leaked = self._new_threads(extras_before, extras_after, created)
                 error = UnclosedNativeThreadError
+            elif what in WINDOWS_COUNTS:
+                # Counts only: the polling fallback of the ETW backend cannot name them.
+                leaked, error = [], WINDOWS_COUNTS[what]
             else:
                 leaked = self._new_py_threads(extras_before, extras_after)
                 error = UnclosedPythonThreadError

@@ -30,7 +30,7 @@ class PollBackend:
     exact = False
 
     def describe(self):
-        return "poll (procfs and mallinfo2; memory checks need PYTHONMALLOC=malloc)"
+        return "poll (the OS's counters and the allocator's statistics; memory checks need PYTHONMALLOC=malloc)"
 
 
 DEFAULT_SOCKET = "/run/psleak.sock"

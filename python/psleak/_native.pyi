@@ -1,7 +1,9 @@
 """The native half of psleak (Rust, PyO3)."""
 
+import sys
+
 def memory() -> dict[str, int]:
-    """heap, mmap (mallinfo2), uss, rss and vms of this process, in bytes."""
+    """heap, mmap, uss, rss and vms of this process, in bytes (see psleak::poll per platform)."""
 
 def mark_memory() -> None:
     """Take the reading that memory_since_mark() compares with (kept natively, so that
@@ -11,10 +13,17 @@ def memory_since_mark() -> dict[str, int]:
     """How much each of memory()'s metrics grew since mark_memory(), in bytes."""
 
 def heap_trim() -> None:
-    """Give free heap memory back to the system (malloc_trim)."""
+    """Give free heap memory back to the system (malloc_trim, HeapCompact...)."""
 
-def open_fds() -> list[tuple[int, str, str]]:
-    """(fd, what it refers to, kind) for each open fd of this process."""
+if sys.platform != "win32":
+    def open_fds() -> list[tuple[int, str, str]]:
+        """(fd, what it refers to, kind) for each open fd of this process."""
+else:
+    def handle_count() -> int:
+        """The number of open handles of this process."""
+
+    def heap_count() -> int:
+        """The number of heaps of this process (one more per HeapCreate not destroyed)."""
 
 def threads() -> list[tuple[int, str]]:
     """(tid, name) for each thread of this process."""
@@ -22,8 +31,9 @@ def threads() -> list[tuple[int, str]]:
 def tracer_unavailable() -> str | None:
     """Why this process cannot load the eBPF probes, or None when it can."""
 
-def serve_collector(fd: int, pid: int) -> None:
-    """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""
+if sys.platform == "linux":
+    def serve_collector(fd: int, pid: int) -> None:
+        """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""
 
-def cli(argv: list[str]) -> int:
-    """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""
+    def cli(argv: list[str]) -> int:
+        """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""

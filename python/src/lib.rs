@@ -1,12 +1,16 @@
 //! `psleak._native`: what the Python package needs from Rust — the classic metrics of its own
 //! process, its fds and threads, and the private collector that a child process runs.
 
+#[cfg(target_os = "linux")]
 use std::os::fd::FromRawFd;
+#[cfg(target_os = "linux")]
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
 use psleak::metrics::MemoryUse;
-use psleak::{poll, session, tracer};
+use psleak::poll;
+#[cfg(target_os = "linux")]
+use psleak::{session, tracer};
 use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -78,11 +82,22 @@ fn heap_trim() {
 }
 
 /// [(fd, what it refers to, its kind)] for this process: kind is "file", "pipe",
-/// "AF_INET SOCK_STREAM"...
+/// "AF_INET SOCK_STREAM"... (on Linux; elsewhere what the OS names, or the target again).
+#[cfg(unix)]
 #[pyfunction]
 fn open_fds() -> PyResult<Vec<(i32, String, String)>> {
     let fds = poll::open_fds(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))?;
-    Ok(fds.into_iter().map(|(fd, target)| (fd, target, poll::own_fd_kind(fd).describe())).collect())
+    #[cfg(target_os = "linux")]
+    let kind = |fd: i32, _: &str| poll::own_fd_kind(fd).describe();
+    #[cfg(not(target_os = "linux"))]
+    let kind = |_: i32, target: &str| target.to_string();
+    Ok(fds
+        .into_iter()
+        .map(|(fd, target)| {
+            let kind = kind(fd, &target);
+            (fd, target, kind)
+        })
+        .collect())
 }
 
 /// [(tid, name)] for this process.
@@ -92,12 +107,21 @@ fn threads() -> PyResult<Vec<(u32, String)>> {
 }
 
 /// Why this process cannot load the probes, or None when it can.
+#[cfg(target_os = "linux")]
 #[pyfunction]
 fn tracer_unavailable() -> Option<String> {
     tracer::check_prerequisites(&psleak_ebpf::Options::default()).err().map(|e| e.to_string())
 }
 
+/// Why this process cannot load the probes: the Python package's exact tracer is eBPF's.
+#[cfg(not(target_os = "linux"))]
+#[pyfunction]
+fn tracer_unavailable() -> Option<String> {
+    Some("the exact tracer needs Linux (eBPF); the ETW backend does not serve the Python package yet".into())
+}
+
 /// The `psleak` command line (`argv` with the program name first): its exit status.
+#[cfg(target_os = "linux")]
 #[pyfunction]
 fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
     py.detach(|| psleak::cli::run(argv))
@@ -105,6 +129,7 @@ fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
 
 /// Runs a private collector for `pid` over the connected Unix socket `fd` (taken over), until
 /// the client hangs up or `pid` exits.
+#[cfg(target_os = "linux")]
 #[pyfunction]
 fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
     // SAFETY: the caller hands over an open socket fd that nothing else will use.
@@ -113,16 +138,39 @@ fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// The number of open handles of this process.
+#[cfg(windows)]
+#[pyfunction]
+fn handle_count() -> PyResult<u64> {
+    poll::handle_count(std::process::id()).map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
+/// The number of heaps of this process (one more for each HeapCreate not destroyed).
+#[cfg(windows)]
+#[pyfunction]
+fn heap_count() -> usize {
+    poll::own_heap_count()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory, m)?)?;
     m.add_function(wrap_pyfunction!(mark_memory, m)?)?;
     m.add_function(wrap_pyfunction!(memory_since_mark, m)?)?;
     m.add_function(wrap_pyfunction!(heap_trim, m)?)?;
-    m.add_function(wrap_pyfunction!(open_fds, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
-    m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
-    m.add_function(wrap_pyfunction!(cli, m)?)?;
+    #[cfg(unix)]
+    m.add_function(wrap_pyfunction!(open_fds, m)?)?;
+    #[cfg(target_os = "linux")]
+    {
+        m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
+        m.add_function(wrap_pyfunction!(cli, m)?)?;
+    }
+    #[cfg(windows)]
+    {
+        m.add_function(wrap_pyfunction!(handle_count, m)?)?;
+        m.add_function(wrap_pyfunction!(heap_count, m)?)?;
+    }
     Ok(())
 }

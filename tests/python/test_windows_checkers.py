@@ -1,0 +1,58 @@
+"""The Windows checkers, handles and HeapCreate. Windows cannot run here: these tests stand in
+for it with a mock of what only Windows has (the platform flags and the two native counters,
+``handle_count`` and ``heap_count``), and check that the package turns their growth into
+psleak's errors, and their stability into a pass."""
+
+import pytest
+
+import psleak
+from psleak import Checkers
+from psleak import MemoryLeakTestCase
+from psleak import UnclosedHandleError
+from psleak import UnclosedHeapCreateError
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """The counters of a pretend Windows process: each a one-element list a test can bump."""
+    counts = {"handles": [40], "heaps": [3]}
+    monkeypatch.setattr(psleak, "WINDOWS", True)
+    monkeypatch.setattr(psleak, "POSIX", False)
+    monkeypatch.setattr(psleak._native, "handle_count", lambda: counts["handles"][0], raising=False)
+    monkeypatch.setattr(psleak._native, "heap_count", lambda: counts["heaps"][0], raising=False)
+    # The memory checker's counters come before its measurements, which need this.
+    monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    return counts
+
+
+def test_a_handle_left_open_is_an_unclosed_handle_error(windows):
+    def open_handle():
+        windows["handles"][0] += 1
+
+    with pytest.raises(UnclosedHandleError) as caught:
+        MemoryLeakTestCase().execute(open_handle, checkers=Checkers.only("handles"))
+    assert caught.value.count == 1
+    assert str(caught.value).startswith("detected 1 unclosed handle after calling '")
+
+
+def test_a_heap_left_undestroyed_is_an_unclosed_heap_create_error(windows):
+    def create_heaps():
+        windows["heaps"][0] += 2
+
+    with pytest.raises(UnclosedHeapCreateError) as caught:
+        MemoryLeakTestCase().execute(create_heaps, checkers=Checkers.only("memory"))
+    assert caught.value.count == 2
+    assert "2 unclosed HeapCreate() calls" in str(caught.value)
+
+
+def test_handles_opened_and_closed_pass(windows):
+    def open_and_close():
+        windows["handles"][0] += 1
+        windows["handles"][0] -= 1
+
+    MemoryLeakTestCase().execute(open_and_close, checkers=Checkers.only("handles"))
+
+
+def test_fds_are_not_counted_on_windows(windows, monkeypatch):
+    monkeypatch.delattr(psleak._native, "open_fds")
+    MemoryLeakTestCase().execute(lambda: None, checkers=Checkers.only("fds", "handles"))
