@@ -6,6 +6,7 @@
 //!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin),
 //!                       also as an unprivileged user through `psleak daemon`
 //!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
+//!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Instant;
 
 mod bench;
+mod targets;
 mod unprivileged;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
@@ -43,7 +45,8 @@ fn main() -> ExitCode {
         "demo" => setup().and_then(|()| demo()),
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench::bench()),
-        _ => Err("usage: cargo xtask setup|demo|test|bench".into()),
+        "check-targets" => targets::check(),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|check-targets".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +123,7 @@ fn test() -> Result {
     }
     let status = cargo.wait().map_err(|e| e.to_string())?;
     let python = python_tests();
+    let other_targets = targets::check();
     let (py_passed, py_failed) = python.as_ref().map_or((0, 1), |r| (r.passed, r.failed));
     // One closing line for the whole suite: cargo's own last line is the last test binary's.
     println!("tests: {} passed, {} failed", passed + py_passed, failed + py_failed);
@@ -129,6 +133,7 @@ fn test() -> Result {
     if !status.success() {
         return Err(format!("cargo test failed ({status})"));
     }
+    other_targets?;
     match python {
         Ok(r) if r.failed == 0 => Ok(()),
         Ok(r) => Err(format!("{} Python tests failed", r.failed)),
