@@ -1,13 +1,21 @@
 //! The `psleak` command line, shared by the `psleak` binary and the Python package's `psleak`
 //! script (`python -m psleak`), so that `pip install psleak` gives the daemon and the tracer too.
+//! On Linux `trace` runs the eBPF probes and `daemon` serves them; on Windows `trace` runs ETW.
 
 use std::ffi::OsString;
+#[cfg(target_os = "linux")]
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::daemon::{self, DaemonArgs};
-use crate::trace::{self, TraceArgs};
 use clap::{Parser, Subcommand};
+
+use crate::report::Selection;
+#[cfg(target_os = "linux")]
+use crate::{
+    daemon::{self, DaemonArgs},
+    trace::{self, TraceArgs},
+};
+#[cfg(target_os = "linux")]
 use psleak_ebpf::Options;
 
 /// Leak observer for Python code and native extensions.
@@ -25,9 +33,11 @@ enum Command {
     Trace(TraceCli),
     /// Serve unprivileged test processes over a Unix socket: run as root, e.g. on a CI runner.
     /// Each client may trace only its own uid's processes.
+    #[cfg(target_os = "linux")]
     Daemon(DaemonCli),
 }
 
+#[cfg(target_os = "linux")]
 #[derive(clap::Args)]
 struct DaemonCli {
     /// The socket to listen on (the Python package looks at $PSLEAK_SOCKET, else this default).
@@ -57,6 +67,7 @@ struct DaemonCli {
     ring_mib: u32,
 }
 
+#[cfg(target_os = "linux")]
 fn octal_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s, 8) {
         Ok(mode) if mode <= 0o777 => Ok(mode),
@@ -91,17 +102,32 @@ struct TraceCli {
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_seconds)]
     min_age: f64,
     /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
+    #[cfg(target_os = "linux")]
     #[arg(long)]
     btf: Option<PathBuf>,
     /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost.
+    #[cfg(target_os = "linux")]
     #[arg(long, default_value_t = 32, value_parser = ring_mib)]
     ring_mib: u32,
     /// Probe free() at its entry instead of past its NULL check (for `cargo xtask bench`).
+    #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
     free_probe_at_entry: bool,
     /// Attach the probes with programs that do nothing (the floor, for `cargo xtask bench`).
+    #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
     empty_probes: bool,
+}
+
+impl TraceCli {
+    fn selection(&self) -> Selection {
+        Selection {
+            top: self.top,
+            min_size: self.min_size,
+            max_size: self.max_size,
+            min_age: Duration::from_secs_f64(self.min_age),
+        }
+    }
 }
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {
@@ -118,6 +144,7 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn ring_mib(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(v) if v.is_power_of_two() && v <= 1024 => Ok(v),
@@ -135,41 +162,70 @@ pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let result = match cli.command {
-        Command::Trace(t) => {
-            if t.max_size.is_some_and(|max| max < t.min_size) {
-                eprintln!("psleak: --max-size is smaller than --min-size: nothing would be shown");
-                return 2;
-            }
-            trace::run(&TraceArgs {
-                pid: t.pid,
-                interval: Duration::from_secs_f64(t.interval),
-                duration: t.duration.map(Duration::from_secs_f64),
-                json: t.json,
-                top: t.top,
-                min_size: t.min_size,
-                max_size: t.max_size,
-                min_age: Duration::from_secs_f64(t.min_age),
-                options: Options {
-                    btf: t.btf,
-                    ring_bytes: t.ring_mib << 20,
-                    free_probe_at_entry: t.free_probe_at_entry,
-                    empty_programs: t.empty_probes,
-                },
-            })
-        }
-        Command::Daemon(d) if d.status => daemon::print_status(&d.socket),
-        Command::Daemon(d) => daemon::run(DaemonArgs {
+    match cli.command {
+        Command::Trace(t) => run_trace(&t),
+        #[cfg(target_os = "linux")]
+        Command::Daemon(d) => run_daemon(d),
+    }
+}
+
+fn run_trace(t: &TraceCli) -> u8 {
+    if t.max_size.is_some_and(|max| max < t.min_size) {
+        eprintln!("psleak: --max-size is smaller than --min-size: nothing would be shown");
+        return 2;
+    }
+    let (interval, duration) = (Duration::from_secs_f64(t.interval), t.duration.map(Duration::from_secs_f64));
+    #[cfg(target_os = "linux")]
+    let result = trace::run(&TraceArgs {
+        pid: t.pid,
+        interval,
+        duration,
+        json: t.json,
+        selection: t.selection(),
+        options: Options {
+            btf: t.btf.clone(),
+            ring_bytes: t.ring_mib << 20,
+            free_probe_at_entry: t.free_probe_at_entry,
+            empty_programs: t.empty_probes,
+        },
+    });
+    #[cfg(windows)]
+    let result = crate::etw_trace::run(t.pid, interval, duration, t.json, t.selection());
+    exit_status(result)
+}
+
+#[cfg(target_os = "linux")]
+fn run_daemon(d: DaemonCli) -> u8 {
+    exit_status(if d.status {
+        daemon::print_status(&d.socket)
+    } else {
+        daemon::run(DaemonArgs {
             socket: d.socket,
             mode: d.socket_mode,
             group: d.socket_group,
             idle_limit: Duration::from_secs_f64(d.idle_timeout),
             max_sessions: d.max_sessions,
             options: Options { btf: d.btf, ring_bytes: d.ring_mib << 20, ..Options::default() },
-        }),
-    };
+        })
+    })
+}
+
+/// 0, or 2 after one line on stderr saying what went wrong.
+#[cfg(target_os = "linux")]
+fn exit_status(result: Result<(), crate::error::Error>) -> u8 {
     match result {
         Ok(()) | Err(crate::error::Error::OutputClosed) => 0,
+        Err(err) => {
+            eprintln!("psleak: {err}");
+            2
+        }
+    }
+}
+
+#[cfg(windows)]
+fn exit_status(result: Result<(), String>) -> u8 {
+    match result {
+        Ok(()) => 0,
         Err(err) => {
             eprintln!("psleak: {err}");
             2

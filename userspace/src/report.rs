@@ -3,10 +3,12 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::ledger::{Memory, SiteId};
+use crate::event::Origin;
+use crate::ledger::{Filter, Ledger, Mark, Memory, SiteId};
 use crate::metrics::{Metrics, MetricsChange};
 
 /// One frame of a site's stack, named as far as the symbols allow.
@@ -62,6 +64,11 @@ pub struct Report {
     pub suspects: Vec<Suspect>,
     pub fds: Vec<FdReport>,
     pub threads: Vec<ThreadReport>,
+    /// Windows handles and private heaps (the ETW backend).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub handles: Vec<HandleReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heaps: Vec<HeapReport>,
 }
 
 #[derive(Debug, Serialize, Default, Clone, Copy)]
@@ -121,6 +128,156 @@ pub struct ThreadReport {
     pub age_s: f64,
     pub site: Option<Frame>,
     pub stack: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HandleReport {
+    pub handle: u64,
+    /// Object type and name, as ETW gave them.
+    pub kind: String,
+    pub age_s: f64,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HeapReport {
+    pub heap: u64,
+    pub age_s: f64,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+}
+
+/// What a report needs from the backend besides the ledger: names for creation sites, and
+/// what the OS says of an fd or a thread now.
+pub trait Describe {
+    /// The site's blamed frame and its stack.
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>);
+    fn fd_target(&self, fd: i32) -> Option<String>;
+    fn thread_name(&self, tid: u32) -> Option<String>;
+}
+
+/// Which live memory the reports show.
+#[derive(Debug, Clone, Copy)]
+pub struct Selection {
+    /// How many memory sites.
+    pub top: usize,
+    pub min_size: u64,
+    pub max_size: Option<u64>,
+    /// Memory younger than this is left out (short-lived allocations).
+    pub min_age: Duration,
+}
+
+/// Turns one session's ledger into reports, following each site's growth between them.
+pub struct Reporter {
+    pid: u32,
+    selection: Selection,
+    growth: Growth,
+    attached_at: Instant,
+    /// The target's classic metrics at attach.
+    baseline: Option<Metrics>,
+}
+
+impl Reporter {
+    pub fn new(pid: u32, selection: Selection) -> Self {
+        Self { pid, selection, growth: Growth::default(), attached_at: Instant::now(), baseline: Metrics::of(pid).ok() }
+    }
+
+    /// The report now: `now_ns` on the clock of the events' timestamps; the classic metrics
+    /// only while the target is `alive`.
+    pub fn report(
+        &mut self,
+        ledger: &Ledger,
+        describe: &mut dyn Describe,
+        now_ns: u64,
+        alive: bool,
+        lost: Lost,
+        stopped_by: Option<&'static str>,
+    ) -> Report {
+        let elapsed = self.attached_at.elapsed();
+        let filter = Filter {
+            created_by_ns: Some(now_ns.saturating_sub(self.selection.min_age.as_nanos() as u64)),
+            min_size: self.selection.min_size,
+            max_size: self.selection.max_size,
+            ..Filter::default()
+        };
+        let sites = ledger.memory_by_site(&filter);
+        let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
+        let mut suspects = Vec::new();
+        for s in &sites {
+            match s.memory {
+                Memory::Heap(_) => {
+                    live.heap_bytes += s.bytes;
+                    live.heap_blocks += s.count;
+                }
+                Memory::Mmap => live.mmap_bytes += s.bytes,
+            }
+            let growing_for = self.growth.update((s.memory, s.site), s.bytes);
+            if suspects.len() < self.selection.top {
+                let (site, stack) = describe.site(ledger.origin(s.site));
+                suspects.push(Suspect {
+                    memory: s.memory,
+                    count: s.count,
+                    bytes: s.bytes,
+                    bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
+                    growing_for,
+                    site,
+                    stack,
+                });
+            }
+        }
+        let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
+        let since_attach = Mark::default();
+        let fds = ledger
+            .open_fds(since_attach)
+            .map(|(fd, f)| {
+                let (site, stack) = describe.site(ledger.origin(f.site));
+                let target = describe.fd_target(fd);
+                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
+            })
+            .collect();
+        let threads = ledger
+            .live_threads(since_attach)
+            .map(|(tid, t)| {
+                let (site, stack) = describe.site(ledger.origin(t.site));
+                ThreadReport { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns), site, stack }
+            })
+            .collect();
+        let handles = ledger
+            .open_handles(since_attach)
+            .map(|(handle, h)| {
+                let (site, stack) = describe.site(ledger.origin(h.site));
+                HandleReport { handle, kind: h.kind.describe(), age_s: age(h.ts_ns), site, stack }
+            })
+            .collect();
+        let heaps = ledger
+            .live_heaps(since_attach)
+            .map(|(heap, h)| {
+                let (site, stack) = describe.site(ledger.origin(h.site));
+                HeapReport { heap, age_s: age(h.ts_ns), site, stack }
+            })
+            .collect();
+        let process = match (self.baseline, Metrics::of(self.pid)) {
+            (Some(before), Ok(now)) if alive => Some(ProcessMetrics { now, since_attach: now.since(&before) }),
+            _ => None,
+        };
+        Report {
+            pid: self.pid,
+            elapsed_s: elapsed.as_secs_f64(),
+            is_final: stopped_by.is_some(),
+            stopped_by,
+            events: ledger.events(),
+            lost,
+            untracked_releases: ledger.untracked_releases,
+            live,
+            process,
+            suspects,
+            fds,
+            threads,
+            handles,
+            heaps,
+        }
+    }
 }
 
 /// Per-site growth between reports.
@@ -247,6 +404,33 @@ impl Report {
             );
             stack_lines(&mut out, &first.stack);
         }
+        for group in group_by_site(&self.handles, |h| (h.site.clone(), h.kind.clone())) {
+            let first = group[0];
+            let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.handle)));
+            let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
+            let _ = writeln!(
+                out,
+                "  {} ({}) open for up to {:.1}s, opened at {}: {values}",
+                plural(group.len(), "handle"),
+                first.kind,
+                oldest,
+                site_text(&first.site),
+            );
+            stack_lines(&mut out, &first.stack);
+        }
+        for group in group_by_site(&self.heaps, |h| h.site.clone()) {
+            let first = group[0];
+            let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.heap)));
+            let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
+            let _ = writeln!(
+                out,
+                "  {} not destroyed for up to {:.1}s, created at {}: {values}",
+                plural(group.len(), "heap"),
+                oldest,
+                site_text(&first.site),
+            );
+            stack_lines(&mut out, &first.stack);
+        }
         if let Some(by) = self.stopped_by {
             let _ = writeln!(out, "psleak: stopped ({by})");
         }
@@ -337,6 +521,8 @@ mod tests {
             suspects: vec![],
             fds: vec![fd(3, 1.0), fd(4, 5.0)],
             threads: vec![],
+            handles: vec![],
+            heaps: vec![],
         };
         let text = report.to_text();
         assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");

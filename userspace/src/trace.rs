@@ -14,10 +14,9 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::Error;
-use crate::ledger::{Filter, Mark, Memory};
-use crate::metrics::Metrics;
+use crate::event::Origin;
 use crate::process::Process;
-use crate::report::{FdReport, Growth, LiveTotals, Lost, ProcessMetrics, Report, Suspect, ThreadReport};
+use crate::report::{self, Describe, Frame, Lost, Selection};
 use crate::sites::SiteNamer;
 use crate::tracer::{self, Collector};
 
@@ -27,10 +26,7 @@ pub struct TraceArgs {
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub json: bool,
-    pub top: usize,
-    pub min_size: u64,
-    pub max_size: Option<u64>,
-    pub min_age: Duration,
+    pub selection: Selection,
     pub options: psleak_ebpf::Options,
 }
 
@@ -150,34 +146,49 @@ fn report(
     reporter.emit(&collector.borrow(), stopped_by)
 }
 
-/// Turns the ledger into reports: symbolizes sites, follows their growth, prints.
+/// Emits the reports of one session: the ledger's, with sites symbolized from the target's ELF
+/// files, as text or JSON lines on stdout.
 struct Reporter<'a> {
-    args: &'a TraceArgs,
+    json: bool,
     probes: &'a Probes<'a>,
-    pid: u32,
     sites: SiteNamer,
-    growth: Growth,
-    attached_at: Instant,
-    /// The target's classic metrics at attach.
-    baseline: Option<Metrics>,
+    reports: report::Reporter,
+}
+
+/// Names sites for a report from what the collector saw of the target.
+struct Described<'r> {
+    sites: &'r mut SiteNamer,
+    probes: &'r Probes<'r>,
+    collector: &'r Collector,
+}
+
+impl Describe for Described<'_> {
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
+        self.sites.name(origin, self.probes, &self.collector.decoder)
+    }
+
+    fn fd_target(&self, fd: i32) -> Option<String> {
+        self.collector.decoder.process.fd_target(fd)
+    }
+
+    fn thread_name(&self, tid: u32) -> Option<String> {
+        self.collector.decoder.process.thread_name(tid)
+    }
 }
 
 impl<'a> Reporter<'a> {
-    fn new(args: &'a TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
-        Self {
-            args,
-            probes,
-            pid,
-            sites: SiteNamer::new(target),
-            growth: Growth::default(),
-            attached_at: Instant::now(),
-            baseline: Metrics::of(pid).ok(),
-        }
+    fn new(args: &TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
+        let reports = report::Reporter::new(pid, args.selection);
+        Self { json: args.json, probes, sites: SiteNamer::new(target), reports }
     }
 
     fn emit(&mut self, collector: &Collector, stopped_by: Option<&'static str>) -> Result<(), Error> {
-        let report = self.report(collector, stopped_by);
-        let text = if self.args.json {
+        let losses = self.probes.losses();
+        let lost = Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: collector.corrupt };
+        let alive = collector.decoder.process.is_alive();
+        let mut described = Described { sites: &mut self.sites, probes: self.probes, collector };
+        let report = self.reports.report(&collector.ledger, &mut described, monotonic_ns(), alive, lost, stopped_by);
+        let text = if self.json {
             let mut line = serde_json::to_string(&report).expect("reports serialize");
             line.push('\n');
             line
@@ -189,89 +200,6 @@ impl<'a> Reporter<'a> {
             // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
             result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
-        }
-    }
-
-    fn report(&mut self, c: &Collector, stopped_by: Option<&'static str>) -> Report {
-        let elapsed = self.attached_at.elapsed();
-        let now_ns = monotonic_ns();
-        let filter = Filter {
-            created_by_ns: Some(now_ns.saturating_sub(self.args.min_age.as_nanos() as u64)),
-            min_size: self.args.min_size,
-            max_size: self.args.max_size,
-            ..Filter::default()
-        };
-        let process = &c.decoder.process;
-        let sites = c.ledger.memory_by_site(&filter);
-        let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
-        let mut suspects = Vec::new();
-        for s in &sites {
-            match s.memory {
-                Memory::Heap(_) => {
-                    live.heap_bytes += s.bytes;
-                    live.heap_blocks += s.count;
-                }
-                Memory::Mmap => live.mmap_bytes += s.bytes,
-            }
-            let growing_for = self.growth.update((s.memory, s.site), s.bytes);
-            if suspects.len() < self.args.top {
-                let (site, stack) = self.sites.name(c.ledger.origin(s.site), self.probes, &c.decoder);
-                suspects.push(Suspect {
-                    memory: s.memory,
-                    count: s.count,
-                    bytes: s.bytes,
-                    bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
-                    growing_for,
-                    site,
-                    stack,
-                });
-            }
-        }
-        let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
-        let since_attach = Mark::default();
-        let fds = c
-            .ledger
-            .open_fds(since_attach)
-            .map(|(fd, f)| {
-                let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, &c.decoder);
-                FdReport {
-                    fd,
-                    kind: f.kind.describe(),
-                    target: process.fd_target(fd),
-                    age_s: age(f.ts_ns),
-                    site,
-                    stack,
-                }
-            })
-            .collect();
-        let threads = c
-            .ledger
-            .live_threads(since_attach)
-            .map(|(tid, t)| {
-                let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, &c.decoder);
-                ThreadReport { tid, name: process.thread_name(tid), age_s: age(t.ts_ns), site, stack }
-            })
-            .collect();
-        let process_metrics = match (self.baseline, Metrics::of(self.pid)) {
-            (Some(before), Ok(now)) if process.is_alive() => {
-                Some(ProcessMetrics { now, since_attach: now.since(&before) })
-            }
-            _ => None,
-        };
-        let losses = self.probes.losses();
-        Report {
-            pid: self.pid,
-            elapsed_s: elapsed.as_secs_f64(),
-            is_final: stopped_by.is_some(),
-            stopped_by,
-            events: c.ledger.events(),
-            lost: Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: c.corrupt },
-            untracked_releases: c.ledger.untracked_releases,
-            live,
-            process: process_metrics,
-            suspects,
-            fds,
-            threads,
         }
     }
 }
