@@ -9,7 +9,7 @@ from psleak import _native
 
 def main():
     if not hasattr(_native, "cli"):
-        sys.exit("psleak: `trace` and `daemon` need Linux (eBPF) for now; MemoryLeakTestCase polls here")
+        sys.exit("psleak: `trace` needs Linux (eBPF) or Windows (ETW); MemoryLeakTestCase polls here")
     # The Rust side handles Ctrl-C itself (a final report, probes detached); Python's own
     # handler, which it would chain to, must not turn the same signal into a KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -35,5 +35,6 @@ if sys.platform == "linux":
     def serve_collector(fd: int, pid: int) -> None:
         """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""
 
+if sys.platform in ("linux", "win32"):
     def cli(argv: list[str]) -> int:
         """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""

@@ -121,7 +121,7 @@ fn tracer_unavailable() -> Option<String> {
 }
 
 /// The `psleak` command line (`argv` with the program name first): its exit status.
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 #[pyfunction]
 fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
     py.detach(|| psleak::cli::run(argv))
@@ -162,11 +162,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
     #[cfg(unix)]
     m.add_function(wrap_pyfunction!(open_fds, m)?)?;
+    #[cfg(any(target_os = "linux", windows))]
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     #[cfg(target_os = "linux")]
-    {
-        m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
-        m.add_function(wrap_pyfunction!(cli, m)?)?;
-    }
+    m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
     #[cfg(windows)]
     {
         m.add_function(wrap_pyfunction!(handle_count, m)?)?;

@@ -4,18 +4,25 @@
 //! ETW speaks of heaps where the ledger speaks of blocks: destroying a private heap frees its
 //! blocks without a HeapFree each, so the translation remembers which heap each live block
 //! belongs to and sends their frees before the heap's end.
+//!
+//! A site is the stack ETW logged with the event, innermost first; its frames are addresses
+//! (Windows symbols are not read yet).
 
 use std::collections::{HashMap, HashSet};
 
 use psleak_etw::records::{Record, MEM_RELEASE};
 
 use crate::event::{Change, Domain, Event, HandleKind, Origin};
+use crate::report::{Describe, Frame};
 
 /// Turns one process's records into events.
 #[derive(Debug, Default)]
 pub struct Translation {
     /// Heap of each live block this translation saw allocated.
     blocks_by_heap: HashMap<u64, HashSet<u64>>,
+    /// Interned stacks, past their first frame (the site's `caller`), by `Origin::chain`.
+    chains: Vec<Vec<u64>>,
+    chain_ids: HashMap<Vec<u64>, u32>,
 }
 
 impl Translation {
@@ -23,8 +30,21 @@ impl Translation {
         Self::default()
     }
 
-    /// The events of `record`, logged by thread `tid` at `ts_ns` with `origin`.
-    pub fn events(&mut self, record: &Record, ts_ns: u64, tid: u32, origin: Origin) -> Vec<Event> {
+    fn origin(&mut self, stack: &[u64]) -> Origin {
+        let Some((&caller, rest)) = stack.split_first() else {
+            return Origin::default();
+        };
+        let next = self.chains.len() as u32;
+        let chain = *self.chain_ids.entry(rest.to_vec()).or_insert(next);
+        if chain == next {
+            self.chains.push(rest.to_vec());
+        }
+        Origin { caller: Some(caller), stack_id: None, chain: Some(chain) }
+    }
+
+    /// The events of `record`, logged by thread `tid` at `ts_ns` with `stack`.
+    pub fn events(&mut self, record: &Record, ts_ns: u64, tid: u32, stack: &[u64]) -> Vec<Event> {
+        let origin = self.origin(stack);
         let event = |change| Event { ts_ns, tid, origin, change };
         let domain = Domain::WinHeap;
         match *record {
@@ -74,12 +94,33 @@ impl Translation {
     }
 }
 
+/// Sites as the addresses of their stack; ETW says nothing of fds, nor names threads.
+impl Describe for Translation {
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
+        let frame = |addr| Frame { addr, function: None, module: None, file: None, line: None };
+        let rest = origin.chain.and_then(|id| self.chains.get(id as usize)).map_or(&[][..], Vec::as_slice);
+        let stack = origin.caller.into_iter().chain(rest.iter().copied()).map(frame).collect();
+        (origin.caller.map(frame), stack)
+    }
+
+    fn fd_target(&self, _: i32) -> Option<String> {
+        None
+    }
+
+    fn thread_name(&self, _: u32) -> Option<String> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use psleak_etw::records::{decode, Provider};
 
+    use std::time::Duration;
+
     use super::*;
     use crate::ledger::{Filter, Ledger, Memory};
+    use crate::report::{Lost, Reporter, Selection};
 
     fn payload(fields: &[u64]) -> Vec<u8> {
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
@@ -99,8 +140,8 @@ mod tests {
 
     fn feed(ledger: &mut Ledger, translation: &mut Translation, records: &[Record]) {
         for (i, record) in records.iter().enumerate() {
-            let origin = Origin { caller: Some(0x1000 + i as u64), ..Origin::default() };
-            for event in translation.events(record, i as u64, 7, origin) {
+            let stack = [0x7ff6_0000_1000 + i as u64, 0x7ff6_0000_9000];
+            for event in translation.events(record, i as u64, 7, &stack) {
                 ledger.apply(&event);
             }
         }
@@ -182,5 +223,33 @@ mod tests {
         assert_eq!(open, [(0x1a4, r"type 37 \Device\Afd".to_string())]);
         let threads: Vec<u32> = ledger.live_threads(Default::default()).map(|(t, _)| t).collect();
         assert_eq!(threads, [78]);
+    }
+
+    #[test]
+    fn a_report_shows_handles_and_heaps_with_the_stack_that_made_them() {
+        let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
+        let handle = {
+            let mut data = payload(&[0xffff_a000_1234_5670]);
+            data.extend(0x1a4u32.to_le_bytes());
+            data.extend(37u16.to_le_bytes());
+            data.extend(r"\Device\Afd".encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
+            decode(Provider::Object, 32, 8, &data).unwrap().unwrap()
+        };
+        feed(&mut ledger, &mut translation, &[handle, heap(32, &[0x2a0000]), heap(33, &[0x2a0000, 64, 0x2a1000])]);
+        let selection = Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO };
+        let mut reporter = Reporter::new(std::process::id(), selection);
+        let report = reporter.report(&ledger, &mut translation, 10, true, Lost::default(), None);
+        let text = report.to_text();
+        for line in [
+            r"1 handle (type 37 \Device\Afd) open for up to 0.0s, opened at 0x7ff600001000 in ?: 0x1a4",
+            "1 heap not destroyed for up to 0.0s, created at 0x7ff600001001 in ?: 0x2a0000",
+            "#1 64B live in 1 HeapAlloc blocks",
+            "0x7ff600009000 in ?",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["handles"][0]["kind"], r"type 37 \Device\Afd");
+        assert_eq!(json["heaps"][0]["heap"], 0x2a0000);
     }
 }

@@ -1,8 +1,11 @@
 //! psleak's collector: the event model, the ledger of live resources, the verdict, and the
 //! polling metrics, on every platform; the eBPF backend, its sessions, the daemon and the live
-//! `trace` of a running process on Linux; the ETW records' translation for Windows.
+//! `trace` of a running process on Linux; the ETW records' translation for Windows, and there
+//! the live `trace` through ETW.
 
 pub mod etw;
+#[cfg(windows)]
+pub mod etw_trace;
 pub mod event;
 pub mod ledger;
 pub mod metrics;
@@ -11,7 +14,7 @@ pub mod protocol;
 pub mod report;
 pub mod verdict;
 
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 pub mod cli;
 #[cfg(target_os = "linux")]
 pub mod daemon;

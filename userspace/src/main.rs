@@ -1,14 +1,14 @@
 use std::process::ExitCode;
 
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 fn main() -> ExitCode {
     ExitCode::from(psleak::cli::run(std::env::args_os()))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", windows)))]
 fn main() -> ExitCode {
     eprintln!(
-        "psleak: `trace` and `daemon` need Linux (eBPF) for now; here, the Python package's \
+        "psleak: `trace` needs Linux (eBPF) or Windows (ETW); here, the Python package's \
          MemoryLeakTestCase polls instead"
     );
     ExitCode::from(2)

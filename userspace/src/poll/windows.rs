@@ -5,7 +5,7 @@
 use std::io;
 use std::mem::size_of;
 
-use windows_sys::Win32::Foundation::{CloseHandle, HANDLE, INVALID_HANDLE_VALUE};
+use windows_sys::Win32::Foundation::{CloseHandle, HANDLE, INVALID_HANDLE_VALUE, STILL_ACTIVE};
 use windows_sys::Win32::System::Diagnostics::ToolHelp::{
     CreateToolhelp32Snapshot, Thread32First, Thread32Next, TH32CS_SNAPTHREAD, THREADENTRY32,
 };
@@ -14,7 +14,8 @@ use windows_sys::Win32::System::ProcessStatus::{
     GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS, PROCESS_MEMORY_COUNTERS_EX2,
 };
 use windows_sys::Win32::System::Threading::{
-    GetCurrentProcess, GetProcessHandleCount, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION, PROCESS_VM_READ,
+    GetCurrentProcess, GetExitCodeProcess, GetProcessHandleCount, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
+    PROCESS_VM_READ,
 };
 
 use super::HeapUse;
@@ -123,6 +124,13 @@ pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
 
 pub(crate) fn own_memory() -> io::Result<MemoryUse> {
     Process::open(std::process::id())?.memory()
+}
+
+/// Whether `pid` is a process that has not exited.
+pub fn is_running(pid: u32) -> bool {
+    let mut code = 0u32;
+    // SAFETY: writes one u32.
+    Process::open(pid).is_ok_and(|p| unsafe { GetExitCodeProcess(p.0, &mut code) } != 0 && code == STILL_ACTIVE as u32)
 }
 
 /// The number of open handles of `pid`.
