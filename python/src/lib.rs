@@ -15,8 +15,8 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// psleak's memory metrics of this process (heap, mmap, uss, rss, vms), read without
-/// allocating.
+/// psleak's memory metrics of this process (heap, mmap, uss, rss, vms). The heap is read last
+/// (`own_heap` makes the reading independent of what the reader allocated and freed).
 #[derive(Clone, Copy)]
 struct MemoryReading {
     heap: poll::HeapUse,

@@ -57,9 +57,7 @@ pub struct MemoryUse {
 }
 
 impl MemoryUse {
-    /// The calling process's, read without allocating: glibc counts the freed small blocks it
-    /// keeps in its per-thread cache as used, so a reader that allocates moves the heap figure
-    /// read beside it, by up to kilobytes, enough to fail a clean test.
+    /// The calling process's.
     pub fn own() -> io::Result<Self> {
         crate::poll::own_memory()
     }

@@ -1,7 +1,7 @@
 //! Linux: procfs and glibc's mallinfo2. The tested reference of the other platforms.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 
 use super::HeapUse;
 use crate::event::FdKind;
@@ -102,7 +102,6 @@ pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
     Ok(Metrics { rss, vms, uss, fds, threads })
 }
 
-/// See [`MemoryUse::own`]: /proc is read into buffers on the stack.
 pub(crate) fn own_memory() -> io::Result<MemoryUse> {
     memory_of("/proc/self")
 }
@@ -111,39 +110,13 @@ pub(crate) fn own_memory() -> io::Result<MemoryUse> {
 fn memory_of(proc: &str) -> io::Result<MemoryUse> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    let mut buf = [0u8; 4096];
-    let mut pages = read_on_stack(proc, "statm", &mut buf)?.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+    let statm = fs::read_to_string(format!("{proc}/statm"))?;
+    let mut pages = statm.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
     let vms = pages.next().unwrap_or(0) * page;
     let rss = pages.next().unwrap_or(0) * page;
-    let rollup = read_on_stack(proc, "smaps_rollup", &mut buf)?;
-    let uss = kib_fields(rollup, &["Private_Clean:", "Private_Dirty:"]) * 1024;
+    let rollup = fs::read_to_string(format!("{proc}/smaps_rollup"))?;
+    let uss = kib_fields(&rollup, &["Private_Clean:", "Private_Dirty:"]) * 1024;
     Ok(MemoryUse { rss, vms, uss })
-}
-
-/// The text of the small file `proc`/`name`, read into `buf`. The path is put together on the
-/// stack too (std opens paths shorter than a few hundred bytes without allocating).
-fn read_on_stack<'b>(proc: &str, name: &str, buf: &'b mut [u8]) -> io::Result<&'b str> {
-    let mut path = [0u8; 64];
-    let len = proc.len() + 1 + name.len();
-    if len > path.len() {
-        return Err(io::Error::other("/proc path too long"));
-    }
-    path[..proc.len()].copy_from_slice(proc.as_bytes());
-    path[proc.len()] = b'/';
-    path[proc.len() + 1..len].copy_from_slice(name.as_bytes());
-    let path = std::str::from_utf8(&path[..len]).map_err(io::Error::other)?;
-    let mut file = fs::File::open(path)?;
-    let mut filled = 0;
-    loop {
-        match file.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-        if filled == buf.len() {
-            return Err(io::Error::other(format!("{path} is longer than {} bytes", buf.len())));
-        }
-    }
-    std::str::from_utf8(&buf[..filled]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The sum of the numbers after the given `Name:` labels ("Private_Dirty:   12 kB").
