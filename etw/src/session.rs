@@ -43,10 +43,9 @@ pub enum StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Kernel(why) => write!(
-                f,
-                "cannot start the ETW kernel session ({why}): run as an administrator, or let psleak poll instead"
-            ),
+            Self::Kernel(why) => {
+                write!(f, "cannot start the ETW kernel session ({why}): it needs an administrator")
+            }
         }
     }
 }

@@ -37,13 +37,22 @@ pub fn run(
         return Err(format!("no running process has pid {pid}"));
     }
     let (observed, events) = mpsc::channel::<Observed>();
-    let sessions = Sessions::start(pid, move |o| {
-        let _ = observed.send(o);
-    })
-    .map_err(|e| e.to_string())?;
+    let sink = observed.clone();
+    let sessions = match Sessions::start(pid, move |o| {
+        let _ = sink.send(o);
+    }) {
+        Ok(sessions) => {
+            eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
+            Some(sessions)
+        }
+        Err(e) => {
+            // The reports then carry the process's counters only: handles, threads, memory.
+            eprintln!("psleak: {e}; polling pid {pid} instead");
+            None
+        }
+    };
     // SAFETY: the handler only stores to an atomic.
     unsafe { SetConsoleCtrlHandler(Some(on_ctrl), 1) };
-    eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
 
     let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
     let mut reporter = Reporter::new(pid, selection);
@@ -82,7 +91,7 @@ pub fn run(
             next_report += interval;
         }
     };
-    drop(sessions);
+    drop((sessions, observed));
     while let Ok(o) = events.try_recv() {
         apply(o, &mut ledger, &mut translation);
     }
