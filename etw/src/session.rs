@@ -1,15 +1,20 @@
 //! The ETW sessions that watch one process (Windows only; type-checked on Linux with
-//! `cargo xtask check-targets`, never run there). A kernel session brings thread and
-//! VirtualAlloc/VirtualFree events; a user session brings the heap provider's events with
-//! their stacks, for the target's pid. Each event is decoded by [`crate::records`] and handed
+//! `cargo xtask check-targets`, never run there). A kernel session brings thread,
+//! VirtualAlloc/VirtualFree and handle events; a user session brings the heap provider's events
+//! with their stacks, for the target's pid. Each event is decoded by [`crate::records`] and handed
 //! to the caller with its thread, time and stack.
 
+use std::mem::{size_of, size_of_val};
 use std::sync::Arc;
 
-use ferrisetw::provider::{kernel_providers, EventFilter, Provider as EtwProvider, TraceFlags};
+use ferrisetw::provider::kernel_providers::{self, KernelProvider};
+use ferrisetw::provider::{EventFilter, Provider as EtwProvider, TraceFlags};
 use ferrisetw::trace::{KernelTrace, UserTrace};
-use ferrisetw::{EventRecord, SchemaLocator};
-use windows_sys::Win32::System::Diagnostics::Etw::EVENT_RECORD;
+use ferrisetw::{EventRecord, SchemaLocator, GUID};
+use windows_sys::Win32::System::Diagnostics::Etw::{
+    ControlTraceW, TraceQueryInformation, TraceSetInformation, TraceSystemTraceEnableFlagsInfo, CONTROLTRACE_HANDLE,
+    EVENT_RECORD, EVENT_TRACE_CONTROL_QUERY, EVENT_TRACE_PROPERTIES,
+};
 
 use crate::records::{decode, Provider, Record};
 
@@ -27,10 +32,19 @@ pub struct Observed {
     pub stack: Vec<u64>,
 }
 
+/// The Object manager's events, routed to our callback; they flow once the session's group
+/// mask asks for them (see [`enable_handle_events`]), not through classic enable flags.
+static OBJECT_MANAGER: KernelProvider = KernelProvider::new(GUID::from_u128(0x89497f50_effe_4440_8cf2_ce6b1cdcaca7), 0);
+
+/// `PERF_OB_HANDLE` (0x80000040) in PERFINFO_GROUPMASK: word 4, bit 0x40.
+const OB_HANDLE_MASK: (usize, u32) = (4, 0x40);
+
 /// The running sessions; dropping them stops them.
 pub struct Sessions {
     _kernel: KernelTrace,
     _heap: Option<UserTrace>,
+    /// Why handle events could not be enabled, if they could not.
+    pub handles_unavailable: Option<String>,
 }
 
 /// Why the sessions could not be started.
@@ -66,8 +80,10 @@ impl Sessions {
                 }
             }
         };
+        let kernel_name = format!("psleak-kernel-{pid}");
         let kernel = KernelTrace::new()
-            .named(format!("psleak-kernel-{pid}"))
+            .named(kernel_name.clone())
+            .enable(EtwProvider::kernel(&OBJECT_MANAGER).add_callback(callback(sink.clone())).build())
             .enable(
                 EtwProvider::kernel(&kernel_providers::THREAD_PROVIDER).add_callback(callback(sink.clone())).build(),
             )
@@ -84,8 +100,54 @@ impl Sessions {
             .add_callback(callback(sink))
             .build();
         let heap = UserTrace::new().named(format!("psleak-heap-{pid}")).enable(heap).start_and_process().ok();
-        Ok(Self { _kernel: kernel, _heap: heap })
+        let handles_unavailable = enable_handle_events(&kernel_name).err();
+        Ok(Self { _kernel: kernel, _heap: heap, handles_unavailable })
     }
+}
+
+/// Adds the handle events to the running kernel session `name`: its group mask gains
+/// PERF_OB_HANDLE. ferrisetw keeps the session's handle to itself, so the session is found
+/// again by name (a query returns its handle in `Wnode.HistoricalContext`).
+fn enable_handle_events(name: &str) -> Result<(), String> {
+    /// EVENT_TRACE_PROPERTIES followed by room for the logger and log file names.
+    #[repr(C)]
+    struct Query {
+        properties: EVENT_TRACE_PROPERTIES,
+        names: [u16; 2048],
+    }
+    let wide: Vec<u16> = name.encode_utf16().chain([0]).collect();
+    let mut query = Query { properties: EVENT_TRACE_PROPERTIES::default(), names: [0; 2048] };
+    query.properties.Wnode.BufferSize = size_of::<Query>() as u32;
+    query.properties.LoggerNameOffset = size_of::<EVENT_TRACE_PROPERTIES>() as u32;
+    query.properties.LogFileNameOffset = (size_of::<EVENT_TRACE_PROPERTIES>() + 2048) as u32;
+    let mut masks = [0u32; 8];
+    // SAFETY: `query` is sized as its BufferSize says, with the name offsets inside it; the
+    // group mask calls read and write the 8 words of `masks`.
+    unsafe {
+        let rc = ControlTraceW(
+            CONTROLTRACE_HANDLE { Value: 0 },
+            wide.as_ptr(),
+            &mut query.properties,
+            EVENT_TRACE_CONTROL_QUERY,
+        );
+        if rc != 0 {
+            return Err(format!("cannot find the session {name} (error {rc})"));
+        }
+        let session = CONTROLTRACE_HANDLE { Value: query.properties.Wnode.Anonymous1.HistoricalContext };
+        let mut len = 0;
+        let size = size_of_val(&masks) as u32;
+        let rc =
+            TraceQueryInformation(session, TraceSystemTraceEnableFlagsInfo, masks.as_mut_ptr().cast(), size, &mut len);
+        if rc != 0 {
+            return Err(format!("cannot read the session's group mask (error {rc})"));
+        }
+        masks[OB_HANDLE_MASK.0] |= OB_HANDLE_MASK.1;
+        let rc = TraceSetInformation(session, TraceSystemTraceEnableFlagsInfo, masks.as_ptr().cast(), size);
+        if rc != 0 {
+            return Err(format!("cannot set the session's group mask (error {rc})"));
+        }
+    }
+    Ok(())
 }
 
 /// The decoded event, or None for what psleak does not follow or cannot read.

@@ -43,6 +43,9 @@ pub fn run(
     }) {
         Ok(sessions) => {
             eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
+            if let Some(why) = &sessions.handles_unavailable {
+                eprintln!("psleak: no handle events: {why}");
+            }
             Some(sessions)
         }
         Err(e) => {
