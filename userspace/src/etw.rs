@@ -34,11 +34,16 @@ impl Translation {
         let Some((&caller, rest)) = stack.split_first() else {
             return Origin::default();
         };
-        let next = self.chains.len() as u32;
-        let chain = *self.chain_ids.entry(rest.to_vec()).or_insert(next);
-        if chain == next {
-            self.chains.push(rest.to_vec());
-        }
+        // Looked up by slice: an event whose stack is known copies nothing.
+        let chain = match self.chain_ids.get(rest) {
+            Some(&id) => id,
+            None => {
+                let id = self.chains.len() as u32;
+                self.chains.push(rest.to_vec());
+                self.chain_ids.insert(rest.to_vec(), id);
+                id
+            }
+        };
         Origin { caller: Some(caller), stack_id: None, chain: Some(chain) }
     }
 
