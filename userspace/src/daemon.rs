@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use psleak_ebpf::Options;
 use serde_json::{json, Value};
 
+use crate::answer;
 use crate::error::Error;
 use crate::protocol::{Opening, VERSION};
 use crate::session::{self, Control};
@@ -186,10 +187,10 @@ impl Daemon {
         let _ = stream.set_read_timeout(Some(FIRST_REQUEST_TIMEOUT));
         let mut requests = BufReader::new(stream);
         while self.wait_for_request(&requests, Instant::now() + FIRST_REQUEST_TIMEOUT) {
-            let reply = match session::read_request(&mut requests) {
+            let reply = match answer::read_request(&mut requests) {
                 Ok(Some(line)) => match serde_json::from_str::<Opening>(&line) {
                     Ok(Opening::Status) => ok_line(self.status(uid)),
-                    Ok(Opening::Attach { version, .. }) if version != VERSION => session::failure(format!(
+                    Ok(Opening::Attach { version, .. }) if version != VERSION => answer::failure(format!(
                         "protocol version {version} is not served (this daemon speaks {VERSION})"
                     )),
                     Ok(Opening::Attach { pid, .. }) => match self.admit(uid, client_pid, pid) {
@@ -198,12 +199,12 @@ impl Daemon {
                             self.run_session(id, requests, out, pid, &control);
                             return;
                         }
-                        Err(why) => session::failure(why),
+                        Err(why) => answer::failure(why),
                     },
-                    Err(e) => session::failure(format!("bad request: {e} (a connection starts with attach or status)")),
+                    Err(e) => answer::failure(format!("bad request: {e} (a connection starts with attach or status)")),
                 },
                 Ok(None) => return,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => session::failure(e.to_string()),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => answer::failure(e.to_string()),
                 Err(_) => return, // stalled mid-line, or gone
             };
             if out.write_all(reply.as_bytes()).is_err() {
@@ -342,7 +343,7 @@ pub fn print_status(socket: &Path) -> Result<(), Error> {
     let mut stream = UnixStream::connect(socket).map_err(gone)?;
     stream.write_all(b"{\"op\":\"status\"}\n").map_err(gone)?;
     let mut reader = BufReader::new(stream);
-    let line = session::read_request(&mut reader).map_err(gone)?.unwrap_or_default();
+    let line = answer::read_request(&mut reader).map_err(gone)?.unwrap_or_default();
     let reply: Value = serde_json::from_str(&line)
         .map_err(|e| Error::Io("the daemon's answer is not JSON".into(), io::Error::other(e)))?;
     if reply["ok"] != true {

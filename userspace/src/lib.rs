@@ -3,6 +3,7 @@
 //! `trace` of a running process on Linux; the ETW records' translation for Windows, and there
 //! the live `trace` through ETW.
 
+pub mod answer;
 pub mod etw;
 #[cfg(windows)]
 pub mod etw_trace;

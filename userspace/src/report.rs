@@ -62,6 +62,13 @@ pub struct Report {
     /// The classic metrics of the target, while it is alive: a second opinion.
     pub process: Option<ProcessMetrics>,
     pub suspects: Vec<Suspect>,
+    #[serde(flatten)]
+    pub resources: Resources,
+}
+
+/// The fds, threads, handles and heaps created since a mark and still open or alive.
+#[derive(Debug, Serialize)]
+pub struct Resources {
     pub fds: Vec<FdReport>,
     pub threads: Vec<ThreadReport>,
     /// Windows handles and private heaps (the ETW backend).
@@ -69,6 +76,42 @@ pub struct Report {
     pub handles: Vec<HandleReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub heaps: Vec<HeapReport>,
+}
+
+impl Resources {
+    /// Those created since `since`, each with its site; `age` turns a creation time into seconds.
+    pub fn since(ledger: &Ledger, describe: &mut dyn Describe, since: Mark, age: impl Fn(u64) -> f64) -> Self {
+        let fds = ledger
+            .open_fds(since)
+            .map(|(fd, f)| {
+                let (site, stack) = describe.site(ledger.origin(f.site));
+                let target = describe.fd_target(fd);
+                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
+            })
+            .collect();
+        let threads = ledger
+            .live_threads(since)
+            .map(|(tid, t)| {
+                let (site, stack) = describe.site(ledger.origin(t.site));
+                ThreadReport { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns), site, stack }
+            })
+            .collect();
+        let handles = ledger
+            .open_handles(since)
+            .map(|(handle, h)| {
+                let (site, stack) = describe.site(ledger.origin(h.site));
+                HandleReport { handle, kind: h.kind.describe(), age_s: age(h.ts_ns), site, stack }
+            })
+            .collect();
+        let heaps = ledger
+            .live_heaps(since)
+            .map(|(heap, h)| {
+                let (site, stack) = describe.site(ledger.origin(h.site));
+                HeapReport { heap, age_s: age(h.ts_ns), site, stack }
+            })
+            .collect();
+        Self { fds, threads, handles, heaps }
+    }
 }
 
 #[derive(Debug, Serialize, Default, Clone, Copy)]
@@ -227,36 +270,7 @@ impl Reporter {
             }
         }
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
-        let since_attach = Mark::default();
-        let fds = ledger
-            .open_fds(since_attach)
-            .map(|(fd, f)| {
-                let (site, stack) = describe.site(ledger.origin(f.site));
-                let target = describe.fd_target(fd);
-                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
-            })
-            .collect();
-        let threads = ledger
-            .live_threads(since_attach)
-            .map(|(tid, t)| {
-                let (site, stack) = describe.site(ledger.origin(t.site));
-                ThreadReport { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns), site, stack }
-            })
-            .collect();
-        let handles = ledger
-            .open_handles(since_attach)
-            .map(|(handle, h)| {
-                let (site, stack) = describe.site(ledger.origin(h.site));
-                HandleReport { handle, kind: h.kind.describe(), age_s: age(h.ts_ns), site, stack }
-            })
-            .collect();
-        let heaps = ledger
-            .live_heaps(since_attach)
-            .map(|(heap, h)| {
-                let (site, stack) = describe.site(ledger.origin(h.site));
-                HeapReport { heap, age_s: age(h.ts_ns), site, stack }
-            })
-            .collect();
+        let resources = Resources::since(ledger, describe, Mark::default(), age);
         let process = match (self.baseline, Metrics::of(self.pid)) {
             (Some(before), Ok(now)) if alive => Some(ProcessMetrics { now, since_attach: now.since(&before) }),
             _ => None,
@@ -272,10 +286,7 @@ impl Reporter {
             live,
             process,
             suspects,
-            fds,
-            threads,
-            handles,
-            heaps,
+            resources,
         }
     }
 }
@@ -334,8 +345,8 @@ impl Report {
             human_bytes(self.live.heap_bytes),
             self.live.heap_blocks,
             human_bytes(self.live.mmap_bytes),
-            self.fds.len(),
-            self.threads.len(),
+            self.resources.fds.len(),
+            self.resources.threads.len(),
             self.events,
             self.lost_text(),
         );
@@ -375,7 +386,7 @@ impl Report {
             stack_lines(&mut out, &s.stack);
         }
         // Fds and threads from the same site are told once, with their numbers.
-        for group in group_by_site(&self.fds, |fd| (fd.site.clone(), fd.kind.clone(), fd.target.clone())) {
+        for group in group_by_site(&self.resources.fds, |fd| (fd.site.clone(), fd.kind.clone(), fd.target.clone())) {
             let first = group[0];
             let numbers = list_numbers(group.iter().map(|fd| fd.fd.to_string()));
             let oldest = group.iter().map(|fd| fd.age_s).fold(0.0, f64::max);
@@ -390,7 +401,7 @@ impl Report {
             );
             stack_lines(&mut out, &first.stack);
         }
-        for group in group_by_site(&self.threads, |t| (t.site.clone(), t.name.clone())) {
+        for group in group_by_site(&self.resources.threads, |t| (t.site.clone(), t.name.clone())) {
             let first = group[0];
             let tids = list_numbers(group.iter().map(|t| t.tid.to_string()));
             let oldest = group.iter().map(|t| t.age_s).fold(0.0, f64::max);
@@ -404,7 +415,7 @@ impl Report {
             );
             stack_lines(&mut out, &first.stack);
         }
-        for group in group_by_site(&self.handles, |h| (h.site.clone(), h.kind.clone())) {
+        for group in group_by_site(&self.resources.handles, |h| (h.site.clone(), h.kind.clone())) {
             let first = group[0];
             let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.handle)));
             let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
@@ -418,7 +429,7 @@ impl Report {
             );
             stack_lines(&mut out, &first.stack);
         }
-        for group in group_by_site(&self.heaps, |h| h.site.clone()) {
+        for group in group_by_site(&self.resources.heaps, |h| h.site.clone()) {
             let first = group[0];
             let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.heap)));
             let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
@@ -519,10 +530,7 @@ mod tests {
             live: LiveTotals::default(),
             process: None,
             suspects: vec![],
-            fds: vec![fd(3, 1.0), fd(4, 5.0)],
-            threads: vec![],
-            handles: vec![],
-            heaps: vec![],
+            resources: Resources { fds: vec![fd(3, 1.0), fd(4, 5.0)], threads: vec![], handles: vec![], heaps: vec![] },
         };
         let text = report.to_text();
         assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");

@@ -3,8 +3,7 @@
 //! drained, so a client that asks after calling its function sees all that the call did.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -13,17 +12,15 @@ use std::time::{Duration, Instant};
 
 use libbpf_rs::RingBufferBuilder;
 use psleak_ebpf::{Options, Probes};
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::answer::{failure, read_request, reply_line, Answerer};
 use crate::error::Error;
-use crate::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
 use crate::process::Process;
-use crate::protocol::{Failure, Reply, Request, MAX_REQUEST_BYTES, VERSION};
-use crate::report::{FdReport, ThreadReport};
-use crate::sites::SiteNamer;
+use crate::protocol::{Reply, VERSION};
+use crate::report::Lost;
+use crate::sites::{Described, SiteNamer};
 use crate::tracer::{self, Collector};
-use crate::verdict::Measurement;
 
 /// How often the ring is drained while the client is quiet (probes wake us only for bursts).
 const DRAIN_PERIOD: Duration = Duration::from_millis(20);
@@ -60,7 +57,7 @@ pub fn serve_requests(
     let (process, target, probes) = match attach_to(&mut storage, pid, options) {
         Ok(attached) => attached,
         Err(err) => {
-            let _ = send(&mut out, &Reply { ok: false, body: Failure { error: err.to_string() } });
+            let _ = out.write_all(failure(err.to_string()).as_bytes());
             return Err(err);
         }
     };
@@ -71,7 +68,7 @@ pub fn serve_requests(
         "libc": target.libc,
         "python": target.python,
     });
-    send(&mut out, &Reply { ok: true, body: ready }).map_err(client_gone)?;
+    out.write_all(reply_line(&Reply { ok: true, body: ready }).as_bytes()).map_err(client_gone)?;
 
     let collector = RefCell::new(Collector::new(process));
     let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
@@ -85,14 +82,8 @@ pub fn serve_requests(
         .map_err(ring_error)?;
     let ring = builder.build().map_err(ring_error)?;
     let drain = || ring.consume().and_then(|()| ring.poll(Duration::ZERO)).map_err(ring_error);
-    let mut handler = Handler {
-        probes: &probes,
-        collector: &collector,
-        sites: SiteNamer::new(&target),
-        measurements: HashMap::new(),
-        next_measurement: 1,
-        detached: false,
-    };
+    let mut sites = SiteNamer::new(&target);
+    let mut answerer = Answerer::new();
     let exit_fd = collector.borrow().decoder.process.exit_fd();
     let mut last_request = Instant::now();
     loop {
@@ -129,13 +120,20 @@ pub fn serve_requests(
         }
         last_request = Instant::now();
         let reply = match read_request(&mut requests) {
-            Ok(Some(line)) => handler.handle(&line),
+            Ok(Some(line)) => {
+                let mut c = collector.borrow_mut();
+                // A library loaded since attach (the extension under test) must be known to name sites.
+                let _ = c.decoder.process.refresh_mappings();
+                let lost = Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: c.corrupt };
+                let mut described = Described { sites: &mut sites, probes: &probes, collector: &c };
+                answerer.handle(&line, &c.ledger, &mut described, lost)
+            }
             Ok(None) => return Ok(()), // the client hung up
             Err(e) if e.kind() == io::ErrorKind::InvalidData => failure(e.to_string()),
             Err(e) => return Err(client_gone(e)),
         };
         out.write_all(reply.as_bytes()).map_err(client_gone)?;
-        if handler.detached {
+        if answerer.detached {
             return Ok(());
         }
     }
@@ -155,172 +153,4 @@ fn attach_to<'obj>(
 
 fn client_gone(e: io::Error) -> Error {
     Error::Io("the client went away".into(), e)
-}
-
-fn send<T: Serialize>(out: &mut UnixStream, reply: &Reply<T>) -> io::Result<()> {
-    let mut line = serde_json::to_string(reply).expect("replies serialize");
-    line.push('\n');
-    out.write_all(line.as_bytes())
-}
-
-pub fn failure(error: String) -> String {
-    let mut line = serde_json::to_string(&Reply { ok: false, body: Failure { error } }).expect("replies serialize");
-    line.push('\n');
-    line
-}
-
-/// One request line; an oversized one is consumed up to its end and refused.
-pub fn read_request(reader: &mut BufReader<UnixStream>) -> io::Result<Option<String>> {
-    let mut line = Vec::new();
-    let read = reader.by_ref().take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line)?;
-    if read == 0 {
-        return Ok(None);
-    }
-    if line.last() != Some(&b'\n') {
-        if line.len() <= MAX_REQUEST_BYTES {
-            return Ok(None); // the client hung up mid-line
-        }
-        let mut rest = Vec::new();
-        reader.read_until(b'\n', &mut rest)?;
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("request longer than {MAX_REQUEST_BYTES} bytes refused"),
-        ));
-    }
-    String::from_utf8(line).map(Some).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))
-}
-
-struct Handler<'a> {
-    probes: &'a Probes<'a>,
-    collector: &'a RefCell<Collector>,
-    sites: SiteNamer,
-    measurements: HashMap<u64, Measurement>,
-    next_measurement: u64,
-    /// The client asked to detach: the session ends after this reply.
-    detached: bool,
-}
-
-impl Handler<'_> {
-    /// The reply line to one request line.
-    fn handle(&mut self, line: &str) -> String {
-        let request = match serde_json::from_str::<Request>(line) {
-            Ok(request) => request,
-            Err(e) => return failure(format!("bad request: {e}")),
-        };
-        match self.answer(request) {
-            Ok(body) => {
-                let mut line = serde_json::to_string(&Reply { ok: true, body }).expect("replies serialize");
-                line.push('\n');
-                line
-            }
-            Err(error) => failure(error),
-        }
-    }
-
-    fn answer(&mut self, request: Request) -> Result<Value, String> {
-        let mut c = self.collector.borrow_mut();
-        // A library loaded since attach (the extension under test) must be known to name sites.
-        let _ = c.decoder.process.refresh_mappings();
-        let losses = self.probes.losses();
-        let lost = json!({"ring_full": losses.ring_full, "no_stack": losses.no_stack, "corrupt": c.corrupt});
-        Ok(match request {
-            Request::Hello { version } if version == VERSION => json!({"version": VERSION}),
-            Request::Hello { version } => {
-                return Err(format!("protocol version {version} is not served (this collector speaks {VERSION})"))
-            }
-            Request::Mark => json!({"mark": c.ledger.mark()}),
-            Request::Created { since } => {
-                let process = &c.decoder.process;
-                let fds: Vec<FdReport> = c
-                    .ledger
-                    .open_fds(since)
-                    .map(|(fd, f)| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(f.site), self.probes, &c.decoder);
-                        let target = process.fd_target(fd);
-                        FdReport { fd, kind: f.kind.describe(), target, age_s: 0.0, site, stack }
-                    })
-                    .collect();
-                let threads: Vec<ThreadReport> = c
-                    .ledger
-                    .live_threads(since)
-                    .map(|(tid, t)| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(t.site), self.probes, &c.decoder);
-                        ThreadReport { tid, name: process.thread_name(tid), age_s: 0.0, site, stack }
-                    })
-                    .collect();
-                json!({"fds": fds, "threads": threads, "lost": lost})
-            }
-            Request::Begin => {
-                let id = self.next_measurement;
-                self.next_measurement += 1;
-                self.measurements.insert(id, Measurement::default());
-                json!({"measurement": id})
-            }
-            Request::Window { measurement } => {
-                let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
-                m.open_window = Some(c.ledger.mark());
-                json!({})
-            }
-            Request::Batch { measurement, calls, tolerance, confirm, top } => {
-                let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
-                let since = m.open_window.take().ok_or("a batch must start with a window request")?;
-                m.windows.push((since, c.ledger.mark()));
-                let live = live_in_windows(&c.ledger, &m.windows);
-                let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
-                let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0, 0, 0);
-                for t in &live {
-                    match t.memory {
-                        Memory::Heap(_) => (heap_bytes, heap_blocks) = (heap_bytes + t.bytes, heap_blocks + t.count),
-                        Memory::Mmap => mmap_bytes += t.bytes,
-                    }
-                }
-                let sites: Vec<Value> = growth
-                    .iter()
-                    .take(top)
-                    .map(|g| {
-                        let (site, stack) = self.sites.name(c.ledger.origin(g.totals.site), self.probes, &c.decoder);
-                        json!({
-                            "memory": g.totals.memory,
-                            "count": g.totals.count,
-                            "bytes": g.totals.bytes,
-                            "count_growth": g.count_growth,
-                            "bytes_growth": g.bytes_growth,
-                            "streak": g.streak,
-                            "site": site,
-                            "stack": stack,
-                        })
-                    })
-                    .collect();
-                json!({
-                    "mark": c.ledger.mark(),
-                    "verdict": verdict,
-                    "growing_sites": growth.len(),
-                    "sites": sites,
-                    "live": {"heap_bytes": heap_bytes, "heap_blocks": heap_blocks, "mmap_bytes": mmap_bytes},
-                    "lost": lost,
-                })
-            }
-            Request::End { measurement } => {
-                self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
-                json!({})
-            }
-            Request::Detach => {
-                self.detached = true;
-                json!({})
-            }
-        })
-    }
-}
-
-/// Live memory created inside any of the windows, by site.
-fn live_in_windows(ledger: &Ledger, windows: &[(Mark, Mark)]) -> Vec<SiteTotals> {
-    let mut by_site: HashMap<(Memory, u32), SiteTotals> = HashMap::new();
-    for &(since, until) in windows {
-        for t in ledger.memory_by_site(&Filter { since, until: Some(until), ..Filter::default() }) {
-            let total = by_site.entry((t.memory, t.site)).or_insert(SiteTotals { count: 0, bytes: 0, ..t });
-            total.count += t.count;
-            total.bytes += t.bytes;
-        }
-    }
-    by_site.into_values().collect()
 }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use psleak_ebpf::{Probes, Target};
 
 use crate::event::Origin;
-use crate::report::Frame;
+use crate::report::{Describe, Frame};
 use crate::symbols::Symbols;
-use crate::tracer::RecordDecoder;
+use crate::tracer::{Collector, RecordDecoder};
 
 pub struct SiteNamer {
     runtime_modules: Vec<PathBuf>,
@@ -59,5 +59,26 @@ impl SiteNamer {
             |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
         let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
         (site, frames)
+    }
+}
+
+/// Names sites for a report from what the collector saw of the target.
+pub struct Described<'r> {
+    pub sites: &'r mut SiteNamer,
+    pub probes: &'r Probes<'r>,
+    pub collector: &'r Collector,
+}
+
+impl Describe for Described<'_> {
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
+        self.sites.name(origin, self.probes, &self.collector.decoder)
+    }
+
+    fn fd_target(&self, fd: i32) -> Option<String> {
+        self.collector.decoder.process.fd_target(fd)
+    }
+
+    fn thread_name(&self, tid: u32) -> Option<String> {
+        self.collector.decoder.process.thread_name(tid)
     }
 }

@@ -14,10 +14,9 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::Error;
-use crate::event::Origin;
 use crate::process::Process;
-use crate::report::{self, Describe, Frame, Lost, Selection};
-use crate::sites::SiteNamer;
+use crate::report::{self, Lost, Selection};
+use crate::sites::{Described, SiteNamer};
 use crate::tracer::{self, Collector};
 
 #[derive(Debug, Clone)]
@@ -153,27 +152,6 @@ struct Reporter<'a> {
     probes: &'a Probes<'a>,
     sites: SiteNamer,
     reports: report::Reporter,
-}
-
-/// Names sites for a report from what the collector saw of the target.
-struct Described<'r> {
-    sites: &'r mut SiteNamer,
-    probes: &'r Probes<'r>,
-    collector: &'r Collector,
-}
-
-impl Describe for Described<'_> {
-    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
-        self.sites.name(origin, self.probes, &self.collector.decoder)
-    }
-
-    fn fd_target(&self, fd: i32) -> Option<String> {
-        self.collector.decoder.process.fd_target(fd)
-    }
-
-    fn thread_name(&self, tid: u32) -> Option<String> {
-        self.collector.decoder.process.thread_name(tid)
-    }
 }
 
 impl<'a> Reporter<'a> {
