@@ -5,15 +5,19 @@
 //! blocks without a HeapFree each, so the translation remembers which heap each live block
 //! belongs to and sends their frees before the heap's end.
 //!
-//! A site is the stack ETW logged with the event, innermost first; its frames are addresses
-//! (Windows symbols are not read yet).
+//! A site is the stack ETW logged with the event, innermost first, without its kernel-mode
+//! frames; a [`Symbolize`] names its frames (dbghelp on Windows), and the site is the first
+//! frame outside the Windows runtime.
 
 use std::collections::{HashMap, HashSet};
 
 use psleak_etw::records::{Record, MEM_RELEASE};
 
 use crate::event::{Change, Domain, Event, HandleKind, Origin};
-use crate::report::{Describe, Frame};
+use crate::report::{blame, Describe, Frame};
+
+/// Where kernel space starts in the addresses of ETW's stacks (x64, and WOW64 processes' kernel frames).
+const KERNEL_SPACE: u64 = 0xffff_8000_0000_0000;
 
 /// Turns one process's records into events.
 #[derive(Debug, Default)]
@@ -31,7 +35,9 @@ impl Translation {
     }
 
     fn origin(&mut self, stack: &[u64]) -> Origin {
-        let Some((&caller, rest)) = stack.split_first() else {
+        // The kernel's frames (of a syscall's events) come first; the site is in user mode.
+        let user = stack.iter().position(|&addr| addr < KERNEL_SPACE).map_or(&[][..], |first| &stack[first..]);
+        let Some((&caller, rest)) = user.split_first() else {
             return Origin::default();
         };
         // Looked up by slice: an event whose stack is known copies nothing.
@@ -99,13 +105,49 @@ impl Translation {
     }
 }
 
-/// Sites as the addresses of their stack; ETW says nothing of fds, nor names threads.
-impl Describe for Translation {
-    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
-        let frame = |addr| Frame { addr, function: None, module: None, file: None, line: None };
+impl Translation {
+    /// The user-mode return addresses of `origin`, innermost first.
+    pub fn stack(&self, origin: Origin) -> Vec<u64> {
         let rest = origin.chain.and_then(|id| self.chains.get(id as usize)).map_or(&[][..], Vec::as_slice);
-        let stack = origin.caller.into_iter().chain(rest.iter().copied()).map(frame).collect();
-        (origin.caller.map(frame), stack)
+        origin.caller.into_iter().chain(rest.iter().copied()).collect()
+    }
+}
+
+/// Turns the target's addresses into frames.
+pub trait Symbolize {
+    fn frames(&mut self, addrs: &[u64]) -> Vec<Frame>;
+}
+
+/// Frames that are their address only, where no symbols can be read.
+pub struct Addresses;
+
+impl Symbolize for Addresses {
+    fn frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        addrs.iter().map(|&addr| Frame { addr, function: None, module: None, file: None, line: None }).collect()
+    }
+}
+
+/// The modules of the Windows runtime, whose frames are never a site: the heap (ntdll,
+/// kernelbase, kernel32), the C runtime (ucrtbase, msvcrt, vcruntime*) and CPython (python3*.dll).
+pub fn is_runtime_module(path: &str) -> bool {
+    let name = path.rsplit(['\\', '/']).next().unwrap_or(path).to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "ntdll.dll" | "kernelbase.dll" | "kernel32.dll" | "ucrtbase.dll" | "ucrtbased.dll" | "msvcrt.dll"
+    ) || name.starts_with("vcruntime")
+        || (name.starts_with("python3") && name.ends_with(".dll"))
+}
+
+/// Names the sites of an ETW session's ledger; ETW says nothing of fds, nor names threads.
+pub struct Sites<'a, S> {
+    pub translation: &'a Translation,
+    pub symbols: &'a mut S,
+}
+
+impl<S: Symbolize> Describe for Sites<'_, S> {
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
+        let frames = self.symbols.frames(&self.translation.stack(origin));
+        (blame(&frames, is_runtime_module), frames)
     }
 
     fn fd_target(&self, _: i32) -> Option<String> {
@@ -243,7 +285,8 @@ mod tests {
         feed(&mut ledger, &mut translation, &[handle, heap(32, &[0x2a0000]), heap(33, &[0x2a0000, 64, 0x2a1000])]);
         let selection = Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO };
         let mut reporter = Reporter::new(std::process::id(), selection);
-        let report = reporter.report(&ledger, &mut translation, 10, true, Lost::default(), None);
+        let mut sites = Sites { translation: &translation, symbols: &mut Addresses };
+        let report = reporter.report(&ledger, &mut sites, 10, true, Lost::default(), None);
         let text = report.to_text();
         for line in [
             r"1 handle (type 37 \Device\Afd) open for up to 0.0s, opened at 0x7ff600001000 in ?: 0x1a4",
@@ -256,5 +299,108 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["handles"][0]["kind"], r"type 37 \Device\Afd");
         assert_eq!(json["heaps"][0]["heap"], 0x2a0000);
+    }
+
+    /// Stands in for dbghelp, which only Windows has: names each address by its module, as
+    /// dbghelp would for a leak in an extension (ntdll's heap under ucrtbase's malloc).
+    struct Modules(&'static [(u64, &'static str, &'static str)]);
+
+    impl Symbolize for Modules {
+        fn frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
+            addrs
+                .iter()
+                .map(|&addr| {
+                    let (_, module, function) = self.0.iter().find(|(a, ..)| *a == addr).expect("a known address");
+                    let (module, function) = (Some(module.to_string()), Some(function.to_string()));
+                    Frame { addr, function, module, file: None, line: None }
+                })
+                .collect()
+        }
+    }
+
+    const NTDLL_ALLOC: u64 = 0x7ffb_0000_1000;
+    const MALLOC: u64 = 0x7ffa_0000_2000;
+    const LEAKY: u64 = 0x7ff9_0000_3000;
+    const PYTHON: u64 = 0x7ff8_0000_4000;
+    const FRAMES: Modules = Modules(&[
+        (NTDLL_ALLOC, r"C:\Windows\SYSTEM32\ntdll.dll", "RtlAllocateHeap"),
+        (MALLOC, r"C:\Windows\System32\ucrtbase.dll", "malloc"),
+        (LEAKY, r"C:\src\leaky\leaky.cp312-win_amd64.pyd", "leak_bytes"),
+        (PYTHON, r"C:\Python312\python312.dll", "_PyEval_EvalFrameDefault"),
+    ]);
+
+    #[test]
+    fn the_site_is_the_first_user_mode_frame_outside_the_runtime() {
+        let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
+        let alloc = heap(33, &[0x1d0000, 64, 0x1d0a40]);
+        let kernel = 0xffff_f800_1234_0000;
+        let stack = [kernel, kernel + 8, NTDLL_ALLOC, MALLOC, LEAKY, PYTHON];
+        for event in translation.events(&alloc, 1, 7, &stack) {
+            ledger.apply(&event);
+        }
+        let site = ledger.memory_by_site(&Filter::default())[0].site;
+        assert_eq!(translation.stack(ledger.origin(site)), &stack[2..], "kernel frames are dropped");
+        let mut symbols = FRAMES;
+        let mut sites = Sites { translation: &translation, symbols: &mut symbols };
+        let (blamed, frames) = sites.site(ledger.origin(site));
+        assert_eq!(blamed.unwrap().function.as_deref(), Some("leak_bytes"));
+        assert_eq!(frames.len(), 4);
+        // A stack wholly in the runtime blames its innermost frame.
+        let (blamed, _) = sites.site(Origin { caller: Some(MALLOC), stack_id: None, chain: None });
+        assert_eq!(blamed.unwrap().function.as_deref(), Some("malloc"));
+        assert!(is_runtime_module("KERNELBASE.dll") && is_runtime_module("vcruntime140_1.dll"));
+        assert!(!is_runtime_module(r"C:\python312\DLLs\_socket.pyd"));
+    }
+
+    /// The Windows collector's replies: what the Python package asks, answered from ETW records.
+    #[test]
+    fn the_collector_names_what_a_call_left_from_etw_records() {
+        let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
+        let mut answerer = crate::answer::Answerer::new();
+        let mut ask = |request: &str, ledger: &Ledger, translation: &Translation| {
+            let mut symbols = FRAMES;
+            let mut sites = Sites { translation, symbols: &mut symbols };
+            let reply = answerer.handle(request, ledger, &mut sites, Lost::default());
+            serde_json::from_str::<serde_json::Value>(&reply).unwrap()
+        };
+        let stack = [NTDLL_ALLOC, MALLOC, LEAKY, PYTHON];
+        let mark = ask(r#"{"op":"mark"}"#, &ledger, &translation)["mark"].clone();
+        let handle = {
+            let mut data = payload(&[0xffff_a000_1234_5670]);
+            data.extend(0x1a4u32.to_le_bytes());
+            data.extend(37u16.to_le_bytes());
+            data.extend(r"\Device\Afd".encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
+            decode(Provider::Object, 32, 8, &data).unwrap().unwrap()
+        };
+        for record in [handle, heap(32, &[0x2a0000])] {
+            for event in translation.events(&record, 1, 7, &stack) {
+                ledger.apply(&event);
+            }
+        }
+        let created = ask(&format!(r#"{{"op":"created","since":{mark}}}"#), &ledger, &translation);
+        assert_eq!(created["ok"], true, "{created}");
+        assert_eq!(created["handles"][0]["handle"], 0x1a4);
+        assert_eq!(created["handles"][0]["kind"], r"type 37 \Device\Afd");
+        assert_eq!(created["handles"][0]["site"]["function"], "leak_bytes");
+        assert_eq!(created["heaps"][0]["heap"], 0x2a0000);
+        assert_eq!(created["fds"], serde_json::json!([]));
+
+        let measurement = ask(r#"{"op":"begin"}"#, &ledger, &translation)["measurement"].clone();
+        let mut verdict = serde_json::Value::Null;
+        for batch in 0..3u64 {
+            ask(&format!(r#"{{"op":"window","measurement":{measurement}}}"#), &ledger, &translation);
+            for call in 0..10 {
+                let block = heap(33, &[0x1d0000, 100, 0x1d_0000 + 0x1000 * (batch * 10 + call + 1)]);
+                for event in translation.events(&block, 2, 7, &stack) {
+                    ledger.apply(&event);
+                }
+            }
+            let request = format!(r#"{{"op":"batch","measurement":{measurement},"calls":10,"confirm":3}}"#);
+            verdict = ask(&request, &ledger, &translation);
+        }
+        assert_eq!(verdict["verdict"], "leak", "{verdict}");
+        assert_eq!(verdict["live"]["heap_blocks"], 30, "{verdict}");
+        assert_eq!(verdict["sites"][0]["site"]["function"], "leak_bytes", "{verdict}");
+        assert_eq!(verdict["sites"][0]["bytes_growth"], 1000, "{verdict}");
     }
 }

@@ -191,6 +191,12 @@ pub struct HeapReport {
     pub stack: Vec<Frame>,
 }
 
+/// The frame to blame in a symbolized stack: the first outside the runtime's modules (the
+/// allocator, the C library, Python), where the program itself asked; else the innermost.
+pub fn blame(frames: &[Frame], is_runtime: impl Fn(&str) -> bool) -> Option<Frame> {
+    frames.iter().find(|f| !f.module.as_deref().is_some_and(&is_runtime)).or(frames.first()).cloned()
+}
+
 /// What a report needs from the backend besides the ledger: names for creation sites, and
 /// what the OS says of an fd or a thread now.
 pub trait Describe {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use psleak_ebpf::{Probes, Target};
 
 use crate::event::Origin;
-use crate::report::{Describe, Frame};
+use crate::report::{blame, Describe, Frame};
 use crate::symbols::Symbols;
 use crate::tracer::{Collector, RecordDecoder};
 
@@ -55,9 +55,7 @@ impl SiteNamer {
     ) -> (Option<Frame>, Vec<Frame>) {
         let addrs = self.stack_of(origin, probes, decoder);
         let frames = self.symbols.frames(&addrs, &decoder.process);
-        let is_runtime =
-            |f: &Frame| f.module.as_deref().is_some_and(|m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
-        let site = frames.iter().find(|f| !is_runtime(f)).or(frames.first()).cloned();
+        let site = blame(&frames, |m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
         (site, frames)
     }
 }
