@@ -11,19 +11,23 @@ use ferrisetw::provider::kernel_providers::{self, KernelProvider};
 use ferrisetw::provider::{EventFilter, Provider as EtwProvider, TraceFlags};
 use ferrisetw::trace::{KernelTrace, UserTrace};
 use ferrisetw::{EventRecord, SchemaLocator, GUID};
+use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
+use windows_sys::Win32::Security::{GetTokenInformation, TokenElevation, TOKEN_ELEVATION, TOKEN_QUERY};
 use windows_sys::Win32::System::Diagnostics::Etw::{
     ControlTraceW, TraceQueryInformation, TraceSetInformation, TraceSystemTraceEnableFlagsInfo, CONTROLTRACE_HANDLE,
-    EVENT_RECORD, EVENT_TRACE_CONTROL_QUERY, EVENT_TRACE_PROPERTIES,
+    EVENT_RECORD, EVENT_TRACE_CONTROL, EVENT_TRACE_CONTROL_FLUSH, EVENT_TRACE_CONTROL_QUERY, EVENT_TRACE_PROPERTIES,
 };
+use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
 
 use crate::records::{decode, Provider, Record};
 
 /// `EVENT_HEADER_FLAG_32_BIT_HEADER`: the event was logged by a 32-bit process.
 const HEADER_32_BIT: u16 = 0x0020;
 
-/// One decoded event of the target.
+/// One decoded event of the target, or of this process's own threads (see [`Sessions::start`]).
 #[derive(Debug, Clone)]
 pub struct Observed {
+    pub pid: u32,
     pub record: Record,
     /// The event's FILETIME-based timestamp (100 ns units).
     pub timestamp: i64,
@@ -42,7 +46,8 @@ const OB_HANDLE_MASK: (usize, u32) = (4, 0x40);
 /// The running sessions; dropping them stops them.
 pub struct Sessions {
     _kernel: KernelTrace,
-    _heap: Option<UserTrace>,
+    heap: Option<UserTrace>,
+    names: Vec<String>,
     /// Why handle events could not be enabled, if they could not.
     pub handles_unavailable: Option<String>,
 }
@@ -69,11 +74,15 @@ impl std::error::Error for StartError {}
 impl Sessions {
     /// Starts watching `pid`. Heap events only come if the process opted in to heap tracing
     /// before it started; without them the caller keeps polling the heaps (`heap` is then None).
+    /// The thread events of this process come too: a thread it starts and ends after a
+    /// [`Sessions::flush`] marks the point up to which the kernel session has delivered.
     pub fn start(pid: u32, sink: impl Fn(Observed) + Send + Sync + 'static) -> Result<Self, StartError> {
         let sink = Arc::new(sink);
+        let own = std::process::id();
         let callback = |sink: Arc<dyn Fn(Observed) + Send + Sync>| {
             move |record: &EventRecord, _: &SchemaLocator| {
-                if record.process_id() == pid {
+                let from = record.process_id();
+                if from == pid || (from == own && record.provider_id() == kernel_providers::THREAD_PROVIDER.guid) {
                     if let Some(observed) = observe(record) {
                         sink(observed);
                     }
@@ -99,37 +108,87 @@ impl Sessions {
             .add_filter(EventFilter::ByPids(u16::try_from(pid).map(|p| vec![p]).unwrap_or_default()))
             .add_callback(callback(sink))
             .build();
-        let heap = UserTrace::new().named(format!("psleak-heap-{pid}")).enable(heap).start_and_process().ok();
+        let heap_name = format!("psleak-heap-{pid}");
+        let heap = UserTrace::new().named(heap_name.clone()).enable(heap).start_and_process().ok();
         let handles_unavailable = enable_handle_events(&kernel_name).err();
-        Ok(Self { _kernel: kernel, _heap: heap, handles_unavailable })
+        let names = [Some(kernel_name), heap.is_some().then_some(heap_name)].into_iter().flatten().collect();
+        Ok(Self { _kernel: kernel, heap, names, handles_unavailable })
     }
+
+    /// How many providers deliver events: thread, VirtualAlloc, handles, heap.
+    pub fn providers(&self) -> usize {
+        2 + usize::from(self.handles_unavailable.is_none()) + usize::from(self.heap.is_some())
+    }
+
+    /// Asks each session to deliver the events it holds in its buffers (real-time sessions
+    /// otherwise deliver a buffer when it fills, or every second).
+    pub fn flush(&self) -> Result<(), String> {
+        for name in &self.names {
+            let mut query = Query::new();
+            // SAFETY: `query` is sized as its BufferSize says, with the name offsets inside it.
+            let rc = unsafe { control(name, &mut query, EVENT_TRACE_CONTROL_FLUSH) };
+            if rc != 0 {
+                return Err(format!("cannot flush the session {name} (error {rc})"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether this process runs elevated (as an administrator), which the kernel session needs.
+pub fn is_elevated() -> bool {
+    let mut token: HANDLE = std::ptr::null_mut();
+    let mut elevation = TOKEN_ELEVATION { TokenIsElevated: 0 };
+    let mut len = 0;
+    // SAFETY: the token handle is ours and closed below; the query writes one TOKEN_ELEVATION.
+    unsafe {
+        if OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut token) == 0 {
+            return false;
+        }
+        let size = size_of::<TOKEN_ELEVATION>() as u32;
+        let ok = GetTokenInformation(token, TokenElevation, (&raw mut elevation).cast(), size, &mut len);
+        CloseHandle(token);
+        ok != 0 && elevation.TokenIsElevated != 0
+    }
+}
+
+/// EVENT_TRACE_PROPERTIES followed by room for the logger and log file names, as ControlTrace
+/// wants them.
+#[repr(C)]
+struct Query {
+    properties: EVENT_TRACE_PROPERTIES,
+    names: [u16; 2048],
+}
+
+impl Query {
+    fn new() -> Box<Self> {
+        let mut query = Box::new(Self { properties: EVENT_TRACE_PROPERTIES::default(), names: [0; 2048] });
+        query.properties.Wnode.BufferSize = size_of::<Self>() as u32;
+        query.properties.LoggerNameOffset = size_of::<EVENT_TRACE_PROPERTIES>() as u32;
+        query.properties.LogFileNameOffset = (size_of::<EVENT_TRACE_PROPERTIES>() + 2048) as u32;
+        query
+    }
+}
+
+/// ControlTraceW on the session called `name`.
+///
+/// # Safety
+/// `query` must come from [`Query::new`].
+unsafe fn control(name: &str, query: &mut Query, code: EVENT_TRACE_CONTROL) -> u32 {
+    let wide: Vec<u16> = name.encode_utf16().chain([0]).collect();
+    ControlTraceW(CONTROLTRACE_HANDLE { Value: 0 }, wide.as_ptr(), &mut query.properties, code)
 }
 
 /// Adds the handle events to the running kernel session `name`: its group mask gains
 /// PERF_OB_HANDLE. ferrisetw keeps the session's handle to itself, so the session is found
 /// again by name (a query returns its handle in `Wnode.HistoricalContext`).
 fn enable_handle_events(name: &str) -> Result<(), String> {
-    /// EVENT_TRACE_PROPERTIES followed by room for the logger and log file names.
-    #[repr(C)]
-    struct Query {
-        properties: EVENT_TRACE_PROPERTIES,
-        names: [u16; 2048],
-    }
-    let wide: Vec<u16> = name.encode_utf16().chain([0]).collect();
-    let mut query = Query { properties: EVENT_TRACE_PROPERTIES::default(), names: [0; 2048] };
-    query.properties.Wnode.BufferSize = size_of::<Query>() as u32;
-    query.properties.LoggerNameOffset = size_of::<EVENT_TRACE_PROPERTIES>() as u32;
-    query.properties.LogFileNameOffset = (size_of::<EVENT_TRACE_PROPERTIES>() + 2048) as u32;
+    let mut query = Query::new();
     let mut masks = [0u32; 8];
-    // SAFETY: `query` is sized as its BufferSize says, with the name offsets inside it; the
-    // group mask calls read and write the 8 words of `masks`.
+    // SAFETY: `query` comes from Query::new; the group mask calls read and write the 8 words
+    // of `masks`.
     unsafe {
-        let rc = ControlTraceW(
-            CONTROLTRACE_HANDLE { Value: 0 },
-            wide.as_ptr(),
-            &mut query.properties,
-            EVENT_TRACE_CONTROL_QUERY,
-        );
+        let rc = control(name, &mut query, EVENT_TRACE_CONTROL_QUERY);
         if rc != 0 {
             return Err(format!("cannot find the session {name} (error {rc})"));
         }
@@ -166,7 +225,8 @@ fn observe(record: &EventRecord) -> Option<Observed> {
             _ => None,
         })
         .unwrap_or_default();
-    Some(Observed { record: decoded, timestamp: record.raw_timestamp(), tid: record.thread_id(), stack })
+    let (pid, timestamp, tid) = (record.process_id(), record.raw_timestamp(), record.thread_id());
+    Some(Observed { pid, record: decoded, timestamp, tid, stack })
 }
 
 /// The event's payload. ferrisetw's `EventRecord` is a transparent wrapper over

@@ -1,19 +1,16 @@
-//! `psleak trace --pid PID` on Windows: the ETW sessions of `psleak-etw` feed the ledger through
-//! [`Translation`], and the reports are the eBPF backend's. Type-checked in CI, never run (see
+//! `psleak trace --pid PID` on Windows: the process followed through ETW ([`Followed`]), and
+//! the reports are the eBPF backend's. Type-checked in CI, never run (see
 //! the README); what it is made of is tested on Linux (`etw`, `report`).
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use psleak_etw::session::{Observed, Sessions};
 use windows_sys::Win32::Foundation::FILETIME;
 use windows_sys::Win32::System::Console::SetConsoleCtrlHandler;
 use windows_sys::Win32::System::SystemInformation::GetSystemTimePreciseAsFileTime;
 
-use crate::etw::Translation;
-use crate::ledger::Ledger;
+use crate::etw_target::Followed;
 use crate::poll;
 use crate::report::{Lost, Reporter, Selection};
 
@@ -36,38 +33,27 @@ pub fn run(
     if !poll::is_running(pid) {
         return Err(format!("no running process has pid {pid}"));
     }
-    let (observed, events) = mpsc::channel::<Observed>();
-    let sink = observed.clone();
-    let sessions = match Sessions::start(pid, move |o| {
-        let _ = sink.send(o);
-    }) {
-        Ok(sessions) => {
+    let (mut followed, failure) = Followed::start(pid);
+    match failure {
+        // The reports then carry the process's counters only: handles, threads, memory.
+        Some(e) => eprintln!("psleak: {e}; polling pid {pid} instead"),
+        None => {
             eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
-            if let Some(why) = &sessions.handles_unavailable {
+            if let Some(why) = followed.handles_unavailable() {
                 eprintln!("psleak: no handle events: {why}");
             }
-            Some(sessions)
         }
-        Err(e) => {
-            // The reports then carry the process's counters only: handles, threads, memory.
-            eprintln!("psleak: {e}; polling pid {pid} instead");
-            None
-        }
-    };
+    }
     // SAFETY: the handler only stores to an atomic.
     unsafe { SetConsoleCtrlHandler(Some(on_ctrl), 1) };
 
-    let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
     let mut reporter = Reporter::new(pid, selection);
     let started = Instant::now();
     let mut next_report = started + interval;
-    let apply = |o: Observed, ledger: &mut Ledger, translation: &mut Translation| {
-        for event in translation.events(&o.record, o.timestamp as u64 * 100, o.tid, &o.stack) {
-            ledger.apply(&event);
-        }
-    };
-    let mut emit = |ledger: &Ledger, translation: &mut Translation, stopped_by| {
-        let report = reporter.report(ledger, translation, now_ns(), poll::is_running(pid), Lost::default(), stopped_by);
+    let mut emit = |followed: &mut Followed, stopped_by| {
+        let alive = poll::is_running(pid);
+        let (ledger, mut sites) = followed.ledger_and_sites();
+        let report = reporter.report(ledger, &mut sites, now_ns(), alive, Lost::default(), stopped_by);
         let text =
             if json { serde_json::to_string(&report).expect("reports serialize") + "\n" } else { report.to_text() };
         let mut out = io::stdout().lock();
@@ -84,21 +70,14 @@ pub fn run(
             break "the target exited";
         }
         let wait = next_report.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
-        match events.recv_timeout(wait) {
-            Ok(o) => apply(o, &mut ledger, &mut translation),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break "the ETW sessions ended",
-        }
+        followed.next(wait);
         if Instant::now() >= next_report {
-            emit(&ledger, &mut translation, None)?;
+            emit(&mut followed, None)?;
             next_report += interval;
         }
     };
-    drop((sessions, observed));
-    while let Ok(o) = events.try_recv() {
-        apply(o, &mut ledger, &mut translation);
-    }
-    emit(&ledger, &mut translation, Some(stopped_by))
+    followed.stop();
+    emit(&mut followed, Some(stopped_by))
 }
 
 /// Now, on the clock of ETW's timestamps (FILETIME), in nanoseconds.

@@ -4,7 +4,13 @@
 //! the live `trace` through ETW.
 
 pub mod answer;
+#[cfg(windows)]
+pub mod dbghelp;
 pub mod etw;
+#[cfg(windows)]
+pub mod etw_collector;
+#[cfg(windows)]
+pub mod etw_target;
 #[cfg(windows)]
 pub mod etw_trace;
 pub mod event;

@@ -64,6 +64,7 @@ pub fn serve_requests(
     let ready = json!({
         "version": VERSION,
         "pid": pid,
+        "backend": "eBPF",
         "probes": probes.attachments(),
         "libc": target.libc,
         "python": target.python,
