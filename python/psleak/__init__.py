@@ -34,6 +34,8 @@ __all__ = [
     "MemoryLeakTestCase",
     "NativeThread",
     "OpenFd",
+    "OpenHandle",
+    "PrivateHeap",
     "UnclosedFdError",
     "UnclosedHandleError",
     "UnclosedHeapCreateError",
@@ -164,6 +166,35 @@ class NativeThread:
     def __repr__(self):
         s = f"thread {self.tid} ({self.name})"
         return s + (f", started by {self.site}" if self.site else "")
+
+
+@dataclass(frozen=True)
+class OpenHandle:
+    """A Windows handle left open by a call: its value, its object type and name as ETW gave
+    them, and the function that opened it and its stack (the ETW tracer only)."""
+
+    handle: int
+    kind: str
+    site: str = ""
+    stack: tuple = ()
+
+    def __repr__(self):
+        s = f"handle {self.handle:#x}: {self.kind}"
+        return s + (f", opened by {self.site}" if self.site else "")
+
+
+@dataclass(frozen=True)
+class PrivateHeap:
+    """A Windows heap a call created and did not destroy; the function that created it and its
+    stack (the ETW tracer only)."""
+
+    heap: int
+    site: str = ""
+    stack: tuple = ()
+
+    def __repr__(self):
+        s = f"heap {self.heap:#x}"
+        return s + (f", created by {self.site}" if self.site else "")
 
 
 # --- utils
@@ -532,8 +563,7 @@ class MemoryLeakTestCase(unittest.TestCase):
                 leaked = self._new_threads(extras_before, extras_after, created)
                 error = UnclosedNativeThreadError
             elif what in WINDOWS_COUNTS:
-                # Counts only: the polling fallback of the ETW backend cannot name them.
-                leaked, error = [], WINDOWS_COUNTS[what]
+                leaked, error = self._new_windows_resources(what, created), WINDOWS_COUNTS[what]
             else:
                 leaked = self._new_py_threads(extras_before, extras_after)
                 error = UnclosedPythonThreadError
@@ -566,6 +596,21 @@ class MemoryLeakTestCase(unittest.TestCase):
                 for t in created["threads"]
             ]
         return [NativeThread(tid, name) for tid, name in after.items() if tid not in before]
+
+    @staticmethod
+    def _new_windows_resources(what, created):
+        # Polling counts them only; the ETW tracer names each, with its site.
+        if created is None:
+            return []
+        if what == "num_handles":
+            return [
+                OpenHandle(h["handle"], h["kind"], format_site(h["site"]), tuple(map(format_site, h["stack"])))
+                for h in created.get("handles", ())
+            ]
+        return [
+            PrivateHeap(h["heap"], format_site(h["site"]), tuple(map(format_site, h["stack"])))
+            for h in created.get("heaps", ())
+        ]
 
     def _call_ntimes(self, fun, times):
         """Memory samples before and after calling fun repeatedly, as a dict of diffs. With the
@@ -722,8 +767,11 @@ class MemoryLeakTestCase(unittest.TestCase):
             raise unittest.SkipTest(msg)
         if checkers.memory and backend.exact and not backend.sees_python_allocations():
             msg = (
-                "PYTHONMALLOC=malloc was not set, and this Python inlines its allocator (a build with "
-                "LTO, like Debian's), out of the tracer's sight"
+                "the ETW tracer sees no heap blocks of this process: opt python.exe in to heap tracing "
+                "(TracingFlags=1 in its Image File Execution Options key) and set PYTHONMALLOC=malloc"
+                if WINDOWS
+                else "PYTHONMALLOC=malloc was not set, and this Python inlines its allocator (a build "
+                "with LTO, like Debian's), out of the tracer's sight"
             )
             raise unittest.SkipTest(msg)
 

@@ -1,5 +1,5 @@
 """Where the counters come from. ``TraceBackend`` asks a collector process that follows this
-process with eBPF probes (exact, with the site of every resource); ``PollBackend`` reads
+process with eBPF probes, or ETW on Windows (exact, with the site of every resource); ``PollBackend`` reads
 procfs and the allocator's statistics, psutil-style. Both measure the classic metrics
 natively (``_native.memory``)."""
 
@@ -48,15 +48,10 @@ class TraceBackend:
         self._sees_python = None
         self.daemon = daemon
         if daemon is None:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            # A Unix socket pair; on Windows, a loopback TCP pair.
+            ours, theirs = socket.socketpair()
             with theirs:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "psleak._collector", str(theirs.fileno()), str(os.getpid())],
-                    pass_fds=[theirs.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
+                self._process = _start_collector(theirs)
         else:
             ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -86,7 +81,7 @@ class TraceBackend:
 
     def describe(self):
         where = f"daemon at {self.daemon}" if self.daemon else f"collector pid {self._process.pid}"
-        return f"trace (eBPF, {where}, {self.ready['probes']} probes)"
+        return f"trace ({self.ready['backend']}, {where}, {self.ready['probes']} probes)"
 
     def _reply(self):
         try:
@@ -149,6 +144,32 @@ class TraceBackend:
         self._process.stderr.close()
 
 
+def _start_collector(theirs):
+    """The private collector, given the other end of our socket pair: as an inherited fd, or
+    on Windows, where a child inherits no socket, as ``socket.share()`` data on its stdin."""
+    command = [sys.executable, "-m", "psleak._collector"]
+    if sys.platform != "win32":
+        return subprocess.Popen(
+            [*command, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    process = subprocess.Popen(
+        [*command, "-", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        process.stdin.write(theirs.share(process.pid))
+        process.stdin.close()
+    except OSError:
+        pass  # it ended already: its reason comes with the ready line's absence
+    return process
+
+
 _backend = None
 
 
@@ -202,7 +223,7 @@ def _choose(wanted):
         msg = f"PSLEAK_BACKEND=trace, but the tracer cannot work here: {why}"
         if daemon_error is not None:
             msg += f"; and {daemon_error}"
-        elif not daemon:
+        elif not daemon and sys.platform != "win32":
             msg += f"; or have root run `psleak daemon` and set PSLEAK_SOCKET to its socket (default {DEFAULT_SOCKET})"
         raise BackendError(msg)
     return PollBackend()

@@ -29,12 +29,12 @@ def threads() -> list[tuple[int, str]]:
     """(tid, name) for each thread of this process."""
 
 def tracer_unavailable() -> str | None:
-    """Why this process cannot load the eBPF probes, or None when it can."""
-
-if sys.platform == "linux":
-    def serve_collector(fd: int, pid: int) -> None:
-        """Run a private collector for `pid` on the connected Unix socket `fd` until hang-up."""
+    """Why this process cannot trace itself (eBPF probes; ETW sessions on Windows), or None."""
 
 if sys.platform in ("linux", "win32"):
+    def serve_collector(fd: int, pid: int) -> None:
+        """Run a private collector for `pid` on the connected socket `fd` (a Unix socket; on
+        Windows a loopback socket's handle) until hang-up."""
+
     def cli(argv: list[str]) -> int:
         """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""

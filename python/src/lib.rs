@@ -1,5 +1,6 @@
 //! `psleak._native`: what the Python package needs from Rust — the classic metrics of its own
-//! process, its fds and threads, and the private collector that a child process runs.
+//! process, its fds and threads (handles and heaps on Windows), and the private collector that
+//! a child process runs (eBPF on Linux, ETW on Windows).
 
 #[cfg(target_os = "linux")]
 use std::os::fd::FromRawFd;
@@ -113,11 +114,19 @@ fn tracer_unavailable() -> Option<String> {
     tracer::check_prerequisites(&psleak_ebpf::Options::default()).err().map(|e| e.to_string())
 }
 
-/// Why this process cannot load the probes: the Python package's exact tracer is eBPF's.
-#[cfg(not(target_os = "linux"))]
+/// Why this process cannot start the ETW sessions, or None when it can.
+#[cfg(windows)]
 #[pyfunction]
 fn tracer_unavailable() -> Option<String> {
-    Some("the exact tracer needs Linux (eBPF); the ETW backend does not serve the Python package yet".into())
+    (!psleak_etw::session::is_elevated())
+        .then(|| "ETW's kernel session needs an administrator (an elevated prompt)".into())
+}
+
+/// Why this process cannot trace itself: psleak's tracers are eBPF's and ETW's.
+#[cfg(not(any(target_os = "linux", windows)))]
+#[pyfunction]
+fn tracer_unavailable() -> Option<String> {
+    Some("the exact tracer needs Linux (eBPF) or Windows (ETW)".into())
 }
 
 /// The `psleak` command line (`argv` with the program name first): its exit status.
@@ -136,6 +145,17 @@ fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
     py.detach(|| session::serve(stream, pid, &psleak_ebpf::Options::default()))
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Runs a private collector for `pid` over the connected loopback socket `socket` (taken over;
+/// shared by the test process), until the client hangs up or `pid` exits.
+#[cfg(windows)]
+#[pyfunction]
+fn serve_collector(py: Python<'_>, socket: u64, pid: u32) -> PyResult<()> {
+    use std::os::windows::io::FromRawSocket;
+    // SAFETY: the caller hands over an open socket that nothing else will use.
+    let stream = unsafe { std::net::TcpStream::from_raw_socket(socket) };
+    py.detach(|| psleak::etw_collector::serve(stream, pid)).map_err(PyRuntimeError::new_err)
 }
 
 /// The number of open handles of this process.
@@ -164,7 +184,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_fds, m)?)?;
     #[cfg(any(target_os = "linux", windows))]
     m.add_function(wrap_pyfunction!(cli, m)?)?;
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", windows))]
     m.add_function(wrap_pyfunction!(serve_collector, m)?)?;
     #[cfg(windows)]
     {

@@ -8,6 +8,8 @@ import pytest
 import psleak
 from psleak import Checkers
 from psleak import MemoryLeakTestCase
+from psleak import OpenHandle
+from psleak import PrivateHeap
 from psleak import UnclosedHandleError
 from psleak import UnclosedHeapCreateError
 
@@ -56,3 +58,51 @@ def test_handles_opened_and_closed_pass(windows):
 def test_fds_are_not_counted_on_windows(windows, monkeypatch):
     monkeypatch.delattr(psleak._native, "open_fds")
     MemoryLeakTestCase().execute(lambda: None, checkers=Checkers.only("fds", "handles"))
+
+
+SITE = {"addr": "0x7ff900003000", "function": "open_device", "module": r"C:\src\leaky.pyd", "file": "leaky.c", "line": 31}
+
+
+class EtwCollectorStandIn:
+    """Stands in for the ETW collector, which only Windows can run: it replies to ``created``
+    with what the Rust collector answers for ETW records of a handle and a heap left by a call
+    (that answer is tested on Linux: userspace/src/etw.rs,
+    the_collector_names_what_a_call_left_from_etw_records)."""
+
+    name = "trace"
+    exact = True
+
+    def __init__(self, handles=(), heaps=()):
+        self.created = {"fds": [], "threads": [], "handles": list(handles), "heaps": list(heaps)}
+
+    def describe(self):
+        return "trace (ETW stand-in)"
+
+    def request(self, op, **fields):
+        return {"mark": 1} if op == "mark" else self.created
+
+
+def test_with_the_etw_collector_the_handle_left_open_is_named(windows, monkeypatch):
+    handle = {"handle": 0x1A4, "kind": r"type 37 \Device\Afd", "age_s": 0.0, "site": SITE, "stack": [SITE]}
+    monkeypatch.setattr(psleak._backends, "_backend", EtwCollectorStandIn(handles=[handle]))
+
+    def open_handle():
+        windows["handles"][0] += 1
+
+    with pytest.raises(UnclosedHandleError) as caught:
+        MemoryLeakTestCase().execute(open_handle, checkers=Checkers.only("handles"))
+    assert caught.value.extras == [OpenHandle(0x1A4, r"type 37 \Device\Afd", "open_device (leaky.c:31)", ("open_device (leaky.c:31)",))]
+    assert r"* handle 0x1a4: type 37 \Device\Afd, opened by open_device (leaky.c:31)" in str(caught.value)
+
+
+def test_with_the_etw_collector_the_heap_left_is_named(windows, monkeypatch):
+    heap = {"heap": 0x2A0000, "age_s": 0.0, "site": SITE, "stack": [SITE]}
+    monkeypatch.setattr(psleak._backends, "_backend", EtwCollectorStandIn(heaps=[heap]))
+
+    def create_heap():
+        windows["heaps"][0] += 1
+
+    with pytest.raises(UnclosedHeapCreateError) as caught:
+        MemoryLeakTestCase()._check_counters(create_heap, Checkers.only("memory"))
+    assert caught.value.extras == [PrivateHeap(0x2A0000, "open_device (leaky.c:31)", ("open_device (leaky.c:31)",))]
+    assert "* heap 0x2a0000, created by open_device (leaky.c:31)" in str(caught.value)

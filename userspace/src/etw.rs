@@ -116,6 +116,9 @@ impl Translation {
 /// Turns the target's addresses into frames.
 pub trait Symbolize {
     fn frames(&mut self, addrs: &[u64]) -> Vec<Frame>;
+
+    /// Learns the modules the target loaded since.
+    fn refresh(&mut self) {}
 }
 
 /// Frames that are their address only, where no symbols can be read.
@@ -139,12 +142,12 @@ pub fn is_runtime_module(path: &str) -> bool {
 }
 
 /// Names the sites of an ETW session's ledger; ETW says nothing of fds, nor names threads.
-pub struct Sites<'a, S> {
+pub struct Sites<'a, S: ?Sized> {
     pub translation: &'a Translation,
     pub symbols: &'a mut S,
 }
 
-impl<S: Symbolize> Describe for Sites<'_, S> {
+impl<S: Symbolize + ?Sized> Describe for Sites<'_, S> {
     fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
         let frames = self.symbols.frames(&self.translation.stack(origin));
         (blame(&frames, is_runtime_module), frames)
