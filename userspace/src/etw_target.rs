@@ -1,32 +1,24 @@
 //! One process followed through ETW (Windows only): the sessions of `psleak-etw`, the ledger
 //! their events feed through [`Translation`], and the process's symbols. Used by `psleak trace`
 //! and by the collector that serves the Python package. Type-checked in CI, never run (see
-//! the README); what it is made of is tested on Linux (`etw`, `answer`, `report`).
+//! the README); what it is made of is tested on Linux (`etw`, `etw_collector`, `answer`).
 
-use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use psleak_etw::records::Record;
 use psleak_etw::session::{Observed, Sessions, StartError};
+use windows_sys::Win32::System::Threading::GetCurrentThreadId;
 
 use crate::dbghelp::Dbghelp;
 use crate::etw::{Addresses, Sites, Symbolize, Translation};
+use crate::etw_collector::{Follow, Input, Request};
 use crate::ledger::Ledger;
-
-/// What [`Followed::next`] brings.
-pub enum Input {
-    /// An event of the target, now in the ledger.
-    Applied,
-    /// A thread of this process started or ended (the collector's sync marks).
-    OwnThread { tid: u32 },
-    /// A request line from the client, or its end (collector sessions).
-    Request(io::Result<Option<String>>),
-}
+use crate::poll;
 
 enum Message {
     Observed(Observed),
-    Request(io::Result<Option<String>>),
+    Request(Request),
 }
 
 pub struct Followed {
@@ -70,14 +62,21 @@ impl Followed {
         self.sessions.as_ref().and_then(|s| s.handles_unavailable.as_deref())
     }
 
-    /// Where a reader thread sends the client's request lines.
-    pub fn requests(&self) -> impl Fn(io::Result<Option<String>>) -> bool + Send + 'static {
+    /// Stops the sessions and applies what they had delivered.
+    pub fn stop(&mut self) {
+        self.sessions = None;
+        while self.next(Duration::ZERO).is_some() {}
+    }
+}
+
+impl Follow for Followed {
+    fn requests(&self) -> Box<dyn Fn(Request) -> bool + Send> {
         let sender = self.sender.clone();
-        move |request| sender.send(Message::Request(request)).is_ok()
+        Box::new(move |request| sender.send(Message::Request(request)).is_ok())
     }
 
-    /// The next input within `timeout`, the target's events applied to the ledger as they come.
-    pub fn next(&mut self, timeout: Duration) -> Option<Input> {
+    /// The target's events are applied to the ledger as they come.
+    fn next(&mut self, timeout: Duration) -> Option<Input> {
         match self.messages.recv_timeout(timeout) {
             Ok(Message::Request(request)) => Some(Input::Request(request)),
             Ok(Message::Observed(o)) if o.pid == self.pid => {
@@ -95,19 +94,22 @@ impl Followed {
         }
     }
 
-    /// Asks the sessions to deliver what their buffers hold.
-    pub fn flush(&self) -> Result<(), String> {
-        self.sessions.as_ref().map_or(Ok(()), Sessions::flush)
+    /// A thread of ours, started and ended now; then the sessions deliver their buffers.
+    fn mark(&mut self) -> Result<u32, String> {
+        // SAFETY: GetCurrentThreadId has no preconditions.
+        let tid = std::thread::spawn(|| unsafe { GetCurrentThreadId() })
+            .join()
+            .map_err(|_| "the mark thread failed".to_string())?;
+        self.sessions.as_ref().map_or(Ok(()), Sessions::flush)?;
+        Ok(tid)
     }
 
-    /// Stops the sessions and applies what they had delivered.
-    pub fn stop(&mut self) {
-        self.sessions = None;
-        while self.next(Duration::ZERO).is_some() {}
+    fn is_running(&self) -> bool {
+        poll::is_running(self.pid)
     }
 
-    /// The ledger, and the namer of its sites (with the modules loaded so far).
-    pub fn ledger_and_sites(&mut self) -> (&Ledger, Sites<'_, dyn Symbolize>) {
+    /// With the modules loaded so far.
+    fn ledger_and_sites(&mut self) -> (&Ledger, Sites<'_, dyn Symbolize>) {
         self.symbols.refresh();
         (&self.ledger, Sites { translation: &self.translation, symbols: self.symbols.as_mut() })
     }

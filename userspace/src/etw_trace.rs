@@ -10,6 +10,7 @@ use windows_sys::Win32::Foundation::FILETIME;
 use windows_sys::Win32::System::Console::SetConsoleCtrlHandler;
 use windows_sys::Win32::System::SystemInformation::GetSystemTimePreciseAsFileTime;
 
+use crate::etw_collector::Follow;
 use crate::etw_target::Followed;
 use crate::poll;
 use crate::report::{Lost, Reporter, Selection};

@@ -7,7 +7,6 @@ pub mod answer;
 #[cfg(windows)]
 pub mod dbghelp;
 pub mod etw;
-#[cfg(windows)]
 pub mod etw_collector;
 #[cfg(windows)]
 pub mod etw_target;
