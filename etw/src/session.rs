@@ -7,9 +7,10 @@
 use std::mem::{size_of, size_of_val};
 use std::sync::Arc;
 
+use ferrisetw::native::EvntraceNativeError;
 use ferrisetw::provider::kernel_providers::{self, KernelProvider};
 use ferrisetw::provider::{EventFilter, Provider as EtwProvider, TraceFlags};
-use ferrisetw::trace::{KernelTrace, UserTrace};
+use ferrisetw::trace::{KernelTrace, TraceError, UserTrace};
 use ferrisetw::{EventRecord, SchemaLocator, GUID};
 use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
 use windows_sys::Win32::Security::{GetTokenInformation, TokenElevation, TOKEN_ELEVATION, TOKEN_QUERY};
@@ -102,7 +103,7 @@ impl Sessions {
                     .build(),
             )
             .start_and_process()
-            .map_err(|e| StartError::Kernel(format!("{e:?}")))?;
+            .map_err(|e| StartError::Kernel(describe(e)))?;
         let heap = EtwProvider::by_guid(Provider::HEAP_GUID)
             .trace_flags(TraceFlags::EVENT_ENABLE_PROPERTY_STACK_TRACE)
             .add_filter(EventFilter::ByPids(u16::try_from(pid).map(|p| vec![p]).unwrap_or_default()))
@@ -177,6 +178,16 @@ impl Query {
 unsafe fn control(name: &str, query: &mut Query, code: EVENT_TRACE_CONTROL) -> u32 {
     let wide: Vec<u16> = name.encode_utf16().chain([0]).collect();
     ControlTraceW(CONTROLTRACE_HANDLE { Value: 0 }, wide.as_ptr(), &mut query.properties, code)
+}
+
+/// ferrisetw's error in words (it has no Display).
+fn describe(error: TraceError) -> String {
+    match error {
+        TraceError::InvalidTraceName => "invalid session name".into(),
+        TraceError::EtwNativeError(EvntraceNativeError::InvalidHandle) => "invalid handle".into(),
+        TraceError::EtwNativeError(EvntraceNativeError::AlreadyExist) => "a session of that name exists".into(),
+        TraceError::EtwNativeError(EvntraceNativeError::IoError(e)) => e.to_string(),
+    }
 }
 
 /// Adds the handle events to the running kernel session `name`: its group mask gains

@@ -35,9 +35,13 @@ pub fn run(
         return Err(format!("no running process has pid {pid}"));
     }
     let (mut followed, failure) = Followed::start(pid);
+    let mut reporter = Reporter::new(pid, selection);
     match failure {
         // The reports then carry the process's counters only: handles, threads, memory.
-        Some(e) => eprintln!("psleak: {e}; polling pid {pid} instead"),
+        Some(e) => {
+            eprintln!("psleak: {e}; polling pid {pid} instead");
+            reporter.untraced = Some("no ETW events (the kernel session could not be started)".into());
+        }
         None => {
             eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
             if let Some(why) = followed.handles_unavailable() {
@@ -48,7 +52,6 @@ pub fn run(
     // SAFETY: the handler only stores to an atomic.
     unsafe { SetConsoleCtrlHandler(Some(on_ctrl), 1) };
 
-    let mut reporter = Reporter::new(pid, selection);
     let started = Instant::now();
     let mut next_report = started + interval;
     let mut emit = |followed: &mut Followed, stopped_by| {

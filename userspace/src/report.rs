@@ -54,6 +54,9 @@ pub struct Report {
     pub is_final: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_by: Option<&'static str>,
+    /// Why no events come (the process's counters are all there is), if none do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untraced: Option<String>,
     pub events: u64,
     pub lost: Lost,
     /// Releases of resources created before attach (not counted).
@@ -225,11 +228,14 @@ pub struct Reporter {
     attached_at: Instant,
     /// The target's classic metrics at attach.
     baseline: Option<Metrics>,
+    /// Why no events come, when the backend could not be had: the reports say so.
+    pub untraced: Option<String>,
 }
 
 impl Reporter {
     pub fn new(pid: u32, selection: Selection) -> Self {
-        Self { pid, selection, growth: Growth::default(), attached_at: Instant::now(), baseline: Metrics::of(pid).ok() }
+        let baseline = Metrics::of(pid).ok();
+        Self { pid, selection, growth: Growth::default(), attached_at: Instant::now(), baseline, untraced: None }
     }
 
     /// The report now: `now_ns` on the clock of the events' timestamps; the classic metrics
@@ -286,6 +292,7 @@ impl Reporter {
             elapsed_s: elapsed.as_secs_f64(),
             is_final: stopped_by.is_some(),
             stopped_by,
+            untraced: self.untraced.clone(),
             events: ledger.events(),
             lost,
             untracked_releases: ledger.untracked_releases,
@@ -343,24 +350,34 @@ fn stack_lines(out: &mut String, stack: &[Frame]) {
 impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "[{:7.1}s] pid {}: heap {} in {} blocks, mmap {} live since attach; {} fds, {} threads; {} events{}",
-            self.elapsed_s,
-            self.pid,
-            human_bytes(self.live.heap_bytes),
-            self.live.heap_blocks,
-            human_bytes(self.live.mmap_bytes),
-            self.resources.fds.len(),
-            self.resources.threads.len(),
-            self.events,
-            self.lost_text(),
-        );
+        // The process's own counters: its fds, which on Windows are its handles.
+        let fds = if cfg!(windows) { "handles" } else { "fds" };
+        if let Some(why) = &self.untraced {
+            let _ = writeln!(out, "[{:7.1}s] pid {}: {why}; its counters only", self.elapsed_s, self.pid);
+        } else {
+            let (open, kind) = if cfg!(windows) {
+                (self.resources.handles.len(), "handles")
+            } else {
+                (self.resources.fds.len(), "fds")
+            };
+            let _ = writeln!(
+                out,
+                "[{:7.1}s] pid {}: heap {} in {} blocks, mmap {} live since attach; {open} {kind}, {} threads; {} events{}",
+                self.elapsed_s,
+                self.pid,
+                human_bytes(self.live.heap_bytes),
+                self.live.heap_blocks,
+                human_bytes(self.live.mmap_bytes),
+                self.resources.threads.len(),
+                self.events,
+                self.lost_text(),
+            );
+        }
         if let Some(p) = &self.process {
             let (now, d) = (p.now, p.since_attach);
             let _ = writeln!(
                 out,
-                "  process: rss {} ({}), uss {} ({}), vms {} ({}), {} fds ({:+}), {} threads ({:+}) since attach",
+                "  process: rss {} ({}), uss {} ({}), vms {} ({}), {} {fds} ({:+}), {} threads ({:+}) since attach",
                 human_bytes(now.rss),
                 human_change(d.rss),
                 human_bytes(now.uss),
@@ -530,6 +547,7 @@ mod tests {
             elapsed_s: 9.0,
             is_final: false,
             stopped_by: None,
+            untraced: None,
             events: 0,
             lost: Lost::default(),
             untracked_releases: 0,
@@ -540,6 +558,41 @@ mod tests {
         };
         let text = report.to_text();
         assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");
+    }
+
+    #[test]
+    fn a_session_without_events_says_so_rather_than_show_an_empty_ledger() {
+        let mut reporter = Reporter::new(
+            std::process::id(),
+            Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO },
+        );
+        reporter.untraced = Some("no ETW events (the kernel session could not be started)".into());
+        let report = reporter.report(&Ledger::new(), &mut NoNames, 0, true, Lost::default(), None);
+        let text = report.to_text();
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.ends_with("no ETW events (the kernel session could not be started); its counters only"),
+            "{text}"
+        );
+        assert!(text.contains("  process: rss "), "the counters are still shown: {text}");
+        assert_eq!(serde_json::to_value(&report).unwrap()["untraced"], reporter.untraced.unwrap());
+    }
+
+    /// Names nothing: the ledger above is empty.
+    struct NoNames;
+
+    impl Describe for NoNames {
+        fn site(&mut self, _: Origin) -> (Option<Frame>, Vec<Frame>) {
+            (None, vec![])
+        }
+
+        fn fd_target(&self, _: i32) -> Option<String> {
+            None
+        }
+
+        fn thread_name(&self, _: u32) -> Option<String> {
+            None
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!                       also as an unprivileged user through `psleak daemon`
 //!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
 //!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
+//!   cargo xtask wine    run the Windows build under Wine (also in `test`)
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,11 +17,13 @@ use std::time::Instant;
 mod bench;
 mod targets;
 mod unprivileged;
+mod wine;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
 /// the bundled libbpf), and what the tests use (gcc for the C targets, bpftool to check that no
 /// probe remains, setpriv to run unprivileged, python3 as a traced interpreter, and with its
-/// headers and venv for the tests an unprivileged user runs through the daemon).
+/// headers and venv for the tests an unprivileged user runs through the daemon; mingw-w64 and
+/// wine64 to build and run the Windows build).
 const PACKAGES: &[&str] = &[
     "clang",
     "libelf-dev",
@@ -34,6 +37,8 @@ const PACKAGES: &[&str] = &[
     "python3",
     "python3-dev",
     "python3-venv",
+    "mingw-w64",
+    "wine64",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -46,7 +51,11 @@ fn main() -> ExitCode {
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench::bench()),
         "check-targets" => targets::check(),
-        _ => Err("usage: cargo xtask setup|demo|test|bench|check-targets".into()),
+        "wine" => setup().and_then(|()| wine::smoke()).and_then(|(_, failed)| match failed {
+            0 => Ok(()),
+            n => Err(format!("{n} checks failed")),
+        }),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|check-targets|wine".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,9 +133,11 @@ fn test() -> Result {
     let status = cargo.wait().map_err(|e| e.to_string())?;
     let python = python_tests();
     let other_targets = targets::check();
+    let under_wine = wine::smoke();
     let (py_passed, py_failed) = python.as_ref().map_or((0, 1), |r| (r.passed, r.failed));
+    let (wine_passed, wine_failed) = under_wine.as_ref().map_or((0, 1), |&counts| counts);
     // One closing line for the whole suite: cargo's own last line is the last test binary's.
-    println!("tests: {} passed, {} failed", passed + py_passed, failed + py_failed);
+    println!("tests: {} passed, {} failed", passed + py_passed + wine_passed, failed + py_failed + wine_failed);
     if let Err(err) = &python {
         eprintln!("xtask: the Python tests could not run: {err}");
     }
@@ -134,6 +145,11 @@ fn test() -> Result {
         return Err(format!("cargo test failed ({status})"));
     }
     other_targets?;
+    match under_wine {
+        Ok((_, 0)) => {}
+        Ok((_, failed)) => return Err(format!("{failed} checks of the Windows build under Wine failed")),
+        Err(err) => return Err(format!("the Windows build could not run under Wine: {err}")),
+    }
     match python {
         Ok(r) if r.failed == 0 => Ok(()),
         Ok(r) => Err(format!("{} Python tests failed", r.failed)),
