@@ -22,7 +22,7 @@ mod wine;
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
 /// the bundled libbpf), and what the tests use (gcc for the C targets, bpftool to check that no
 /// probe remains, setpriv to run unprivileged, python3 as a traced interpreter, and with its
-/// headers and venv for the tests an unprivileged user runs through the daemon; mingw-w64 and
+/// headers and venv for the tests an unprivileged user runs through the daemon; mingw-w64 gcc,
 /// wine64 to build and run the Windows build).
 const PACKAGES: &[&str] = &[
     "clang",
@@ -37,7 +37,8 @@ const PACKAGES: &[&str] = &[
     "python3",
     "python3-dev",
     "python3-venv",
-    "mingw-w64",
+    "gcc-mingw-w64-x86-64-win32",
+    "wine",
     "wine64",
 ];
 
