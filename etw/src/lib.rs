@@ -10,13 +10,16 @@
 //!
 //! The kernel session needs an administrator (or the Performance Log Users group); stacks
 //! come as extended data when the session asks for them (`EVENT_ENABLE_PROPERTY_STACK_TRACE`
-//! for the heap, stack tracing of the kernel events otherwise). Where a session cannot be had
+//! for the heap; for the kernel events that create a resource, `TraceSetInformation` with
+//! `TraceStackTracingInfo`). Where a session cannot be had
 //! the collector polls instead: `GetProcessHandleCount`, `GetProcessHeaps` and a toolhelp
 //! thread snapshot (see `psleak::poll`).
 //!
-//! [`records`] is plain Rust over the documented payload layouts, built and unit-tested on
-//! every platform; [`session`] (Windows only) runs the ETW sessions through ferrisetw.
+//! [`records`] is plain Rust over the documented payload layouts, and [`names`] names the
+//! sessions, both built and unit-tested on every platform; [`session`] (Windows only) runs the
+//! ETW sessions through ferrisetw.
 
+pub mod names;
 pub mod records;
 #[cfg(windows)]
 pub mod session;

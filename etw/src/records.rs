@@ -14,22 +14,26 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub const HEAP_GUID: &'static str = "222962ab-6180-4b88-a825-346b75f2a24a";
-    pub const PAGE_FAULT_GUID: &'static str = "3d6fa8d3-fe05-11d0-9dda-00c04fd7ba7c";
-    pub const OBJECT_GUID: &'static str = "89497f50-effe-4440-8cf2-ce6b1cdcaca7";
-    pub const THREAD_GUID: &'static str = "3d6fa8d1-fe05-11d0-9dda-00c04fd7ba7c";
+    const ALL: [Self; 4] = [Self::Heap, Self::PageFault, Self::Object, Self::Thread];
 
-    /// The provider of a GUID written as `xxxxxxxx-xxxx-...` (any case).
+    /// The provider's GUID, as a number (`0x222962ab_6180_...` for `222962ab-6180-...`).
+    pub const fn guid(self) -> u128 {
+        match self {
+            Self::Heap => 0x222962ab_6180_4b88_a825_346b75f2a24a,
+            Self::PageFault => 0x3d6fa8d3_fe05_11d0_9dda_00c04fd7ba7c,
+            Self::Object => 0x89497f50_effe_4440_8cf2_ce6b1cdcaca7,
+            Self::Thread => 0x3d6fa8d1_fe05_11d0_9dda_00c04fd7ba7c,
+        }
+    }
+
+    /// The provider of a GUID written as `xxxxxxxx-xxxx-...` (any case, braces or not).
     pub fn of_guid(guid: &str) -> Option<Self> {
-        let guid = guid.trim_matches(|c| c == '{' || c == '}').to_ascii_lowercase();
-        [
-            (Self::HEAP_GUID, Self::Heap),
-            (Self::PAGE_FAULT_GUID, Self::PageFault),
-            (Self::OBJECT_GUID, Self::Object),
-            (Self::THREAD_GUID, Self::Thread),
-        ]
-        .into_iter()
-        .find_map(|(g, p)| (g == guid).then_some(p))
+        let hex: String = guid.chars().filter(|c| !matches!(c, '{' | '}' | '-')).collect();
+        Self::of_guid_value(u128::from_str_radix(&hex, 16).ok()?)
+    }
+
+    pub fn of_guid_value(guid: u128) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.guid() == guid)
     }
 }
 
@@ -362,7 +366,9 @@ mod tests {
     #[test]
     fn providers_by_guid() {
         assert_eq!(Provider::of_guid("{222962AB-6180-4B88-A825-346B75F2A24A}"), Some(Provider::Heap));
-        assert_eq!(Provider::of_guid(Provider::THREAD_GUID), Some(Provider::Thread));
+        assert_eq!(Provider::of_guid("3d6fa8d1-fe05-11d0-9dda-00c04fd7ba7c"), Some(Provider::Thread));
+        assert_eq!(Provider::Thread.guid(), 0x3d6fa8d1_fe05_11d0_9dda_00c04fd7ba7c);
+        assert_eq!(Provider::of_guid("not a guid"), None);
         assert_eq!(Provider::of_guid("00000000-0000-0000-0000-000000000000"), None);
     }
 }

@@ -15,11 +15,13 @@ use ferrisetw::{EventRecord, SchemaLocator, GUID};
 use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
 use windows_sys::Win32::Security::{GetTokenInformation, TokenElevation, TOKEN_ELEVATION, TOKEN_QUERY};
 use windows_sys::Win32::System::Diagnostics::Etw::{
-    ControlTraceW, TraceQueryInformation, TraceSetInformation, TraceSystemTraceEnableFlagsInfo, CONTROLTRACE_HANDLE,
-    EVENT_RECORD, EVENT_TRACE_CONTROL, EVENT_TRACE_CONTROL_FLUSH, EVENT_TRACE_CONTROL_QUERY, EVENT_TRACE_PROPERTIES,
+    ControlTraceW, QueryAllTracesW, TraceQueryInformation, TraceSetInformation, TraceStackTracingInfo,
+    TraceSystemTraceEnableFlagsInfo, CLASSIC_EVENT_ID, CONTROLTRACE_HANDLE, EVENT_RECORD, EVENT_TRACE_CONTROL,
+    EVENT_TRACE_CONTROL_FLUSH, EVENT_TRACE_CONTROL_QUERY, EVENT_TRACE_CONTROL_STOP, EVENT_TRACE_PROPERTIES,
 };
 use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
 
+use crate::names::{owner_of, session_name};
 use crate::records::{decode, Provider, Record};
 
 /// `EVENT_HEADER_FLAG_32_BIT_HEADER`: the event was logged by a 32-bit process.
@@ -39,7 +41,11 @@ pub struct Observed {
 
 /// The Object manager's events, routed to our callback; they flow once the session's group
 /// mask asks for them (see [`enable_handle_events`]), not through classic enable flags.
-static OBJECT_MANAGER: KernelProvider = KernelProvider::new(GUID::from_u128(0x89497f50_effe_4440_8cf2_ce6b1cdcaca7), 0);
+static OBJECT_MANAGER: KernelProvider = KernelProvider::new(GUID::from_u128(Provider::Object.guid()), 0);
+
+/// The kernel events logged with their stack: VirtualAlloc, handle creation, thread start
+/// (the events that end a resource need none).
+const STACKED_EVENTS: [(Provider, u8); 3] = [(Provider::PageFault, 98), (Provider::Object, 32), (Provider::Thread, 1)];
 
 /// `PERF_OB_HANDLE` (0x80000040) in PERFINFO_GROUPMASK: word 4, bit 0x40.
 const OB_HANDLE_MASK: (usize, u32) = (4, 0x40);
@@ -49,8 +55,9 @@ pub struct Sessions {
     _kernel: KernelTrace,
     heap: Option<UserTrace>,
     names: Vec<String>,
-    /// Why handle events could not be enabled, if they could not.
-    pub handles_unavailable: Option<String>,
+    handles: bool,
+    /// What the sessions could not be given, and why: handle events, the kernel events' stacks.
+    pub missing: Vec<String>,
 }
 
 /// Why the sessions could not be started.
@@ -90,7 +97,7 @@ impl Sessions {
                 }
             }
         };
-        let kernel_name = format!("psleak-kernel-{pid}");
+        let kernel_name = session_name(own, "kernel", pid);
         let kernel = KernelTrace::new()
             .named(kernel_name.clone())
             .enable(EtwProvider::kernel(&OBJECT_MANAGER).add_callback(callback(sink.clone())).build())
@@ -104,21 +111,33 @@ impl Sessions {
             )
             .start_and_process()
             .map_err(|e| StartError::Kernel(describe(e)))?;
-        let heap = EtwProvider::by_guid(Provider::HEAP_GUID)
+        let mut heap = EtwProvider::by_guid(GUID::from_u128(Provider::Heap.guid()))
             .trace_flags(TraceFlags::EVENT_ENABLE_PROPERTY_STACK_TRACE)
-            .add_filter(EventFilter::ByPids(u16::try_from(pid).map(|p| vec![p]).unwrap_or_default()))
-            .add_callback(callback(sink))
-            .build();
-        let heap_name = format!("psleak-heap-{pid}");
-        let heap = UserTrace::new().named(heap_name.clone()).enable(heap).start_and_process().ok();
-        let handles_unavailable = enable_handle_events(&kernel_name).err();
+            .add_callback(callback(sink));
+        // ETW's pid filter takes 16-bit pids; a larger one is filtered in the callback only.
+        if let Ok(pid) = u16::try_from(pid) {
+            heap = heap.add_filter(EventFilter::ByPids(vec![pid]));
+        }
+        let heap_name = session_name(own, "heap", pid);
+        let heap = UserTrace::new().named(heap_name.clone()).enable(heap.build()).start_and_process().ok();
+        let mut missing = Vec::new();
+        let handles = match session_handle(&kernel_name).and_then(enable_handle_events) {
+            Ok(()) => true,
+            Err(why) => {
+                missing.push(format!("no handle events: {why}"));
+                false
+            }
+        };
+        if let Err(why) = session_handle(&kernel_name).and_then(enable_kernel_stacks) {
+            missing.push(format!("no stacks for VirtualAlloc, handle and thread events: {why}"));
+        }
         let names = [Some(kernel_name), heap.is_some().then_some(heap_name)].into_iter().flatten().collect();
-        Ok(Self { _kernel: kernel, heap, names, handles_unavailable })
+        Ok(Self { _kernel: kernel, heap, names, handles, missing })
     }
 
     /// How many providers deliver events: thread, VirtualAlloc, handles, heap.
     pub fn providers(&self) -> usize {
-        2 + usize::from(self.handles_unavailable.is_none()) + usize::from(self.heap.is_some())
+        2 + usize::from(self.handles) + usize::from(self.heap.is_some())
     }
 
     /// Asks each session to deliver the events it holds in its buffers (real-time sessions
@@ -158,15 +177,19 @@ pub fn is_elevated() -> bool {
 #[repr(C)]
 struct Query {
     properties: EVENT_TRACE_PROPERTIES,
-    names: [u16; 2048],
+    names: [u16; 2 * LOGGER_NAME_UNITS],
 }
+
+/// Room for a session's name, then as much for its log file's, in UTF-16 units.
+const LOGGER_NAME_UNITS: usize = 1024;
 
 impl Query {
     fn new() -> Box<Self> {
-        let mut query = Box::new(Self { properties: EVENT_TRACE_PROPERTIES::default(), names: [0; 2048] });
+        let mut query =
+            Box::new(Self { properties: EVENT_TRACE_PROPERTIES::default(), names: [0; 2 * LOGGER_NAME_UNITS] });
         query.properties.Wnode.BufferSize = size_of::<Self>() as u32;
         query.properties.LoggerNameOffset = size_of::<EVENT_TRACE_PROPERTIES>() as u32;
-        query.properties.LogFileNameOffset = (size_of::<EVENT_TRACE_PROPERTIES>() + 2048) as u32;
+        query.properties.LogFileNameOffset = (size_of::<EVENT_TRACE_PROPERTIES>() + 2 * LOGGER_NAME_UNITS) as u32;
         query
     }
 }
@@ -190,22 +213,26 @@ fn describe(error: TraceError) -> String {
     }
 }
 
-/// Adds the handle events to the running kernel session `name`: its group mask gains
-/// PERF_OB_HANDLE. ferrisetw keeps the session's handle to itself, so the session is found
-/// again by name (a query returns its handle in `Wnode.HistoricalContext`).
-fn enable_handle_events(name: &str) -> Result<(), String> {
+/// The control handle of the running session `name`. ferrisetw keeps its own to itself, so the
+/// session is found again by name (a query returns its handle in `Wnode.HistoricalContext`).
+fn session_handle(name: &str) -> Result<CONTROLTRACE_HANDLE, String> {
     let mut query = Query::new();
+    // SAFETY: `query` comes from Query::new.
+    let rc = unsafe { control(name, &mut query, EVENT_TRACE_CONTROL_QUERY) };
+    if rc != 0 {
+        return Err(format!("cannot find the session {name} (error {rc})"));
+    }
+    // SAFETY: a successful query filled the union's context member.
+    Ok(CONTROLTRACE_HANDLE { Value: unsafe { query.properties.Wnode.Anonymous1.HistoricalContext } })
+}
+
+/// Adds the handle events to the running kernel session: its group mask gains PERF_OB_HANDLE.
+fn enable_handle_events(session: CONTROLTRACE_HANDLE) -> Result<(), String> {
     let mut masks = [0u32; 8];
-    // SAFETY: `query` comes from Query::new; the group mask calls read and write the 8 words
-    // of `masks`.
+    let size = size_of_val(&masks) as u32;
+    let mut len = 0;
+    // SAFETY: the group mask calls read and write the 8 words of `masks`.
     unsafe {
-        let rc = control(name, &mut query, EVENT_TRACE_CONTROL_QUERY);
-        if rc != 0 {
-            return Err(format!("cannot find the session {name} (error {rc})"));
-        }
-        let session = CONTROLTRACE_HANDLE { Value: query.properties.Wnode.Anonymous1.HistoricalContext };
-        let mut len = 0;
-        let size = size_of_val(&masks) as u32;
         let rc =
             TraceQueryInformation(session, TraceSystemTraceEnableFlagsInfo, masks.as_mut_ptr().cast(), size, &mut len);
         if rc != 0 {
@@ -220,9 +247,52 @@ fn enable_handle_events(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Has the kernel session log a stack with each of [`STACKED_EVENTS`].
+fn enable_kernel_stacks(session: CONTROLTRACE_HANDLE) -> Result<(), String> {
+    let events = STACKED_EVENTS.map(|(provider, opcode)| CLASSIC_EVENT_ID {
+        EventGuid: windows_sys::core::GUID::from_u128(provider.guid()),
+        Type: opcode,
+        Reserved: [0; 7],
+    });
+    // SAFETY: reads the array of CLASSIC_EVENT_IDs, sized as said.
+    let rc = unsafe {
+        TraceSetInformation(session, TraceStackTracingInfo, events.as_ptr().cast(), size_of_val(&events) as u32)
+    };
+    if rc != 0 {
+        return Err(format!("TraceSetInformation failed (error {rc})"));
+    }
+    Ok(())
+}
+
+/// Stops the psleak sessions whose owner is no longer `running` (a psleak that was killed:
+/// ETW sessions outlive their process). Returns their names.
+pub fn stop_orphans(running: impl Fn(u32) -> bool) -> Vec<String> {
+    const MAX_SESSIONS: usize = 64;
+    let mut queries: Vec<Box<Query>> = (0..MAX_SESSIONS).map(|_| Query::new()).collect();
+    let mut pointers: Vec<*mut EVENT_TRACE_PROPERTIES> = queries.iter_mut().map(|q| &raw mut q.properties).collect();
+    let mut count = 0;
+    // SAFETY: MAX_SESSIONS pointers, each to a Query sized as its BufferSize says.
+    if unsafe { QueryAllTracesW(pointers.as_mut_ptr(), MAX_SESSIONS as u32, &mut count) } != 0 {
+        return Vec::new();
+    }
+    let mut stopped = Vec::new();
+    for query in queries.iter().take(count as usize) {
+        let logger = &query.names[..LOGGER_NAME_UNITS];
+        let name = String::from_utf16_lossy(&logger[..logger.iter().position(|&c| c == 0).unwrap_or(logger.len())]);
+        if owner_of(&name).is_some_and(|owner| !running(owner)) {
+            let mut stop = Query::new();
+            // SAFETY: `stop` comes from Query::new.
+            if unsafe { control(&name, &mut stop, EVENT_TRACE_CONTROL_STOP) } == 0 {
+                stopped.push(name);
+            }
+        }
+    }
+    stopped
+}
+
 /// The decoded event, or None for what psleak does not follow or cannot read.
 fn observe(record: &EventRecord) -> Option<Observed> {
-    let provider = Provider::of_guid(&format!("{:?}", record.provider_id()))?;
+    let provider = Provider::of_guid_value(record.provider_id().to_u128())?;
     let pointer_size = if record.event_flags() & HEADER_32_BIT != 0 { 4 } else { 8 };
     let decoded = decode(provider, record.opcode(), pointer_size, user_data(record)).ok()??;
     let stack = record

@@ -72,7 +72,7 @@ pub fn serve(stream: TcpStream, pid: u32) -> Result<(), String> {
         "pid": pid,
         "backend": "ETW",
         "probes": followed.providers(),
-        "handles_unavailable": followed.handles_unavailable(),
+        "missing": followed.missing(),
     });
     serve_followed(stream, &mut followed, ready)
 }

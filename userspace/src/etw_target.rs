@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use psleak_etw::records::Record;
-use psleak_etw::session::{Observed, Sessions, StartError};
+use psleak_etw::session::{self, Observed, Sessions, StartError};
 use windows_sys::Win32::System::Threading::GetCurrentThreadId;
 
 use crate::dbghelp::Dbghelp;
@@ -35,6 +35,9 @@ impl Followed {
     /// Starts the ETW sessions on `pid`. Without them (no administrator) the ledger stays
     /// empty, and the reason is returned beside.
     pub fn start(pid: u32) -> (Self, Option<StartError>) {
+        for name in session::stop_orphans(poll::is_running) {
+            eprintln!("psleak: stopped the ETW session {name}, left by a psleak that was killed");
+        }
         let (sender, messages) = mpsc::channel();
         let sink = sender.clone();
         let (sessions, failure) = match Sessions::start(pid, move |o| {
@@ -57,9 +60,9 @@ impl Followed {
         self.sessions.as_ref().map_or(0, Sessions::providers)
     }
 
-    /// Why handle events are missing, if they are.
-    pub fn handles_unavailable(&self) -> Option<&str> {
-        self.sessions.as_ref().and_then(|s| s.handles_unavailable.as_deref())
+    /// What the sessions could not be given (handle events, stacks), and why.
+    pub fn missing(&self) -> &[String] {
+        self.sessions.as_ref().map_or(&[], |s| &s.missing)
     }
 
     /// Stops the sessions and applies what they had delivered.

@@ -44,8 +44,8 @@ pub fn run(
         }
         None => {
             eprintln!("psleak: tracing pid {pid} with ETW (heap blocks only if it opted in to heap tracing before it started)");
-            if let Some(why) = followed.handles_unavailable() {
-                eprintln!("psleak: no handle events: {why}");
+            for what in followed.missing() {
+                eprintln!("psleak: {what}");
             }
         }
     }
