@@ -1,7 +1,7 @@
 """Where the counters come from. ``TraceBackend`` asks a collector process that follows this
-process with eBPF probes, or ETW on Windows (exact, with the site of every resource); ``PollBackend`` reads
-procfs and the allocator's statistics, psutil-style. Both measure the classic metrics
-natively (``_native.memory``)."""
+process with eBPF probes, or ETW on Windows (exact, with the site of every resource);
+``PollBackend`` reads procfs and the allocator's statistics, psutil-style. Both measure the
+classic metrics natively (``_native.memory``)."""
 
 import atexit
 import json

@@ -60,7 +60,13 @@ def test_fds_are_not_counted_on_windows(windows, monkeypatch):
     MemoryLeakTestCase().execute(lambda: None, checkers=Checkers.only("fds", "handles"))
 
 
-SITE = {"addr": "0x7ff900003000", "function": "open_device", "module": r"C:\src\leaky.pyd", "file": "leaky.c", "line": 31}
+SITE = {
+    "addr": "0x7ff900003000",
+    "function": "open_device",
+    "module": r"C:\src\leaky.pyd",
+    "file": "leaky.c",
+    "line": 31,
+}
 
 
 class EtwCollectorStandIn:
@@ -91,7 +97,8 @@ def test_with_the_etw_collector_the_handle_left_open_is_named(windows, monkeypat
 
     with pytest.raises(UnclosedHandleError) as caught:
         MemoryLeakTestCase().execute(open_handle, checkers=Checkers.only("handles"))
-    assert caught.value.extras == [OpenHandle(0x1A4, r"type 37 \Device\Afd", "open_device (leaky.c:31)", ("open_device (leaky.c:31)",))]
+    site = "open_device (leaky.c:31)"
+    assert caught.value.extras == [OpenHandle(0x1A4, r"type 37 \Device\Afd", site, (site,))]
     assert r"* handle 0x1a4: type 37 \Device\Afd, opened by open_device (leaky.c:31)" in str(caught.value)
 
 
