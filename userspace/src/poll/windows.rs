@@ -160,3 +160,78 @@ pub fn threads(pid: u32) -> io::Result<Vec<(u32, String)>> {
         Ok(threads)
     }
 }
+
+/// Run under Wine by `cargo xtask wine` (Wine 8 lacks HeapSummary: the task skips
+/// `a_heap_block_shows_in_the_heap_figure`, loudly). Other tests run meanwhile in this
+/// process, so each looks for its own heap, block or thread rather than at counts.
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use windows_sys::Win32::System::Memory::{HeapAlloc, HeapCreate, HeapDestroy, HeapFree};
+    use windows_sys::Win32::System::Threading::GetCurrentThreadId;
+
+    use super::*;
+
+    #[test]
+    fn a_private_heap_is_listed_while_it_lives() {
+        // SAFETY: a heap of our own, destroyed below.
+        let heap = unsafe { HeapCreate(0, 0, 0) };
+        assert!(!heap.is_null());
+        assert!(own_heaps().contains(&heap));
+        // SAFETY: created above, used by nothing else.
+        unsafe { HeapDestroy(heap) };
+        assert!(!own_heaps().contains(&heap));
+    }
+
+    #[test]
+    fn a_heap_block_shows_in_the_heap_figure() {
+        const BLOCK: usize = 1 << 20;
+        // SAFETY: a heap of our own and one block of it, freed and destroyed below.
+        unsafe {
+            let heap = HeapCreate(0, 0, 0);
+            let before = own_heap().heap_used;
+            let block = HeapAlloc(heap, 0, BLOCK);
+            let during = own_heap().heap_used;
+            HeapFree(heap, 0, block);
+            HeapDestroy(heap);
+            // Other tests allocate meanwhile: a little slack.
+            assert!(during >= before + BLOCK as u64 - (64 << 10), "{before} then {during}");
+        }
+    }
+
+    #[test]
+    fn a_thread_is_listed_while_it_runs() {
+        let (tid_tx, tid) = mpsc::channel();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            // SAFETY: no preconditions.
+            tid_tx.send(unsafe { GetCurrentThreadId() }).unwrap();
+            let _ = stopped.recv();
+        });
+        let tid = tid.recv().unwrap();
+        let listed = |tid| threads(std::process::id()).unwrap().iter().any(|&(t, _)| t == tid);
+        assert!(listed(tid));
+        drop(stop);
+        worker.join().unwrap();
+        assert!(!listed(tid));
+    }
+
+    #[test]
+    fn a_process_runs_until_it_exits() {
+        assert!(is_running(std::process::id()));
+        let mut child = std::process::Command::new("cmd").args(["/C", "exit"]).spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        // Its process object lives on while `child` holds a handle: exited all the same.
+        assert!(!is_running(pid));
+    }
+
+    #[test]
+    fn reads_its_own_metrics() {
+        let m = Metrics::of(std::process::id()).unwrap();
+        assert!(m.rss > 0 && m.threads >= 1, "{m:?}");
+        let own = own_memory().unwrap();
+        assert!(own.rss > 0, "{own:?}");
+    }
+}
