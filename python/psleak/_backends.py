@@ -81,7 +81,8 @@ class TraceBackend:
 
     def describe(self):
         where = f"daemon at {self.daemon}" if self.daemon else f"collector pid {self._process.pid}"
-        return f"trace ({self.ready['backend']}, {where}, {self.ready['probes']} probes)"
+        missing = "".join(f"; {what}" for what in self.ready.get("missing", ()))
+        return f"trace ({self.ready['backend']}, {where}, {self.ready['probes']} probes{missing})"
 
     def _reply(self):
         try:

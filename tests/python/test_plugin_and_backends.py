@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,12 @@ def test_auto_takes_the_tracer_when_privileged():
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env={**os.environ, "PSLEAK_BACKEND": "auto"}, check=False
     )
     assert result.stdout.split() == ["trace"], result.stderr
+
+
+def test_the_tracer_says_what_it_is():
+    script = "from psleak import _backends; print(_backends.TraceBackend().describe())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert re.fullmatch(r"trace \(eBPF, collector pid \d+, \d+ probes\)\n", result.stdout), result.stdout + result.stderr
 
 
 def test_the_psleak_command_comes_with_the_package():
