@@ -74,7 +74,10 @@ pub fn run(
             break "the target exited";
         }
         let wait = next_report.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
-        followed.next(wait);
+        if followed.next(wait).is_some() {
+            // What else came is applied at once: the checks above are per batch, not per event.
+            while Instant::now() < next_report && followed.next(Duration::ZERO).is_some() {}
+        }
         if Instant::now() >= next_report {
             emit(&mut followed, None)?;
             next_report += interval;
