@@ -163,7 +163,7 @@ impl<S: Symbolize + ?Sized> Describe for Sites<'_, S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use psleak_etw::records::{decode, Provider};
 
     use std::time::Duration;
@@ -186,6 +186,15 @@ mod tests {
             data.extend(0u32.to_le_bytes()); // HeapFlags
         }
         decode(Provider::Heap, opcode, 8, &data).unwrap().unwrap()
+    }
+
+    /// A handle event (opcode 32 created, 33 closed) of object type 37, byte-exact (64-bit).
+    pub(crate) fn handle(opcode: u8, value: u32, name: &str) -> Record {
+        let mut data = payload(&[0xffff_a000_1234_5670]);
+        data.extend(value.to_le_bytes());
+        data.extend(37u16.to_le_bytes());
+        data.extend(name.encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
+        decode(Provider::Object, opcode, 8, &data).unwrap().unwrap()
     }
 
     fn feed(ledger: &mut Ledger, translation: &mut Translation, records: &[Record]) {
@@ -243,13 +252,6 @@ mod tests {
     #[test]
     fn handles_and_threads() {
         let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
-        let handle = |opcode, value: u32, name: &str| {
-            let mut data = payload(&[0xffff_a000_1234_5670]);
-            data.extend(value.to_le_bytes());
-            data.extend(37u16.to_le_bytes());
-            data.extend(name.encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
-            decode(Provider::Object, opcode, 8, &data).unwrap().unwrap()
-        };
         let thread = |opcode, tid: u32| {
             let mut data = 4242u32.to_le_bytes().to_vec();
             data.extend(tid.to_le_bytes());
@@ -278,13 +280,7 @@ mod tests {
     #[test]
     fn a_report_shows_handles_and_heaps_with_the_stack_that_made_them() {
         let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
-        let handle = {
-            let mut data = payload(&[0xffff_a000_1234_5670]);
-            data.extend(0x1a4u32.to_le_bytes());
-            data.extend(37u16.to_le_bytes());
-            data.extend(r"\Device\Afd".encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
-            decode(Provider::Object, 32, 8, &data).unwrap().unwrap()
-        };
+        let handle = handle(32, 0x1a4, r"\Device\Afd");
         feed(&mut ledger, &mut translation, &[handle, heap(32, &[0x2a0000]), heap(33, &[0x2a0000, 64, 0x2a1000])]);
         let selection = Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO };
         let mut reporter = Reporter::new(std::process::id(), selection);
@@ -368,14 +364,7 @@ mod tests {
         };
         let stack = [NTDLL_ALLOC, MALLOC, LEAKY, PYTHON];
         let mark = ask(r#"{"op":"mark"}"#, &ledger, &translation)["mark"].clone();
-        let handle = {
-            let mut data = payload(&[0xffff_a000_1234_5670]);
-            data.extend(0x1a4u32.to_le_bytes());
-            data.extend(37u16.to_le_bytes());
-            data.extend(r"\Device\Afd".encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
-            decode(Provider::Object, 32, 8, &data).unwrap().unwrap()
-        };
-        for record in [handle, heap(32, &[0x2a0000])] {
+        for record in [handle(32, 0x1a4, r"\Device\Afd"), heap(32, &[0x2a0000])] {
             for event in translation.events(&record, 1, 7, &stack) {
                 ledger.apply(&event);
             }

@@ -179,10 +179,11 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::thread;
 
-    use psleak_etw::records::{decode, Provider, Record};
+    use psleak_etw::records::Record;
     use serde_json::json;
 
     use super::*;
+    use crate::etw::tests::handle;
     use crate::etw::{Addresses, Translation};
 
     /// Follows a pretend target the way ETW does (Windows cannot run here): records "logged"
@@ -298,21 +299,13 @@ mod tests {
         Session { client, buffered, running, collector }
     }
 
-    fn handle_opened(handle: u32) -> Record {
-        let mut data = 0xffff_a000_1234_5670u64.to_le_bytes().to_vec();
-        data.extend(handle.to_le_bytes());
-        data.extend(37u16.to_le_bytes());
-        data.extend([0, 0]); // no name
-        decode(Provider::Object, 32, 8, &data).unwrap().unwrap()
-    }
-
     #[test]
     fn an_answer_waits_for_what_the_sessions_still_held() {
         let Session { mut client, buffered, collector, .. } = start();
         assert_eq!(client.reply()["backend"], "ETW", "the ready line comes first");
         let mark = client.ask(r#"{"op":"mark"}"#)["mark"].clone();
         // The call under test opens a handle: ETW has it in a buffer, not yet delivered.
-        buffered.lock().unwrap().push(handle_opened(0x1a4));
+        buffered.lock().unwrap().push(handle(32, 0x1a4, ""));
         let created = client.ask(&format!(r#"{{"op":"created","since":{mark}}}"#));
         assert_eq!(created["handles"][0]["handle"], 0x1a4, "{created}");
         // A bad line is refused and the session goes on; detaching ends it.

@@ -21,13 +21,7 @@ const CRATES: &[&str] = &["psleak", "psleak-etw", "psleak-python"];
 pub fn check() -> Result {
     let mut checked = Vec::new();
     for (target, covers) in TARGETS {
-        let added = Command::new("rustup")
-            .args(["target", "add", target])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !added {
+        if !add(target) {
             println!(
                 "xtask: !!!!! SKIPPED {target}: `rustup target add {target}` failed; {covers} NOT type-checked !!!!!"
             );
@@ -49,4 +43,15 @@ pub fn check() -> Result {
         if checked.is_empty() { "no other target".into() } else { checked.join(", ") }
     );
     Ok(())
+}
+
+/// Installs `target`'s standard library with rustup (from rustup's own distribution); false
+/// when that fails.
+pub fn add(target: &str) -> bool {
+    Command::new("rustup")
+        .args(["target", "add", target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

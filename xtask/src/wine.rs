@@ -22,13 +22,7 @@ const MINGW_GCC: &str = "x86_64-w64-mingw32-gcc";
 
 /// Checks passed and failed; Err when the checks could not run at all.
 pub fn smoke() -> Result<(u64, u64)> {
-    let added = Command::new("rustup")
-        .args(["target", "add", TARGET])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !added {
+    if !crate::targets::add(TARGET) {
         println!("xtask: !!!!! SKIPPED Wine: `rustup target add {TARGET}` failed; the Windows build NOT run !!!!!");
         return Ok((0, 0));
     }
