@@ -79,18 +79,34 @@ pub fn own_fd_kind(fd: i32) -> FdKind {
     }
 }
 
-/// Threads of `pid` with their names.
+/// Threads of `pid` with their names, those on their way out left aside: pthread_join returns
+/// as soon as the kernel clears the thread's tid, a little before the thread leaves
+/// /proc/PID/task, and a joined thread must not count as one left running.
 pub fn threads(pid: u32) -> io::Result<Vec<(u32, String)>> {
     let mut threads: Vec<(u32, String)> = fs::read_dir(format!("/proc/{pid}/task"))?
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let tid = entry.file_name().to_str()?.parse().ok()?;
-            let name = fs::read_to_string(entry.path().join("comm")).ok()?;
-            Some((tid, name.trim_end().to_string()))
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (name, flags) = name_and_flags(&stat)?;
+            (flags & PF_EXITING == 0).then(|| (tid, name.to_string()))
         })
         .collect();
     threads.sort_unstable();
     Ok(threads)
+}
+
+/// The kernel's flag for a task in do_exit (include/linux/sched.h).
+const PF_EXITING: u64 = 0x4;
+
+/// The name and the kernel flags (the 9th field) of a /proc/PID/task/TID/stat line. The name is
+/// in parentheses and may hold any character, so the fields are counted from the last ')'.
+fn name_and_flags(stat: &str) -> Option<(&str, u64)> {
+    let (head, fields) = stat.rsplit_once(')')?;
+    let (_, name) = head.split_once('(')?;
+    // state ppid pgrp session tty_nr tpgid flags
+    let flags = fields.split_ascii_whitespace().nth(6)?.parse().ok()?;
+    Some((name, flags))
 }
 
 /// The metrics of `pid`, from procfs.
@@ -170,6 +186,13 @@ mod tests {
         assert!(threads(me).unwrap().iter().any(|(_, name)| name == "psleak-probe"));
         drop(tx);
         worker.join().unwrap().unwrap_err();
+    }
+
+    #[test]
+    fn reads_name_and_flags_past_any_parenthesis_in_the_name() {
+        let stat = "4242 (a) (b c)) R 1 4242 4242 0 -1 4194564 120 0 0 0 3 1 0 0 20 0 1 0";
+        assert_eq!(name_and_flags(stat), Some(("a) (b c)", 4194564)));
+        assert_eq!(name_and_flags("4242 (x) R 1"), None, "cut short");
     }
 
     #[test]
