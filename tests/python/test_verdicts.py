@@ -2,11 +2,12 @@
 (a slow Python-level leak), under whichever backend runs."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from psleak import MemoryLeakError
-from psleak import MemoryLeakTestCase
 
 POLL_WITHOUT_MALLOC = os.environ.get("PYTHONMALLOC") != "malloc"
 
@@ -53,11 +54,22 @@ def test_allocating_and_freeing_a_lot_is_not_a_leak(quick):
     quick.execute(churn)
 
 
-class _RecordsHeapGrowth(MemoryLeakTestCase):
+HEAP_GROWTH_PER_BATCH = """
+from psleak import MemoryLeakTestCase
+
+class RecordsHeapGrowth(MemoryLeakTestCase):
     def _call_ntimes(self, fun, times):
         diffs = super()._call_ntimes(fun, times)
-        self.heap_growth.append(diffs["heap"])
+        print(diffs["heap"])
         return diffs
+
+def keeps_nothing():
+    return [1, 2, {"a": (3, 4)}, "x" * 100]
+
+case = RecordsHeapGrowth()
+for _ in range(20):
+    case.execute(keeps_nothing, times=100)
+"""
 
 
 def test_a_batch_that_keeps_nothing_grows_the_heap_by_nothing(backend):
@@ -65,14 +77,15 @@ def test_a_batch_that_keeps_nothing_grows_the_heap_by_nothing(backend):
     # the figure by hundreds of bytes per batch: enough to fail clean tests now and then.
     if backend == "trace":
         pytest.skip("the tracer judges memory from its ledger; the heap figure is only shown")
-    def keeps_nothing():
-        return [1, 2, {"a": (3, 4)}, "x" * 100]
-
-    case = _RecordsHeapGrowth()
-    case.heap_growth = []
-    for _ in range(20):
-        case.execute(keeps_nothing, times=100)
-    assert case.heap_growth == [0] * len(case.heap_growth)
+    # In an interpreter of its own: run after test_leaky_ext.py in this one, one run in four to
+    # seven read +176 B once, at some batch, kept for good — a leftover of those tests, not of
+    # the reading (alone, 0 such batches in 2 400; the tracer, watching 120 batches after that
+    # file, saw nothing of theirs left live).
+    script = [sys.executable, "-c", HEAP_GROWTH_PER_BATCH]
+    run = subprocess.run(script, capture_output=True, text=True, check=True)
+    growth = [int(line) for line in run.stdout.split()]
+    assert len(growth) >= 20, run.stdout
+    assert growth == [0] * len(growth)
 
 
 def test_a_python_level_leak_is_caught(quick, backend):
