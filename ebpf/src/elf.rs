@@ -10,38 +10,42 @@
 //! address still at the stack pointer.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blazesym::inspect::{source::Elf, source::Source, Inspector};
 
-/// Whether `binary` defines `symbol` in its own symbol tables.
+/// Whether `binary` defines `symbol` in its own symbol tables (false if it cannot be read).
 pub fn exports(binary: &Path, symbol: &str) -> bool {
-    symbol_file_offset(binary, symbol).is_some()
+    symbol_file_offset(binary, symbol).is_ok_and(|offset| offset.is_some())
 }
 
-/// Where `symbol` starts in `binary`, as a file offset (what a uprobe is placed by).
-pub fn file_offset(binary: &Path, symbol: &str) -> Option<usize> {
-    symbol_file_offset(binary, symbol).map(|offset| offset as usize)
+/// Where `symbol` starts in `binary`, as a file offset (what a uprobe is placed by); None when
+/// `binary` does not define it, an error when it cannot be read (too many open files, say).
+pub fn file_offset(binary: &Path, symbol: &str) -> io::Result<Option<usize>> {
+    Ok(symbol_file_offset(binary, symbol)?.map(|offset| offset as usize))
 }
 
 /// The file offset at which to probe `func`: past its NULL check when `skip_null_check` and the
 /// prologue is one we know, else its entry. None when `binary` does not define it.
-pub fn free_probe_file_offset(binary: &Path, func: &str, skip_null_check: bool) -> Option<usize> {
-    let entry = symbol_file_offset(binary, func)?;
+pub fn free_probe_file_offset(binary: &Path, func: &str, skip_null_check: bool) -> io::Result<Option<usize>> {
+    let Some(entry) = symbol_file_offset(binary, func)? else { return Ok(None) };
     let past =
         if skip_null_check { entry_bytes(binary, entry).map_or(0, |code| offset_past_null_check(&code)) } else { 0 };
-    Some(entry as usize + past)
+    Ok(Some(entry as usize + past))
 }
 
-fn symbol_file_offset(binary: &Path, func: &str) -> Option<u64> {
+fn symbol_file_offset(binary: &Path, func: &str) -> io::Result<Option<u64>> {
+    // Opened here first so that a file that cannot be read is told apart from a missing symbol.
+    drop(File::open(binary)?);
     let inspector = Inspector::new();
     // The binary's own symbol tables: a separate debug file knows no file offsets.
     let mut elf = Elf::new(binary);
     elf.debug_syms = false;
     let src = Source::Elf(elf);
-    let found = inspector.lookup(&src, &[func]).ok()?;
-    found.first()?.first()?.file_offset
+    let Ok(found) = inspector.lookup(&src, &[func]) else { return Ok(None) };
+    Ok(found.first().and_then(|symbols| symbols.first()).and_then(|symbol| symbol.file_offset))
 }
 
 fn entry_bytes(binary: &Path, file_offset: u64) -> Option<[u8; 16]> {
@@ -104,9 +108,16 @@ mod tests {
     #[test]
     fn finds_this_machines_free() {
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        let free = free_probe_file_offset(libc, "free", true).expect("free is in libc");
-        assert!(free > free_probe_file_offset(libc, "free", false).unwrap(), "glibc's free starts with its NULL check");
+        let free = free_probe_file_offset(libc, "free", true).unwrap().expect("free is in libc");
+        let entry = free_probe_file_offset(libc, "free", false).unwrap().unwrap();
+        assert!(free > entry, "glibc's free starts with its NULL check");
         assert!(exports(libc, "malloc"));
         assert!(!exports(libc, "PyObject_Malloc"));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_an_error_not_a_missing_symbol() {
+        let err = file_offset(Path::new("/nonexistent/libc.so.6"), "malloc").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -8,6 +8,7 @@ use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -18,7 +19,7 @@ mod skel {
 }
 pub use skel::types;
 use skel::{PsleakSkel, PsleakSkelBuilder};
-use types::alloc_op;
+use types::{alloc_op, event_flag, loss_kind};
 
 mod elf;
 pub use elf::exports;
@@ -47,11 +48,14 @@ pub struct Options {
     pub free_probe_at_entry: bool,
     /// Attach every probe with programs that return at once: the floor of the tracing cost.
     pub empty_programs: bool,
+    /// Attach the allocators' entry probes before their return probes (to test that calls under
+    /// way at attach leave no thread unseen whatever the order).
+    pub entry_probes_first: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { ring_bytes: 32 << 20, btf: None, free_probe_at_entry: false, empty_programs: false }
+        Self { ring_bytes: 32 << 20, btf: None, free_probe_at_entry: false, empty_programs: false, entry_probes_first: false }
     }
 }
 
@@ -64,6 +68,8 @@ pub enum AttachError {
     TargetGone,
     /// A required function is missing from the target's libc.
     MissingSymbol { path: PathBuf, symbol: &'static str },
+    /// A file the probes go into could not be read.
+    Read { path: PathBuf, source: io::Error },
     /// The kernel refused the probes for another reason.
     Kernel { what: String, source: libbpf_rs::Error },
 }
@@ -71,21 +77,43 @@ pub enum AttachError {
 impl fmt::Display for AttachError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Permission(what) => {
-                write!(f, "not allowed to {what}: run psleak as root, or give it CAP_BPF and CAP_PERFMON")
-            }
+            Self::Permission(what) => write!(
+                f,
+                "not allowed to {what}: run psleak as root, or give it CAP_SYS_ADMIN (the kernel refuses uprobes \
+                 to CAP_BPF and CAP_PERFMON alone)"
+            ),
             Self::TargetGone => write!(f, "the target process exited while psleak was attaching"),
             Self::MissingSymbol { path, symbol } => write!(
                 f,
                 "{} has no `{symbol}`: psleak probes glibc's allocator and this libc is not glibc-compatible",
                 path.display()
             ),
+            Self::Read { path, source } => write!(f, "cannot read {}: {}", path.display(), describe_io(source)),
+            Self::Kernel { what, source } if io_errno(source).is_some_and(is_out_of_fds) => {
+                write!(f, "cannot {what}: too many open files{FD_ADVICE}")
+            }
             Self::Kernel { what, source } => write!(f, "the kernel refused to {what}: {source}"),
         }
     }
 }
 
 impl std::error::Error for AttachError {}
+
+/// What to do when a process has run out of file descriptors.
+pub const FD_ADVICE: &str = " (raise the limit: `ulimit -n`, or LimitNOFILE= in a systemd unit)";
+
+/// EMFILE or ENFILE: the process or the system has no file descriptor left.
+pub fn is_out_of_fds(errno: i32) -> bool {
+    errno == libc::EMFILE || errno == libc::ENFILE
+}
+
+/// An I/O error in words, with advice when it is the lack of file descriptors.
+pub fn describe_io(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(errno) if is_out_of_fds(errno) => format!("too many open files{FD_ADVICE}"),
+        _ => err.to_string(),
+    }
+}
 
 /// Events lost in the kernel since attach.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,6 +122,9 @@ pub struct Losses {
     pub ring_full: u64,
     /// Events sent without a stack because the stack map was full or the walk failed.
     pub no_stack: u64,
+    /// Allocator calls whose result was not seen: their return was missed (a call under way at
+    /// attach, a longjmp out of the allocator), or there was no room to follow them.
+    pub untracked_calls: u64,
 }
 
 const LIBC_ALLOCATORS: &[(&str, alloc_op, bool)] = &[
@@ -153,14 +184,23 @@ impl<'obj> Probes<'obj> {
         rodata.empty_programs = options.empty_programs;
         rodata.python_code_start = target.python_code.start;
         rodata.python_code_end = target.python_code.end;
+        // The pid given is a number of our pid namespace; the kernel's own are the initial one's.
+        if let Some((dev, ino)) = own_pid_namespace().map_err(|source| AttachError::Read {
+            path: PathBuf::from(OWN_PID_NAMESPACE),
+            source,
+        })? {
+            (rodata.pidns_dev, rodata.pidns_ino) = (dev, ino);
+        }
         open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
         let skel = open.load().map_err(|e| classify("load the probes", e))?;
 
         let mut probes = Self { skel, links: Vec::new(), probe_count: 0 };
         probes.attach_kernel_side()?;
+        // Allocator probes go in after their return probes: a call whose entry is seen then
+        // always has its return seen too (alloc.bpf.h copes with the reverse, and counts it).
         probes.attach_libc(target, options)?;
         if let Some(python) = &target.python {
-            probes.attach_python(target.pid, python)?;
+            probes.attach_python(target.pid, python, options)?;
         }
         Ok(probes)
     }
@@ -168,7 +208,7 @@ impl<'obj> Probes<'obj> {
     fn attach_kernel_side(&mut self) -> Result<(), AttachError> {
         let progs = &self.skel.progs;
         let mut links = Vec::new();
-        for prog in [&progs.syscall_exit, &progs.thread_start, &progs.thread_exit] {
+        for prog in [&progs.syscall_exit, &progs.thread_start, &progs.thread_exit, &progs.target_exec] {
             links.push(prog.attach().map_err(|e| classify(&format!("attach {}", prog.name().to_string_lossy()), e))?);
         }
         links.into_iter().for_each(|link| self.keep((link, 1)));
@@ -178,52 +218,63 @@ impl<'obj> Probes<'obj> {
     fn attach_libc(&mut self, target: &Target, options: &Options) -> Result<(), AttachError> {
         let (libc, domain) = (&target.libc, types::alloc_domain::DOMAIN_LIBC);
         let (mut allocators, mut frees) = (Places::default(), Places::default());
+        let unreadable = |source| AttachError::Read { path: libc.clone(), source };
         for &(func, op, required) in LIBC_ALLOCATORS {
-            match elf::file_offset(libc, func) {
+            match elf::file_offset(libc, func).map_err(unreadable)? {
                 Some(offset) => allocators.add(offset, allocator_cookie(op, domain)),
                 None if required => return Err(AttachError::MissingSymbol { path: libc.clone(), symbol: func }),
                 None => {}
             }
         }
         let free = elf::free_probe_file_offset(libc, "free", !options.free_probe_at_entry)
+            .map_err(unreadable)?
             .ok_or(AttachError::MissingSymbol { path: libc.clone(), symbol: "free" })?;
         frees.add(free, free_cookie(domain));
-        self.attach_places(target.pid, libc, &allocators, &frees)
+        self.attach_places(target.pid, libc, &allocators, &frees, options)
     }
 
-    fn attach_python(&mut self, pid: u32, python: &Path) -> Result<(), AttachError> {
+    fn attach_python(&mut self, pid: u32, python: &Path, options: &Options) -> Result<(), AttachError> {
         let (mut allocators, mut frees) = (Places::default(), Places::default());
+        let offset = |symbol: String| {
+            elf::file_offset(python, &symbol).map_err(|source| AttachError::Read { path: python.to_path_buf(), source })
+        };
         for &(prefix, domain) in PYTHON_FAMILIES {
             for (suffix, op) in [
                 ("Malloc", alloc_op::ALLOC_OP_SIZE_ARG1),
                 ("Calloc", alloc_op::ALLOC_OP_CALLOC),
                 ("Realloc", alloc_op::ALLOC_OP_REALLOC),
             ] {
-                if let Some(offset) = elf::file_offset(python, &format!("{prefix}{suffix}")) {
+                if let Some(offset) = offset(format!("{prefix}{suffix}"))? {
                     allocators.add(offset, allocator_cookie(op, domain));
                 }
             }
-            if let Some(offset) = elf::file_offset(python, &format!("{prefix}Free")) {
+            if let Some(offset) = offset(format!("{prefix}Free"))? {
                 frees.add(offset, free_cookie(domain));
             }
         }
-        self.attach_places(pid, python, &allocators, &frees)
+        self.attach_places(pid, python, &allocators, &frees, options)
     }
 
-    /// The allocators' entries and returns and the frees of one binary: three links.
+    /// The allocators' returns, the frees and the allocators' entries of one binary, in that
+    /// order (see `attach`): three links.
     fn attach_places(
         &mut self,
         pid: u32,
         binary: &Path,
         allocators: &Places,
         frees: &Places,
+        options: &Options,
     ) -> Result<(), AttachError> {
         let progs = &self.skel.progs;
-        let links = [
-            attach_multi(&progs.alloc_enter, pid, binary, allocators, false)?,
-            attach_multi(&progs.alloc_exit, pid, binary, allocators, true)?,
-            attach_multi(&progs.free_enter, pid, binary, frees, false)?,
-        ];
+        let mut order =
+            [(&progs.alloc_exit, allocators, true), (&progs.free_enter, frees, false), (&progs.alloc_enter, allocators, false)];
+        if options.entry_probes_first {
+            order.reverse();
+        }
+        let mut links = Vec::new();
+        for (prog, places, retprobe) in order {
+            links.push(attach_multi(prog, pid, binary, places, retprobe)?);
+        }
         links.into_iter().for_each(|link| self.keep(link));
         Ok(())
     }
@@ -257,15 +308,29 @@ impl<'obj> Probes<'obj> {
 
     /// Events lost in the kernel since attach, summed over CPUs.
     pub fn losses(&self) -> Losses {
-        let sum = |index: u32| -> u64 {
-            match self.skel.maps.losses.lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY) {
-                Ok(Some(per_cpu)) => {
-                    per_cpu.iter().map(|v| u64::from_ne_bytes(v[..8].try_into().expect("u64 value"))).sum()
-                }
+        let sum = |kind: loss_kind| -> u64 {
+            match self.skel.maps.losses.lookup_percpu(&kind.0.to_ne_bytes(), MapFlags::ANY) {
+                Ok(Some(per_cpu)) => per_cpu
+                    .iter()
+                    .filter_map(|v| v.get(..8).and_then(|word| word.try_into().ok()).map(u64::from_ne_bytes))
+                    .sum(),
                 _ => 0,
             }
         };
-        Losses { ring_full: sum(0), no_stack: sum(1) }
+        Losses {
+            ring_full: sum(loss_kind::LOSS_RING_FULL),
+            no_stack: sum(loss_kind::LOSS_NO_STACK),
+            untracked_calls: sum(loss_kind::LOSS_UNTRACKED_CALL),
+        }
+    }
+
+    /// How many times the target has exec'd since attach, as the kernel counts them: unlike the
+    /// EV_EXEC events of the ring, no full ring can drop one.
+    pub fn execs(&self) -> u64 {
+        let bss = self.skel.maps.bss_data.as_deref().expect("the probes have a .bss");
+        // SAFETY: a u64 in the map's memory, mapped for as long as the skeleton lives; the
+        // kernel writes it concurrently, hence the volatile read.
+        unsafe { std::ptr::read_volatile(&bss.target_execs) }
     }
 }
 
@@ -289,9 +354,20 @@ pub fn decode(record: &[u8]) -> Option<(types::event, Option<types::stack_scan>)
 }
 
 /// `events.h`: the mapping was made inside an allocator call.
-pub const EVF_ALLOCATOR_INTERNAL: u8 = 1;
+pub const EVF_ALLOCATOR_INTERNAL: u8 = event_flag::EVF_ALLOCATOR_INTERNAL.0 as u8;
 /// `events.h`: a stack scan follows the event.
-pub const EVF_STACK_SCAN: u8 = 2;
+pub const EVF_STACK_SCAN: u8 = event_flag::EVF_STACK_SCAN.0 as u8;
+
+const OWN_PID_NAMESPACE: &str = "/proc/self/ns/pid";
+
+/// The inode the kernel gives the initial pid namespace (PROC_PID_INIT_INO).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// The nsfs device and inode of our pid namespace, when it is not the initial one.
+fn own_pid_namespace() -> io::Result<Option<(u64, u64)>> {
+    let ns = std::fs::metadata(OWN_PID_NAMESPACE)?;
+    Ok((ns.ino() != INITIAL_PID_NAMESPACE).then(|| (ns.dev(), ns.ino())))
+}
 
 /// Where one program goes in one binary: file offsets, each with its attach cookie.
 #[derive(Default)]

@@ -2,20 +2,27 @@
 //! every backend, which only feeds the ledger, names sites and reads the requests.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
-use crate::protocol::{Failure, Reply, Request, MAX_REQUEST_BYTES, VERSION};
+use crate::protocol::{Failure, Lines, Reply, Request, VERSION};
 use crate::report::{Describe, Lost, Resources};
 use crate::verdict::Measurement;
+
+/// Measurements a session may have under way at once, and batches in one: each batch judges
+/// all its measurement's windows again, and a client must not make that unbounded.
+const MAX_MEASUREMENTS: usize = 64;
+const MAX_BATCHES: usize = 1000;
 
 /// The state a session keeps between requests: its memory measurements.
 #[derive(Default)]
 pub struct Answerer {
     measurements: HashMap<u64, Measurement>,
+    /// What was lost when each measurement's batch under way began.
+    lost_at_window: HashMap<u64, Lost>,
     next_measurement: u64,
     /// The client asked to detach: the session ends after this reply.
     pub detached: bool,
@@ -50,7 +57,7 @@ impl Answerer {
             Request::Hello { version } => {
                 return Err(format!("protocol version {version} is not served (this collector speaks {VERSION})"))
             }
-            Request::Mark => json!({"mark": ledger.mark()}),
+            Request::Mark => json!({"mark": ledger.mark(), "lost": lost}),
             Request::Created { since } => {
                 let mut created = serde_json::to_value(Resources::since(ledger, describe, since, |_| 0.0))
                     .expect("reports serialize");
@@ -58,6 +65,9 @@ impl Answerer {
                 created
             }
             Request::Begin => {
+                if self.measurements.len() >= MAX_MEASUREMENTS {
+                    return Err(format!("{MAX_MEASUREMENTS} measurements are under way already: end one first"));
+                }
                 let id = self.next_measurement;
                 self.next_measurement += 1;
                 self.measurements.insert(id, Measurement::default());
@@ -65,13 +75,18 @@ impl Answerer {
             }
             Request::Window { measurement } => {
                 let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                if m.windows.len() >= MAX_BATCHES {
+                    return Err(format!("measurement {measurement} has had {MAX_BATCHES} batches, its most"));
+                }
                 m.open_window = Some(ledger.mark());
+                self.lost_at_window.insert(measurement, lost);
                 json!({})
             }
             Request::Batch { measurement, calls, tolerance, confirm, top } => {
                 let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
                 let since = m.open_window.take().ok_or("a batch must start with a window request")?;
                 m.windows.push((since, ledger.mark()));
+                let lost_in_batch = self.lost_at_window.remove(&measurement).map(|before| lost.since(&before));
                 let live = live_in_windows(ledger, &m.windows);
                 let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
                 let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0, 0, 0);
@@ -105,10 +120,13 @@ impl Answerer {
                     "sites": sites,
                     "live": {"heap_bytes": heap_bytes, "heap_blocks": heap_blocks, "mmap_bytes": mmap_bytes},
                     "lost": lost,
+                    // What the batch's verdict misses: nonzero means it cannot be trusted.
+                    "lost_in_batch": lost_in_batch.unwrap_or_default(),
                 })
             }
             Request::End { measurement } => {
                 self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                self.lost_at_window.remove(&measurement);
                 json!({})
             }
             Request::Detach => {
@@ -142,23 +160,21 @@ pub fn failure(error: String) -> String {
     reply_line(&Reply { ok: false, body: Failure { error } })
 }
 
-/// One request line; an oversized one is consumed up to its end and refused.
+/// One request line from a blocking reader; `None` when the client hung up (mid-line too). A
+/// line that is oversized or not UTF-8 is consumed to its end and refused (InvalidData).
 pub fn read_request(reader: &mut impl BufRead) -> io::Result<Option<String>> {
-    let mut line = Vec::new();
-    let read = reader.by_ref().take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line)?;
-    if read == 0 {
-        return Ok(None);
-    }
-    if line.last() != Some(&b'\n') {
-        if line.len() <= MAX_REQUEST_BYTES {
-            return Ok(None); // the client hung up mid-line
+    let mut lines = Lines::default();
+    loop {
+        let input = reader.fill_buf()?;
+        if input.is_empty() {
+            return Ok(None);
         }
-        let mut rest = Vec::new();
-        reader.read_until(b'\n', &mut rest)?;
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("request longer than {MAX_REQUEST_BYTES} bytes refused"),
-        ));
+        let (taken, line) = lines.feed(input);
+        reader.consume(taken);
+        match line {
+            Some(Ok(line)) => return Ok(Some(line)),
+            Some(Err(why)) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
+            None => {}
+        }
     }
-    String::from_utf8(line).map(Some).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))
 }

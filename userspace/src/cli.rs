@@ -13,6 +13,7 @@ use crate::report::Selection;
 #[cfg(target_os = "linux")]
 use crate::{
     daemon::{self, DaemonArgs},
+    session,
     trace::{self, TraceArgs},
 };
 #[cfg(target_os = "linux")]
@@ -51,11 +52,21 @@ struct DaemonCli {
     #[arg(long)]
     socket_group: Option<String>,
     /// End a session whose client has asked nothing for this many seconds.
-    #[arg(long, default_value_t = 3600.0, value_parser = positive_seconds)]
-    idle_timeout: f64,
+    #[arg(long, default_value = "3600", value_parser = positive_seconds)]
+    idle_timeout: Duration,
     /// Sessions served at once, at most (each holds its own probes and a --ring-mib event ring).
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
+    /// Sessions one user (uid) may hold at once.
+    #[arg(long, default_value_t = 16)]
+    max_sessions_per_user: usize,
+    /// Connections one user may hold at once, sessions included.
+    #[arg(long, default_value_t = 32)]
+    max_connections_per_user: usize,
+    /// Heap blocks and mappings each session follows at most; past it, new ones are counted
+    /// as lost (~150 bytes each).
+    #[arg(long, default_value_t = session::DEFAULT_LEDGER_ROOM)]
+    max_live: usize,
     /// Ask the daemon on --socket for its sessions and state, print them as JSON, and exit.
     #[arg(long)]
     status: bool,
@@ -81,11 +92,11 @@ struct TraceCli {
     #[arg(long, short)]
     pid: u32,
     /// Seconds between reports.
-    #[arg(long, short, default_value_t = 5.0, value_parser = positive_seconds)]
-    interval: f64,
+    #[arg(long, short, default_value = "5", value_parser = positive_seconds)]
+    interval: Duration,
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
     #[arg(long, short, value_parser = positive_seconds)]
-    duration: Option<f64>,
+    duration: Option<Duration>,
     /// One JSON object per report, one per line.
     #[arg(long)]
     json: bool,
@@ -99,8 +110,13 @@ struct TraceCli {
     #[arg(long)]
     max_size: Option<u64>,
     /// Ignore memory younger than this many seconds (short-lived allocations).
-    #[arg(long, default_value_t = 0.0, value_parser = non_negative_seconds)]
-    min_age: f64,
+    #[arg(long, default_value = "0", value_parser = non_negative_seconds)]
+    min_age: Duration,
+    /// Heap blocks and mappings followed at most; past it, new ones are counted as lost
+    /// (~150 bytes each).
+    #[cfg(target_os = "linux")]
+    #[arg(long, default_value_t = session::DEFAULT_LEDGER_ROOM)]
+    max_live: usize,
     /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
     #[cfg(target_os = "linux")]
     #[arg(long)]
@@ -117,6 +133,10 @@ struct TraceCli {
     #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
     empty_probes: bool,
+    /// Attach the allocators' entry probes before their returns (for the attach-race test).
+    #[cfg(target_os = "linux")]
+    #[arg(long, hide = true)]
+    entry_probes_first: bool,
 }
 
 impl TraceCli {
@@ -125,21 +145,25 @@ impl TraceCli {
             top: self.top,
             min_size: self.min_size,
             max_size: self.max_size,
-            min_age: Duration::from_secs_f64(self.min_age),
+            min_age: self.min_age,
         }
     }
 }
 
-fn non_negative_seconds(s: &str) -> Result<f64, String> {
+/// The longest wait any option may ask for: a century, in seconds.
+const MAX_SECONDS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
+
+fn non_negative_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) if v > MAX_SECONDS => Err(format!("`{s}` seconds is longer than psleak waits (at most {MAX_SECONDS:.0})")),
+        Ok(v) if v >= 0.0 => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("`{s}` is not a number of seconds")),
     }
 }
 
-fn positive_seconds(s: &str) -> Result<f64, String> {
+fn positive_seconds(s: &str) -> Result<Duration, String> {
     match non_negative_seconds(s)? {
-        v if v > 0.0 => Ok(v),
+        v if !v.is_zero() => Ok(v),
         _ => Err("must be more than 0 seconds".into()),
     }
 }
@@ -162,10 +186,28 @@ pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    raise_open_files_limit();
     match cli.command {
         Command::Trace(t) => run_trace(&t),
         #[cfg(target_os = "linux")]
         Command::Daemon(d) => run_daemon(d),
+    }
+}
+
+/// Each session holds a few dozen fds (probes, maps, links, the ring): the soft limit a
+/// service gets by default (1024) would run out long before --max-sessions. The hard limit is
+/// ours to take.
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: valid out-pointer, then the same struct back.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
     }
 }
 
@@ -174,7 +216,7 @@ fn run_trace(t: &TraceCli) -> u8 {
         eprintln!("psleak: --max-size is smaller than --min-size: nothing would be shown");
         return 2;
     }
-    let (interval, duration) = (Duration::from_secs_f64(t.interval), t.duration.map(Duration::from_secs_f64));
+    let (interval, duration) = (t.interval, t.duration);
     #[cfg(target_os = "linux")]
     let result = trace::run(&TraceArgs {
         pid: t.pid,
@@ -187,7 +229,9 @@ fn run_trace(t: &TraceCli) -> u8 {
             ring_bytes: t.ring_mib << 20,
             free_probe_at_entry: t.free_probe_at_entry,
             empty_programs: t.empty_probes,
+            entry_probes_first: t.entry_probes_first,
         },
+        ledger_room: t.max_live,
     });
     #[cfg(windows)]
     let result = crate::etw_trace::run(t.pid, interval, duration, t.json, t.selection());
@@ -203,8 +247,11 @@ fn run_daemon(d: DaemonCli) -> u8 {
             socket: d.socket,
             mode: d.socket_mode,
             group: d.socket_group,
-            idle_limit: Duration::from_secs_f64(d.idle_timeout),
+            idle_limit: d.idle_timeout,
             max_sessions: d.max_sessions,
+            max_user_sessions: d.max_sessions_per_user,
+            max_user_connections: d.max_connections_per_user,
+            ledger_room: d.max_live,
             options: Options { btf: d.btf, ring_bytes: d.ring_mib << 20, ..Options::default() },
         })
     })

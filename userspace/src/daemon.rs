@@ -1,37 +1,43 @@
 //! `psleak daemon`: a privileged collector that serves unprivileged test processes over a Unix
 //! socket. Each connection is one session (`session.rs`) for one target, authorized by the
-//! peer's credentials: a client may trace only processes of its own uid (root: any).
+//! peer's credentials: a client may trace only processes that run as its uid (root: any).
 //!
-//! The accept loop and signals run on tokio; each session runs its own blocking loop on
-//! tokio's blocking pool, so that one slow or hostile client never holds up another.
+//! Every client is hostile until it has attached, and its session's client stays untrusted:
+//! connections are accepted and read on tokio, without a thread each, and must send each
+//! opening request whole within `FIRST_REQUEST_TIMEOUT`; a uid may hold only so many
+//! connections and sessions; each session runs its own loop on tokio's blocking pool (bounded
+//! by `--max-sessions`), so that one slow or hostile client never holds up another, and SIGTERM
+//! ends them all within a turn of their loops.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, BufReader, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use psleak_ebpf::Options;
+use psleak_ebpf::{is_out_of_fds, Options, FD_ADVICE};
 use serde_json::{json, Value};
 
-use crate::answer;
+use crate::answer::{self, failure};
 use crate::error::Error;
-use crate::protocol::{Opening, VERSION};
-use crate::session::{self, Control};
+use crate::listen::{self, Listening};
+use crate::process::{self, Process};
+use crate::protocol::{Next, Opening, RequestReader, VERSION};
+use crate::session::{self, Client, Control, SessionConfig};
 
 /// Where the daemon listens, and where the Python package looks, unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/psleak.sock";
 
-/// How long a new connection may take to say what it wants.
+/// How long a connection may take to send each request before it has attached, whole.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often a connection that has not attached yet looks whether the daemon is stopping.
-const STOP_CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// Connections of all users at once, at most (each holds an fd and a few KiB until it ends).
+const MAX_CONNECTIONS: usize = 4096;
+
+/// How long SIGTERM waits for the sessions to detach their probes.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct DaemonArgs {
     pub socket: PathBuf,
@@ -42,124 +48,105 @@ pub struct DaemonArgs {
     pub idle_limit: Duration,
     /// Sessions served at once, at most (each holds its own probes and event ring).
     pub max_sessions: usize,
+    /// Sessions and connections (sessions included) one uid may hold at once.
+    pub max_user_sessions: usize,
+    pub max_user_connections: usize,
+    /// Heap blocks and mappings each session's ledger keeps at most.
+    pub ledger_room: usize,
     pub options: Options,
 }
 
 struct Session {
     uid: u32,
-    client_pid: i32,
+    client_pid: u32,
     pid: u32,
     started: Instant,
     control: Arc<Control>,
 }
 
+#[derive(Default)]
+struct State {
+    sessions: BTreeMap<u64, Session>,
+    /// Open connections by uid, sessions included.
+    connections: HashMap<u32, usize>,
+    stopping: bool,
+}
+
 struct Daemon {
-    sessions: Mutex<BTreeMap<u64, Session>>,
+    state: Mutex<State>,
     next_id: AtomicU64,
-    stop: AtomicBool,
     started: Instant,
     args: DaemonArgs,
 }
 
+/// Who is at the other end of a connection (SO_PEERCRED, the pid as our namespace numbers it).
+#[derive(Clone, Copy)]
+struct Peer {
+    uid: u32,
+    pid: u32,
+}
+
 pub fn run(args: DaemonArgs) -> Result<(), Error> {
     crate::tracer::check_prerequisites(&args.options)?;
-    let listener = listen(&args)?;
+    let gid = args
+        .group
+        .as_deref()
+        .map(listen::group_id)
+        .transpose()
+        .map_err(|why| Error::Io(why, io::Error::from(io::ErrorKind::NotFound)))?;
+    let listening = listen::listen(&args.socket, args.mode, gid)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Io("cannot start the runtime".into(), e))?;
-    let socket = args.socket.clone();
-    let daemon = Arc::new(Daemon {
-        sessions: Mutex::default(),
-        next_id: AtomicU64::new(1),
-        stop: AtomicBool::new(false),
-        started: Instant::now(),
-        args,
-    });
-    let result = runtime.block_on(accept_loop(listener, daemon));
-    let _ = fs::remove_file(&socket);
+    let daemon = Arc::new(Daemon { state: Mutex::default(), next_id: AtomicU64::new(1), started: Instant::now(), args });
+    let result = runtime.block_on(accept_loop(&listening, Arc::clone(&daemon)));
+    listening.remove();
+    // The sessions have ended (or were given up on after STOP_LIMIT): nothing is left to wait for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-/// Binds the socket with its mode and group, replacing a stale one but never a live daemon's.
-fn listen(args: &DaemonArgs) -> Result<std::os::unix::net::UnixListener, Error> {
-    let path = &args.socket;
-    let io_error = |what: &str, e| Error::Io(format!("{what} {}", path.display()), e);
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Io(
-                format!("a psleak daemon already listens on {}", path.display()),
-                io::Error::from(io::ErrorKind::AddrInUse),
-            ));
-        }
-        fs::remove_file(path).map_err(|e| io_error("cannot remove the stale socket", e))?;
-    }
-    let gid =
-        match &args.group {
-            Some(group) => Some(group_id(group).ok_or_else(|| {
-                Error::Io(format!("no group named {group}"), io::Error::from(io::ErrorKind::NotFound))
-            })?),
-            None => None,
-        };
-    // Nobody may connect before the mode is set: bind under a umask that admits the owner only.
-    // SAFETY: umask(2) cannot fail; the daemon has no other thread yet.
-    let umask = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(umask) };
-    let listener = bound.map_err(|e| io_error("cannot listen on", e))?;
-    let permitted =
-        std::os::unix::fs::chown(path, None, gid).map_err(|e| io_error("cannot set the group of", e)).and_then(|()| {
-            fs::set_permissions(path, fs::Permissions::from_mode(args.mode))
-                .map_err(|e| io_error("cannot set the mode of", e))
-        });
-    if let Err(e) = permitted {
-        let _ = fs::remove_file(path);
-        return Err(e);
-    }
-    listener.set_nonblocking(true).map_err(|e| io_error("cannot listen on", e))?;
-    Ok(listener)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    if let Ok(gid) = name.parse() {
-        return Some(gid);
-    }
-    fs::read_to_string("/etc/group").ok()?.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == name).then(|| fields.nth(1)?.parse().ok())?
-    })
-}
-
-async fn accept_loop(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemon>) -> Result<(), Error> {
+async fn accept_loop(listening: &Listening, daemon: Arc<Daemon>) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| Error::Io("cannot listen".into(), e))?;
+    let std_listener = listening.listener.try_clone().map_err(|e| Error::Io("cannot listen".into(), e))?;
+    std_listener.set_nonblocking(true).map_err(|e| Error::Io("cannot listen".into(), e))?;
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| Error::Io("cannot listen".into(), e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Io("cannot handle SIGTERM".into(), e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Io("cannot handle SIGINT".into(), e))?;
-    eprintln!("psleak: daemon listening on {} (pid {})", daemon.args.socket.display(), std::process::id());
+    eprintln!("psleak: daemon listening on {} (pid {})", listening.path.display(), std::process::id());
     notify_ready();
-    let mut sessions = tokio::task::JoinSet::new();
+    let mut openings = tokio::task::JoinSet::new();
+    let mut last_complaint: Option<Instant> = None;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let Ok(peer) = stream.peer_cred() else { continue };
-                // tokio leaves it non-blocking; sessions read it blocking, with timeouts.
-                let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
-                let daemon = Arc::clone(&daemon);
-                sessions.spawn_blocking(move || daemon.serve_client(stream, peer.uid(), peer.pid().unwrap_or(0)));
-            }
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if let Some(opening) = Arc::clone(&daemon).accepted(stream) {
+                        openings.spawn(opening);
+                    }
+                }
+                Err(e) => {
+                    // Out of fds, say: back off rather than spin on a listener that stays ready.
+                    if last_complaint.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        let why = match e.raw_os_error() {
+                            Some(errno) if is_out_of_fds(errno) => format!("too many open files{FD_ADVICE}"),
+                            _ => e.to_string(),
+                        };
+                        eprintln!("psleak: cannot accept a connection: {why}");
+                        last_complaint = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = openings.join_next(), if !openings.is_empty() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     // Graceful: no new clients, every session told to end, its probes detached before we exit.
-    daemon.stop.store(true, Ordering::Relaxed);
-    for session in daemon.sessions.lock().unwrap().values() {
-        session.control.stop.store(true, Ordering::Relaxed);
-    }
-    while sessions.join_next().await.is_some() {}
+    openings.shutdown().await;
+    daemon.stop_sessions().await;
     eprintln!("psleak: daemon stopped");
     Ok(())
 }
@@ -179,104 +166,183 @@ fn notify_ready() {
     }
 }
 
+/// A connection's place in the per-uid count, given back when the connection ends.
+struct Held {
+    daemon: Arc<Daemon>,
+    uid: u32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut state = self.daemon.lock();
+        if let Some(n) = state.connections.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                state.connections.remove(&self.uid);
+            }
+        }
+    }
+}
+
 impl Daemon {
-    /// One connection: its first request says what it wants; errors are answered, never fatal.
-    fn serve_client(&self, stream: UnixStream, uid: u32, client_pid: i32) {
-        let Ok(mut out) = stream.try_clone() else { return };
-        // A client that stops mid-line cannot hold its thread for longer than this.
-        let _ = stream.set_read_timeout(Some(FIRST_REQUEST_TIMEOUT));
-        let mut requests = BufReader::new(stream);
-        while self.wait_for_request(&requests, Instant::now() + FIRST_REQUEST_TIMEOUT) {
-            let reply = match answer::read_request(&mut requests) {
-                Ok(Some(line)) => match serde_json::from_str::<Opening>(&line) {
-                    Ok(Opening::Status) => ok_line(self.status(uid)),
-                    Ok(Opening::Attach { version, .. }) if version != VERSION => answer::failure(format!(
-                        "protocol version {version} is not served (this daemon speaks {VERSION})"
-                    )),
-                    Ok(Opening::Attach { pid, .. }) => match self.admit(uid, client_pid, pid) {
-                        Ok((id, control)) => {
-                            let _ = requests.get_ref().set_read_timeout(None);
-                            self.run_session(id, requests, out, pid, &control);
-                            return;
-                        }
-                        Err(why) => answer::failure(why),
-                    },
-                    Err(e) => answer::failure(format!("bad request: {e} (a connection starts with attach or status)")),
-                },
-                Ok(None) => return,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => answer::failure(e.to_string()),
-                Err(_) => return, // stalled mid-line, or gone
+    /// The state, even after a panic elsewhere held its lock: a long-lived daemon must not go
+    /// down with one session.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection: counted against its uid's limits, then served, or refused in a line.
+    fn accepted(self: Arc<Self>, stream: tokio::net::UnixStream) -> Option<impl std::future::Future<Output = ()>> {
+        let cred = stream.peer_cred().ok()?;
+        let peer = Peer { uid: cred.uid(), pid: cred.pid().map_or(0, |p| p.max(0) as u32) };
+        let refusal = {
+            let mut state = self.lock();
+            let total: usize = state.connections.values().sum();
+            let mine = state.connections.get(&peer.uid).copied().unwrap_or(0);
+            if total >= MAX_CONNECTIONS {
+                Some(format!("the daemon holds {total} connections, its limit: try again later"))
+            } else if mine >= self.args.max_user_connections {
+                Some(format!(
+                    "uid {} holds {mine} connections to the daemon already, its limit (psleak daemon --max-connections-per-user)",
+                    peer.uid
+                ))
+            } else {
+                *state.connections.entry(peer.uid).or_default() += 1;
+                None
+            }
+        };
+        if let Some(why) = refusal {
+            // A new socket's buffer takes a line; a client that is not listening loses nothing.
+            let _ = stream.try_write(failure(why).as_bytes());
+            return None;
+        }
+        let held = Held { daemon: Arc::clone(&self), uid: peer.uid };
+        Some(self.opening(stream, peer, held))
+    }
+
+    /// A connection before it attaches: status requests and refusals, each request whole within
+    /// FIRST_REQUEST_TIMEOUT, then the session on a blocking thread of its own.
+    async fn opening(self: Arc<Self>, stream: tokio::net::UnixStream, peer: Peer, held: Held) {
+        let mut requests = RequestReader::default();
+        loop {
+            let line = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, next_line(&stream, &mut requests)).await {
+                Ok(Ok(Some(line))) => line,
+                Ok(Ok(None) | Err(_)) => return, // gone
+                Err(_) => {
+                    let why = format!("no whole request within {}s: connection closed", FIRST_REQUEST_TIMEOUT.as_secs());
+                    let _ = stream.try_write(failure(why).as_bytes());
+                    return;
+                }
             };
-            if out.write_all(reply.as_bytes()).is_err() {
+            let reply = match line.map(|line| serde_json::from_str::<Opening>(&line)) {
+                Err(why) => failure(why),
+                Ok(Ok(Opening::Status)) => ok_line(self.status(peer.uid)),
+                Ok(Ok(Opening::Attach { version, .. })) if version != VERSION => {
+                    failure(format!("protocol version {version} is not served (this daemon speaks {VERSION})"))
+                }
+                Ok(Ok(Opening::Attach { pid, .. })) => match self.admit(peer, pid) {
+                    Ok(admitted) => {
+                        self.start_session(stream, requests, admitted, held);
+                        return;
+                    }
+                    Err(why) => failure(why),
+                },
+                Ok(Err(e)) => failure(format!("bad request: {e} (a connection starts with attach or status)")),
+            };
+            let sent = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, write_all(&stream, reply.as_bytes())).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 return;
             }
         }
     }
 
-    /// Waits until the client has sent something, up to `deadline`, or until the daemon stops.
-    fn wait_for_request(&self, requests: &BufReader<UnixStream>, deadline: Instant) -> bool {
-        while !self.stop.load(Ordering::Relaxed) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !requests.buffer().is_empty() {
-                return true;
-            }
-            if left.is_zero() {
-                return false;
-            }
-            let mut fd = libc::pollfd { fd: requests.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            let ready = unsafe { libc::poll(&mut fd, 1, left.min(STOP_CHECK_PERIOD).as_millis() as i32) };
-            if ready > 0 {
-                return true;
-            }
-            if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return false;
-            }
+    /// Registers a session of `peer` on the process it calls `pid`, if it may trace it and
+    /// there is room.
+    fn admit(&self, peer: Peer, pid: u32) -> Result<Admitted, String> {
+        let ours = process::pid_seen_by(peer.pid, pid)?;
+        // The process is held (pidfd) before it is checked: a pid that changes hands meanwhile
+        // is seen exited, never taken for the next process that gets the number.
+        let process = Process::open(ours).map_err(|e| e.to_string())?;
+        process.check_traceable_by(peer.uid).map_err(|e| e.to_string())?;
+        if !process.is_alive() {
+            return Err(format!("pid {pid} exited while the daemon attached to it"));
         }
-        false
-    }
-
-    /// Registers a session of `uid` on `pid`, if `uid` may trace it and there is room.
-    fn admit(&self, uid: u32, client_pid: i32, pid: u32) -> Result<(u64, Arc<Control>), String> {
-        authorize(uid, pid)?;
-        let mut sessions = self.sessions.lock().unwrap();
-        if self.stop.load(Ordering::Relaxed) {
+        let mut state = self.lock();
+        if state.stopping {
             return Err("the daemon is shutting down".into());
         }
-        if sessions.len() >= self.args.max_sessions {
+        if state.sessions.len() >= self.args.max_sessions {
             return Err(format!(
                 "the daemon serves {} sessions already, its limit (psleak daemon --max-sessions)",
-                sessions.len()
+                state.sessions.len()
+            ));
+        }
+        let mine = state.sessions.values().filter(|s| s.uid == peer.uid).count();
+        if mine >= self.args.max_user_sessions {
+            return Err(format!(
+                "uid {} has {mine} sessions already, its limit (psleak daemon --max-sessions-per-user)",
+                peer.uid
             ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let control = Arc::new(Control { idle_limit: Some(self.args.idle_limit), ..Control::default() });
-        sessions.insert(id, Session { uid, client_pid, pid, started: Instant::now(), control: Arc::clone(&control) });
-        eprintln!("psleak: session {id}: uid {uid} (client pid {client_pid}) traces pid {pid}");
-        Ok((id, control))
+        let control = Arc::new(Control::idle_after(self.args.idle_limit));
+        let session =
+            Session { uid: peer.uid, client_pid: peer.pid, pid: ours, started: Instant::now(), control: Arc::clone(&control) };
+        state.sessions.insert(id, session);
+        eprintln!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid);
+        Ok(Admitted { id, process, pid, uid: peer.uid, control })
     }
 
-    fn run_session(&self, id: u64, requests: BufReader<UnixStream>, out: UnixStream, pid: u32, control: &Control) {
-        let ended = session::serve_requests(requests, out, pid, &self.args.options, control);
-        self.sessions.lock().unwrap().remove(&id);
-        let counts = format!(
-            "{} events, {} lost to a full ring, {} without a stack",
-            control.events.load(Ordering::Relaxed),
-            control.lost_ring_full.load(Ordering::Relaxed),
-            control.lost_no_stack.load(Ordering::Relaxed)
-        );
-        match ended {
-            Ok(()) => eprintln!("psleak: session {id} ended ({counts})"),
-            Err(e) => eprintln!("psleak: session {id} ended ({counts}): {e}"),
+    /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
+    fn start_session(self: Arc<Self>, stream: tokio::net::UnixStream, requests: RequestReader, a: Admitted, held: Held) {
+        tokio::task::spawn_blocking(move || {
+            let ended = stream
+                .into_std()
+                .map_err(|e| Error::Io("the client went away".into(), e))
+                .and_then(|stream| Client::new(stream, requests))
+                .and_then(|client| {
+                    let config = SessionConfig {
+                        options: &self.args.options,
+                        control: &a.control,
+                        client_uid: a.uid,
+                        ledger_room: self.args.ledger_room,
+                    };
+                    session::serve_process(client, a.process, a.pid, &config)
+                });
+            self.lock().sessions.remove(&a.id);
+            drop(held);
+            let lost = a.control.lost();
+            let counts = format!("{} events{}", a.control.events.load(Ordering::Relaxed), lost.describe());
+            match ended {
+                Ok(()) => eprintln!("psleak: session {} ended ({counts})", a.id),
+                Err(e) => eprintln!("psleak: session {} ended ({counts}): {e}", a.id),
+            }
+            // The session's ledger, ring and symbols are freed: give the memory back.
+            crate::poll::trim_own_heap();
+        });
+    }
+
+    /// SIGTERM: every session told to end; returns once all have (their probes are detached)
+    /// or after STOP_LIMIT.
+    async fn stop_sessions(&self) {
+        {
+            let mut state = self.lock();
+            state.stopping = true;
+            for session in state.sessions.values() {
+                session.control.stop.store(true, Ordering::Relaxed);
+            }
+        }
+        let started = Instant::now();
+        while !self.lock().sessions.is_empty() && started.elapsed() < STOP_LIMIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// The sessions of `uid` (all of them for root), with rates, losses and the daemon's memory.
     fn status(&self, uid: u32) -> Value {
-        let sessions: Vec<Value> = self
+        let state = self.lock();
+        let sessions: Vec<Value> = state
             .sessions
-            .lock()
-            .unwrap()
             .iter()
             .filter(|(_, s)| uid == 0 || s.uid == uid)
             .map(|(id, s)| {
@@ -290,30 +356,54 @@ impl Daemon {
                     "seconds": seconds,
                     "events": events,
                     "events_per_second": events as f64 / seconds.max(1e-3),
-                    "lost": {
-                        "ring_full": s.control.lost_ring_full.load(Ordering::Relaxed),
-                        "no_stack": s.control.lost_no_stack.load(Ordering::Relaxed),
-                    },
+                    "lost": s.control.lost(),
                 })
             })
             .collect();
-        json!({
+        let mut status = json!({
             "version": VERSION,
             "daemon_pid": std::process::id(),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "resident_bytes": resident_bytes(),
             "sessions": sessions,
-        })
+        });
+        if uid == 0 {
+            status["open_fds"] = json!(open_fds());
+            status["connections"] = json!(state.connections.values().sum::<usize>());
+        }
+        status
     }
 }
 
-/// A client may trace the processes of its own uid; root, any.
-fn authorize(client_uid: u32, pid: u32) -> Result<(), String> {
-    let owner = fs::metadata(format!("/proc/{pid}")).map_err(|_| format!("no process with pid {pid}"))?.uid();
-    if client_uid != 0 && owner != client_uid {
-        return Err(format!(
-            "pid {pid} belongs to uid {owner}, and you are uid {client_uid}: psleak's daemon traces only your own processes"
-        ));
+/// A session the daemon has admitted: its id, the process (held by pidfd) that the client
+/// calls `pid`, and for whom.
+struct Admitted {
+    id: u64,
+    process: Process,
+    pid: u32,
+    uid: u32,
+    control: Arc<Control>,
+}
+
+/// The next request line of a connection that has not attached; `None` when it hung up.
+async fn next_line(stream: &tokio::net::UnixStream, requests: &mut RequestReader) -> io::Result<Option<Result<String, String>>> {
+    loop {
+        match requests.next(|buf| stream.try_read(buf))? {
+            Next::Line(line) => return Ok(Some(line)),
+            Next::Closed => return Ok(None),
+            Next::Pending => stream.readable().await?,
+        }
+    }
+}
+
+async fn write_all(stream: &tokio::net::UnixStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -327,7 +417,7 @@ fn ok_line(body: Value) -> String {
 }
 
 fn resident_bytes() -> u64 {
-    fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -337,17 +427,23 @@ fn resident_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+}
+
 /// `psleak daemon --status`: asks a running daemon and prints its answer as JSON.
 pub fn print_status(socket: &Path) -> Result<(), Error> {
     let gone = |e| Error::Io(format!("no psleak daemon answers on {}", socket.display()), e);
     let mut stream = UnixStream::connect(socket).map_err(gone)?;
-    stream.write_all(b"{\"op\":\"status\"}\n").map_err(gone)?;
-    let mut reader = BufReader::new(stream);
+    stream.set_read_timeout(Some(FIRST_REQUEST_TIMEOUT)).map_err(gone)?;
+    io::Write::write_all(&mut stream, b"{\"op\":\"status\"}\n").map_err(gone)?;
+    let mut reader = io::BufReader::new(stream);
     let line = answer::read_request(&mut reader).map_err(gone)?.unwrap_or_default();
     let reply: Value = serde_json::from_str(&line)
         .map_err(|e| Error::Io("the daemon's answer is not JSON".into(), io::Error::other(e)))?;
     if reply["ok"] != true {
-        return Err(Error::Io(format!("the daemon refused: {}", reply["error"]), io::Error::other("refused")));
+        let why = reply["error"].as_str().unwrap_or("no reason given");
+        return Err(Error::Io(format!("the daemon refused: {why}"), io::Error::from(io::ErrorKind::PermissionDenied)));
     }
     println!("{}", serde_json::to_string_pretty(&reply).expect("JSON prints"));
     Ok(())

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 
-use psleak_ebpf::AttachError;
+use psleak_ebpf::{describe_io, AttachError};
 
 #[derive(Debug)]
 pub enum Error {
@@ -38,7 +38,7 @@ impl fmt::Display for Error {
                  CONFIG_DEBUG_INFO_BTF=y, or pass its BTF file with --btf"
             ),
             Self::Attach(err) => err.fmt(f),
-            Self::Io(what, err) => write!(f, "{what}: {err}"),
+            Self::Io(what, err) => write!(f, "{what}: {}", describe_io(err)),
             Self::OutputClosed => write!(f, "the reports' reader went away"),
         }
     }

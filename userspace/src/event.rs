@@ -188,6 +188,8 @@ pub enum Change {
     HandleClose {
         handle: u64,
     },
+    /// The process runs a new program (execve): whatever its old one made went with it.
+    Exec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

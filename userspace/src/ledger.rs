@@ -102,7 +102,7 @@ pub struct SiteTotals {
     pub bytes: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ledger {
     seq: u64,
     sites: Vec<Origin>,
@@ -119,17 +119,49 @@ pub struct Ledger {
     handles: BTreeMap<u64, OpenHandle>,
     /// Releases of resources the ledger never saw created (made before attach).
     pub untracked_releases: u64,
+    /// At most this many heap blocks and mappings are kept: a runaway or hostile target must
+    /// not take the collector's memory with it (~150 bytes each). Past it a new one is counted
+    /// in `dropped_for_room` instead, and the reports say that the ledger is incomplete.
+    room: usize,
+    pub dropped_for_room: u64,
+    /// Execs of the process seen: each ended the old program's resources.
+    pub execs: u64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::with_room(usize::MAX)
+    }
 }
 
 const PAGE: u64 = 4096;
 
 fn page_align(len: u64) -> u64 {
-    len.div_ceil(PAGE) * PAGE
+    len.div_ceil(PAGE).saturating_mul(PAGE)
 }
 
 impl Ledger {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A ledger that keeps at most `room` heap blocks and mappings.
+    pub fn with_room(room: usize) -> Self {
+        Self {
+            seq: 0,
+            sites: Vec::new(),
+            site_ids: HashMap::new(),
+            heap: HashMap::new(),
+            mappings: BTreeMap::new(),
+            fds: BTreeMap::new(),
+            threads: BTreeMap::new(),
+            heaps: BTreeMap::new(),
+            handles: BTreeMap::new(),
+            untracked_releases: 0,
+            room,
+            dropped_for_room: 0,
+            execs: 0,
+        }
     }
 
     /// The current point of the stream.
@@ -161,20 +193,17 @@ impl Ledger {
         self.seq += 1;
         let live = Live { site: created.site, ts_ns: event.ts_ns, seq: created.seq };
         match event.change {
-            Change::Alloc { domain, addr, size } => {
-                self.heap.insert(addr, Block { domain, size, created });
-            }
+            Change::Alloc { domain, addr, size } => self.insert_block(addr, Block { domain, size, created }),
             Change::Free { addr, .. } => self.release_block(addr),
             Change::Realloc { domain, old, new, size } => {
                 if old != 0 {
                     self.release_block(old);
                 }
-                self.heap.insert(new, Block { domain, size, created });
+                self.insert_block(new, Block { domain, size, created });
             }
             Change::Map { addr, len, allocator_internal } => {
                 self.unmap(addr, len);
-                let end = addr + page_align(len);
-                self.mappings.insert(addr, Mapping { end, allocator_internal, created });
+                self.insert_mapping(addr, len, Mapping { end: 0, allocator_internal, created });
             }
             Change::Unmap { addr, len } => {
                 if !self.unmap(addr, len) {
@@ -184,8 +213,7 @@ impl Ledger {
             Change::Remap { old, old_len, new, new_len, allocator_internal } => {
                 self.unmap(old, old_len);
                 self.unmap(new, new_len);
-                let end = new + page_align(new_len);
-                self.mappings.insert(new, Mapping { end, allocator_internal, created });
+                self.insert_mapping(new, new_len, Mapping { end: 0, allocator_internal, created });
             }
             Change::FdOpen { fd, kind } => {
                 // A live fd reopened under the same number was closed implicitly (dup2).
@@ -223,6 +251,39 @@ impl Ledger {
                 let tracked = self.handles.remove(&handle).is_some();
                 self.release(tracked);
             }
+            Change::Exec => {
+                // Memory went with the old address space, threads with de_thread(). The fds
+                // that outlive an exec are the new program's inheritance, like those it had
+                // before attach; the kernel closed the others (close-on-exec) without a word.
+                self.execs += 1;
+                self.heap.clear();
+                self.mappings.clear();
+                self.fds.clear();
+                self.threads.clear();
+            }
+        }
+    }
+
+    /// Whether one more block or mapping fits; counts it as dropped if not.
+    fn has_room(&mut self) -> bool {
+        let fits = self.heap.len() + self.mappings.len() < self.room;
+        if !fits {
+            self.dropped_for_room += 1;
+        }
+        fits
+    }
+
+    fn insert_block(&mut self, addr: u64, block: Block) {
+        // A block at an address already held replaces it and takes no more room.
+        if self.heap.contains_key(&addr) || self.has_room() {
+            self.heap.insert(addr, block);
+        }
+    }
+
+    fn insert_mapping(&mut self, addr: u64, len: u64, mapping: Mapping) {
+        if self.has_room() {
+            let end = addr.saturating_add(page_align(len));
+            self.mappings.insert(addr, Mapping { end, ..mapping });
         }
     }
 
@@ -241,7 +302,7 @@ impl Ledger {
     /// Removes `[addr, addr+len)` from the tracked mappings, splitting those that straddle it.
     /// Returns whether any tracked mapping was touched.
     fn unmap(&mut self, addr: u64, len: u64) -> bool {
-        let end = addr + page_align(len);
+        let end = addr.saturating_add(page_align(len));
         let overlapping: Vec<(u64, Mapping)> =
             self.mappings.range(..end).rev().take_while(|(_, m)| m.end > addr).map(|(&start, &m)| (start, m)).collect();
         for (start, m) in &overlapping {
@@ -383,6 +444,49 @@ mod tests {
         let sites = l.memory_by_site(&Filter::default());
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].memory, Memory::Heap(Domain::Libc));
+    }
+
+    #[test]
+    fn an_exec_ends_what_the_old_program_made() {
+        let mut l = Ledger::new();
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 100 }));
+        l.apply(&at(1, Change::Map { addr: 0x10000, len: PAGE, allocator_internal: false }));
+        l.apply(&at(1, Change::FdOpen { fd: 3, kind: FdKind::File }));
+        l.apply(&at(1, Change::ThreadStart { tid: 100 }));
+        let before_exec = l.mark();
+        l.apply(&at(1, Change::Exec));
+        l.apply(&at(2, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 8 }));
+        let sites = l.memory_by_site(&Filter::default());
+        assert_eq!(sites.len(), 1, "only the new program's block: {sites:?}");
+        assert_eq!((l.origin(sites[0].site).caller, sites[0].bytes), (Some(2), 8));
+        assert_eq!(l.open_fds(Mark::default()).count() + l.live_threads(Mark::default()).count(), 0);
+        assert_eq!(l.execs, 1);
+        assert!(l.mark() > before_exec, "marks stay comparable across the exec");
+        l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x10 }));
+        assert_eq!(heap_bytes(&l), 0);
+    }
+
+    #[test]
+    fn a_full_ledger_counts_what_it_drops() {
+        let mut l = Ledger::with_room(2);
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 1 }));
+        l.apply(&at(1, Change::Map { addr: 0x10000, len: PAGE, allocator_internal: false }));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x20, size: 1 }));
+        l.apply(&at(1, Change::Map { addr: 0x20000, len: PAGE, allocator_internal: false }));
+        assert_eq!(l.dropped_for_room, 2);
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x10, size: 5 }));
+        assert_eq!((l.dropped_for_room, heap_bytes(&l)), (2, 5), "a held address takes no more room");
+        l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x10 }));
+        l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x30, size: 7 }));
+        assert_eq!((l.dropped_for_room, heap_bytes(&l)), (2, 7), "a free makes room");
+    }
+
+    #[test]
+    fn hostile_lengths_do_not_overflow() {
+        let mut l = Ledger::new();
+        l.apply(&at(1, Change::Map { addr: u64::MAX - PAGE, len: u64::MAX, allocator_internal: false }));
+        l.apply(&at(1, Change::Unmap { addr: u64::MAX - 1, len: u64::MAX }));
+        assert!(l.memory_by_site(&Filter::default()).iter().all(|s| s.count == 1));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub mod daemon;
 #[cfg(target_os = "linux")]
 pub mod error;
 #[cfg(target_os = "linux")]
+pub mod listen;
+#[cfg(target_os = "linux")]
+pub mod live;
+#[cfg(target_os = "linux")]
 pub mod process;
 #[cfg(target_os = "linux")]
 pub mod session;

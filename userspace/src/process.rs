@@ -35,6 +35,9 @@ impl Process {
         if pid == 0 || pid > i32::MAX as u32 {
             return Err(Error::NoSuchProcess(pid));
         }
+        // The pidfd comes first: whatever is checked below is then checked of the process it
+        // refers to, as long as that is alive afterwards (a pid changes hands only once its
+        // process has exited and been reaped).
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
@@ -46,17 +49,20 @@ impl Process {
         // SAFETY: pidfd_open returned a new fd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let root = PathBuf::from(format!("/proc/{pid}"));
-        let stat = fs::read_to_string(root.join("stat")).map_err(|_| Error::NoSuchProcess(pid))?;
+        let stat = fs::read_to_string(root.join("stat")).map_err(|e| proc_error(pid, "stat", e))?;
         if stat_flags(&stat).is_some_and(|flags| flags & PF_KTHREAD != 0) {
             return Err(Error::NotTraceable(pid, "it is a kernel thread".into()));
         }
-        let owner = fs::metadata(&root).map_err(|_| Error::NoSuchProcess(pid))?.uid();
+        let mem = match File::open(root.join("mem")) {
+            Err(e) if e.raw_os_error().is_some_and(psleak_ebpf::is_out_of_fds) => return Err(proc_error(pid, "mem", e)),
+            opened => opened.ok(),
+        };
+        let mut process = Self { pid, pidfd, code: Vec::new(), mem };
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
-        if me != 0 && owner != me {
-            return Err(Error::NotTraceable(pid, format!("it belongs to uid {owner}, and you are uid {me}")));
+        if me != 0 {
+            process.check_traceable_by(me)?;
         }
-        let mut process = Self { pid, pidfd, code: Vec::new(), mem: File::open(root.join("mem")).ok() };
         if !process.is_alive() {
             return Err(Error::NotTraceable(pid, "it has already exited".into()));
         }
@@ -70,6 +76,43 @@ impl Process {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether `uid` may trace this process, as the kernel would let it ptrace it: the process
+    /// runs as `uid` and as nothing else (no setuid or setgid program made it more), and its
+    /// owner may read it (it is dumpable, hence /proc/PID is `uid`'s). Root may trace any. A
+    /// process that is gone is refused too; callers check it is still alive afterwards.
+    pub fn check_traceable_by(&self, uid: u32) -> Result<(), Error> {
+        if uid == 0 {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let root = PathBuf::from(format!("/proc/{pid}"));
+        let status = fs::read_to_string(root.join("status")).map_err(|e| proc_error(pid, "status", e))?;
+        let ids = |field: &str| -> Option<Vec<u32>> {
+            let line = status.lines().find_map(|l| l.strip_prefix(field))?;
+            line.split_whitespace().map(|id| id.parse().ok()).collect()
+        };
+        let (Some(uids), Some(gids)) = (ids("Uid:"), ids("Gid:")) else {
+            return Err(Error::NotTraceable(pid, "its credentials cannot be read".into()));
+        };
+        let owner = fs::metadata(&root).map_err(|e| proc_error(pid, "owner", e))?.uid();
+        let real = uids.first().copied().unwrap_or(owner);
+        if real != uid {
+            return Err(Error::NotTraceable(pid, format!("it belongs to uid {real}, and you are uid {uid}")));
+        }
+        if uids.iter().any(|&u| u != uid) || gids.windows(2).any(|g| g[0] != g[1]) || owner != uid {
+            let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join("/");
+            return Err(Error::NotTraceable(
+                pid,
+                format!(
+                    "it runs a setuid or setgid program or is not dumpable (uids {}, gids {}), which uid {uid} may not trace",
+                    list(&uids),
+                    list(&gids)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The pidfd: readable once the process has exited.
@@ -93,13 +136,18 @@ impl Process {
     /// is kept unless a new mapping takes its place: it still names code that created resources,
     /// after a dlclose, and while an exiting process's maps empty out piece by piece.
     pub fn refresh_mappings(&mut self) -> Result<(), Error> {
-        let maps =
-            fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|_| Error::NoSuchProcess(self.pid))?;
+        let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| proc_error(self.pid, "maps", e))?;
         for mapping in maps.lines().filter_map(parse_code_mapping) {
             self.code.retain(|old| old.end <= mapping.start || mapping.end <= old.start);
             self.code.push(mapping);
         }
         Ok(())
+    }
+
+    /// After an exec: the old program's mappings are gone, those of the new one are read.
+    pub fn forget_mappings(&mut self) {
+        self.code.clear();
+        let _ = self.refresh_mappings();
     }
 
     /// The libc the process has mapped, if it is dynamically linked against one.
@@ -193,6 +241,49 @@ impl Process {
 }
 
 const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The pid, as our pid namespace numbers it, of the process that `peer` (a pid of ours) calls
+/// `pid` in its own namespace: a client of the daemon in a container sends its own numbers.
+/// Only processes in the peer's namespace itself are found.
+pub fn pid_seen_by(peer: u32, pid: u32) -> Result<u32, String> {
+    if peer == 0 {
+        return Err("your process is in a pid namespace the daemon cannot see into: run the daemon in the \
+                    tests' pid namespace or one that contains it"
+            .into());
+    }
+    let namespace = |of: &str| fs::read_link(format!("/proc/{of}/ns/pid")).ok();
+    let theirs = namespace(&peer.to_string()).ok_or_else(|| format!("no process with pid {peer} (you, a moment ago)"))?;
+    if namespace("self").as_ref() == Some(&theirs) {
+        return Ok(pid);
+    }
+    // NSpid: the process's pid in each namespace from ours down to its own, which is last.
+    let own_number = |of: &str| -> Option<u32> {
+        let status = fs::read_to_string(format!("/proc/{of}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().last()?.parse().ok()
+    };
+    // A client mostly asks for itself.
+    if own_number(&peer.to_string()) == Some(pid) {
+        return Ok(peer);
+    }
+    let entries = fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(ours) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if own_number(&ours.to_string()) == Some(pid) && namespace(&ours.to_string()).as_ref() == Some(&theirs) {
+            return Ok(ours);
+        }
+    }
+    Err(format!("no process with pid {pid} in your pid namespace"))
+}
+
+/// A failed read of /proc/PID/`what`: the process is gone, or the reason in words (too many
+/// open files, say), never "no such process" for what is not.
+fn proc_error(pid: u32, what: &str, err: io::Error) -> Error {
+    match err.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => Error::NoSuchProcess(pid),
+        _ => Error::Io(format!("cannot read /proc/{pid}/{what}"), err),
+    }
+}
 
 /// The task flags of a /proc/PID/stat line (field 9; the comm in parentheses may hold spaces).
 fn stat_flags(stat: &str) -> Option<u64> {

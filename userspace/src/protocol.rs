@@ -8,6 +8,8 @@
 //! handshake), `mark`, `created` (fds and threads since a mark), `begin`/`window`/`batch`/`end`
 //! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
 
+use std::io;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::Mark;
@@ -82,4 +84,183 @@ pub struct Reply<T: Serialize> {
 #[derive(Debug, Serialize)]
 pub struct Failure {
     pub error: String,
+}
+
+/// Splits a byte stream into request lines, holding at most `MAX_REQUEST_BYTES` of a line: a
+/// longer one is skipped to its end and refused, however much of it a client sends.
+#[derive(Debug, Default)]
+pub struct Lines {
+    line: Vec<u8>,
+    /// The line under way is too long: its bytes are dropped until its newline.
+    skipping: bool,
+}
+
+/// One line read from a client: a request, or why it was refused.
+pub type Line = Result<String, String>;
+
+impl Lines {
+    /// Takes bytes of `input` up to and including the first newline (all of it if none): how
+    /// many it took, and the line that newline ended.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Line>) {
+        let (taken, ended) = match input.iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (input.len(), false),
+        };
+        let bytes = &input[..taken - usize::from(ended)];
+        if !self.skipping {
+            if self.line.len() + bytes.len() > MAX_REQUEST_BYTES {
+                self.skipping = true;
+                self.line = Vec::new();
+            } else {
+                self.line.extend_from_slice(bytes);
+            }
+        }
+        if !ended {
+            return (taken, None);
+        }
+        if std::mem::take(&mut self.skipping) {
+            return (taken, Some(Err(format!("request longer than {MAX_REQUEST_BYTES} bytes refused"))));
+        }
+        let line = std::mem::take(&mut self.line);
+        (taken, Some(String::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())))
+    }
+
+    /// Whether a line has begun and not ended.
+    pub fn in_line(&self) -> bool {
+        self.skipping || !self.line.is_empty()
+    }
+}
+
+/// What a [`RequestReader`] has for its caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Line(Line),
+    /// Nothing whole yet: the client has not sent more.
+    Pending,
+    /// The client hung up (mid-line, if it was in one).
+    Closed,
+}
+
+/// Reads request lines from a non-blocking source, a chunk at a time: what it holds is bounded
+/// (a line's cap and one chunk), however fast and however much a client sends.
+#[derive(Debug)]
+pub struct RequestReader {
+    lines: Lines,
+    chunk: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Default for RequestReader {
+    fn default() -> Self {
+        Self { lines: Lines::default(), chunk: vec![0; 4096].into_boxed_slice(), start: 0, end: 0 }
+    }
+}
+
+impl RequestReader {
+    /// The next line, reading with `read` (a non-blocking read) only when what was read before
+    /// holds no more.
+    pub fn next(&mut self, mut read: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Next> {
+        loop {
+            if self.start < self.end {
+                let (taken, line) = self.lines.feed(&self.chunk[self.start..self.end]);
+                self.start += taken;
+                if let Some(line) = line {
+                    return Ok(Next::Line(line));
+                }
+                continue;
+            }
+            match read(&mut self.chunk) {
+                Ok(0) => return Ok(Next::Closed),
+                Ok(n) => (self.start, self.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Pending),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether bytes already read wait to be looked at (they may hold a whole line).
+    pub fn has_unread(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// Whether a line has begun and not ended.
+    pub fn in_line(&self) -> bool {
+        self.lines.in_line()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `piece` bytes; the lines that come out.
+    fn lines_of(input: &[u8], piece: usize) -> Vec<Line> {
+        let mut lines = Lines::default();
+        let mut out = Vec::new();
+        for chunk in input.chunks(piece) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let (taken, line) = lines.feed(rest);
+                rest = &rest[taken..];
+                out.extend(line);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lines_come_whole_whatever_the_pieces() {
+        let input = b"{\"op\":\"mark\"}\n\n{\"op\":\"detach\"}\n";
+        for piece in [1, 3, 100] {
+            let expected: Vec<Line> = vec![Ok(r#"{"op":"mark"}"#.into()), Ok(String::new()), Ok(r#"{"op":"detach"}"#.into())];
+            assert_eq!(lines_of(input, piece), expected, "in pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn a_line_past_the_cap_is_refused_and_never_held() {
+        let mut lines = Lines::default();
+        let huge = vec![b'x'; 1 << 20];
+        for _ in 0..100 {
+            assert_eq!(lines.feed(&huge), (huge.len(), None));
+            assert!(lines.line.capacity() <= MAX_REQUEST_BYTES, "holds at most the cap");
+        }
+        let (_, line) = lines.feed(b"x\n");
+        assert!(line.unwrap().unwrap_err().contains("longer than"));
+        assert_eq!(lines.feed(b"ok\n").1, Some(Ok("ok".into())), "the next line is read");
+        let at_cap = [vec![b'y'; MAX_REQUEST_BYTES], b"\n".to_vec()].concat();
+        assert!(lines_of(&at_cap, 4096)[0].is_ok(), "a line of exactly the cap is taken");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_refused() {
+        assert_eq!(lines_of(b"\xff\xfe\n", 1), vec![Err("request is not UTF-8".to_string())]);
+    }
+
+    #[test]
+    fn the_reader_says_pending_closed_and_in_line() {
+        let mut reader = RequestReader::default();
+        let mut script: Vec<io::Result<&[u8]>> = vec![
+            Ok(b"{\"op\""),
+            Err(io::ErrorKind::WouldBlock.into()),
+            Ok(b":1}\nnext"),
+            Err(io::ErrorKind::WouldBlock.into()),
+            Ok(b""),
+        ];
+        script.reverse();
+        let mut read = |buf: &mut [u8]| {
+            script.pop().unwrap().map(|bytes| {
+                buf[..bytes.len()].copy_from_slice(bytes);
+                bytes.len()
+            })
+        };
+        assert_eq!(reader.next(&mut read).unwrap(), Next::Pending);
+        assert!(reader.in_line());
+        assert_eq!(reader.next(&mut read).unwrap(), Next::Line(Ok(r#"{"op":1}"#.into())));
+        assert!(reader.has_unread());
+        assert_eq!(reader.next(&mut read).unwrap(), Next::Pending);
+        assert_eq!(reader.next(&mut read).unwrap(), Next::Closed);
+    }
 }

@@ -59,6 +59,8 @@ pub struct Report {
     pub untraced: Option<String>,
     pub events: u64,
     pub lost: Lost,
+    /// Execs of the target since attach: what its programs before the last one made is gone.
+    pub execs: u64,
     /// Releases of resources created before attach (not counted).
     pub untracked_releases: u64,
     pub live: LiveTotals,
@@ -117,14 +119,54 @@ impl Resources {
     }
 }
 
-#[derive(Debug, Serialize, Default, Clone, Copy)]
+/// What a session could not account for. Any of it but `no_stack` leaves the ledger incomplete.
+#[derive(Debug, Serialize, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Lost {
-    /// Events dropped in the kernel because the ring was full: the ledger is incomplete.
+    /// Events dropped in the kernel because the ring was full.
     pub ring_full: u64,
     /// Events without a stack (stack map full, or no walkable stack).
     pub no_stack: u64,
+    /// Allocator calls whose result was not seen (their return was missed).
+    pub untracked_calls: u64,
+    /// Blocks and mappings not kept because the ledger was at its limit (--max-live).
+    pub ledger_full: u64,
     /// Records that could not be decoded.
     pub corrupt: u64,
+}
+
+impl Lost {
+    /// Events that are missing from the ledger.
+    pub fn incomplete(&self) -> u64 {
+        self.ring_full + self.untracked_calls + self.ledger_full + self.corrupt
+    }
+
+    /// What was lost since `before`.
+    pub fn since(&self, before: &Lost) -> Lost {
+        Lost {
+            ring_full: self.ring_full.saturating_sub(before.ring_full),
+            no_stack: self.no_stack.saturating_sub(before.no_stack),
+            untracked_calls: self.untracked_calls.saturating_sub(before.untracked_calls),
+            ledger_full: self.ledger_full.saturating_sub(before.ledger_full),
+            corrupt: self.corrupt.saturating_sub(before.corrupt),
+        }
+    }
+
+    /// ` (LOST: ...)`, naming each kind of loss there is; empty when nothing was lost.
+    pub fn describe(&self) -> String {
+        let kinds = [
+            (self.ring_full, "events dropped in a full ring (raise --ring-mib)"),
+            (self.untracked_calls, "allocator calls whose result was missed"),
+            (self.ledger_full, "blocks past the ledger's limit (raise --max-live)"),
+            (self.corrupt, "corrupt records"),
+            (self.no_stack, "events without a stack"),
+        ];
+        let told: Vec<String> = kinds.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+        if told.is_empty() {
+            String::new()
+        } else {
+            format!(" (LOST: {})", told.join(", "))
+        }
+    }
 }
 
 /// Everything created since attach and still live (after the size and age filters).
@@ -295,6 +337,7 @@ impl Reporter {
             untraced: self.untraced.clone(),
             events: ledger.events(),
             lost,
+            execs: ledger.execs,
             untracked_releases: ledger.untracked_releases,
             live,
             process,
@@ -370,7 +413,14 @@ impl Report {
                 human_bytes(self.live.mmap_bytes),
                 self.resources.threads.len(),
                 self.events,
-                self.lost_text(),
+                self.lost.describe(),
+            );
+        }
+        if self.execs > 0 {
+            let _ = writeln!(
+                out,
+                "  the target exec'd ({}): only what its current program made is shown",
+                plural(self.execs as usize, "time")
             );
         }
         if let Some(p) = &self.process {
@@ -471,16 +521,6 @@ impl Report {
         out
     }
 
-    fn lost_text(&self) -> String {
-        let l = self.lost;
-        if l.ring_full + l.no_stack + l.corrupt == 0 {
-            return String::new();
-        }
-        format!(
-            " (LOST: {} events dropped in a full ring, {} without stack, {} corrupt)",
-            l.ring_full, l.no_stack, l.corrupt
-        )
-    }
 }
 
 fn site_text(site: &Option<Frame>) -> String {
@@ -550,6 +590,7 @@ mod tests {
             untraced: None,
             events: 0,
             lost: Lost::default(),
+            execs: 0,
             untracked_releases: 0,
             live: LiveTotals::default(),
             process: None,
@@ -558,6 +599,11 @@ mod tests {
         };
         let text = report.to_text();
         assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");
+        let lost = Lost { ring_full: 3, ledger_full: 2, ..Lost::default() };
+        let text = Report { lost, execs: 2, ..report }.to_text();
+        let first = text.lines().next().unwrap();
+        assert!(first.ends_with("(LOST: 3 events dropped in a full ring (raise --ring-mib), 2 blocks past the ledger's limit (raise --max-live))"), "{first}");
+        assert!(text.contains("the target exec'd (2 times)"), "{text}");
     }
 
     #[test]

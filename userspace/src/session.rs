@@ -1,29 +1,39 @@
 //! A collector session: probes attached to one target for as long as its client talks to us
 //! over a Unix socket (`protocol.rs`). Every request is answered only after the ring has been
-//! drained, so a client that asks after calling its function sees all that the call did.
+//! drained up to the request, so a client that asks after calling its function sees all that
+//! the call did.
+//!
+//! The client is untrusted (the daemon serves other users): its socket is read without ever
+//! blocking, at most a line's cap held; a reply it does not read for `REPLY_LIMIT` ends the
+//! session; and nothing it does keeps the session from seeing `Control::stop` within a turn
+//! of the loop.
 
-use std::cell::RefCell;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use libbpf_rs::RingBufferBuilder;
-use psleak_ebpf::{Options, Probes};
+use psleak_ebpf::Options;
 use serde_json::json;
 
-use crate::answer::{failure, read_request, reply_line, Answerer};
+use crate::answer::{failure, reply_line, Answerer};
 use crate::error::Error;
+use crate::live::{Live, DRAIN_PERIOD};
 use crate::process::Process;
-use crate::protocol::{Reply, VERSION};
+use crate::protocol::{Next, Reply, RequestReader, VERSION};
 use crate::report::Lost;
-use crate::sites::{Described, SiteNamer};
-use crate::tracer::{self, Collector};
 
-/// How often the ring is drained while the client is quiet (probes wake us only for bursts).
-const DRAIN_PERIOD: Duration = Duration::from_millis(20);
+/// How long a client may leave a reply unread before the session gives up on it.
+const REPLY_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often a session blocked on its client looks at `Control::stop`.
+const STOP_CHECK_PERIOD: Duration = Duration::from_millis(100);
+
+/// Heap blocks and mappings a session's ledger keeps at most, unless told otherwise.
+pub const DEFAULT_LEDGER_ROOM: usize = 2_000_000;
 
 /// What the owner of a session (the daemon) sees of it and may ask of it.
 #[derive(Default)]
@@ -32,32 +42,104 @@ pub struct Control {
     pub stop: AtomicBool,
     /// The session ends when its client has asked nothing for this long.
     pub idle_limit: Option<Duration>,
-    /// Events received so far, and lost: to a full ring, or without their stack.
+    /// Events received so far, and what was lost.
     pub events: AtomicU64,
-    pub lost_ring_full: AtomicU64,
-    pub lost_no_stack: AtomicU64,
+    lost: Mutex<Lost>,
 }
 
-/// Attaches to `pid` and serves `stream` until the client hangs up or the target exits. The
-/// first line sent is the outcome of the attach: ready, or the error that prevented it.
+impl Control {
+    /// The control of a session that ends after `idle_limit` without a request.
+    pub fn idle_after(idle_limit: Duration) -> Self {
+        Self { idle_limit: Some(idle_limit), ..Self::default() }
+    }
+
+    pub fn lost(&self) -> Lost {
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a session is run.
+pub struct SessionConfig<'a> {
+    pub options: &'a Options,
+    pub control: &'a Control,
+    /// Whom the session acts for: after the target execs, it goes on only while this uid may
+    /// still trace it (a setuid program may have made it root).
+    pub client_uid: u32,
+    pub ledger_room: usize,
+}
+
+/// The client's end: a non-blocking socket, its requests read a chunk at a time.
+pub struct Client {
+    stream: UnixStream,
+    requests: RequestReader,
+}
+
+impl Client {
+    /// `requests` may hold what was read of the stream already.
+    pub fn new(stream: UnixStream, requests: RequestReader) -> Result<Self, Error> {
+        stream.set_nonblocking(true).map_err(client_gone)?;
+        Ok(Self { stream, requests })
+    }
+
+    fn next(&mut self) -> Result<Next, Error> {
+        let stream = &mut self.stream;
+        self.requests.next(|buf| stream.read(buf)).map_err(client_gone)
+    }
+
+    /// Sends `line`, waiting for the client to read it at most `REPLY_LIMIT`, and never past a
+    /// stop.
+    fn send(&mut self, line: &str, stop: &AtomicBool) -> Result<(), Error> {
+        let mut rest = line.as_bytes();
+        let deadline = Instant::now() + REPLY_LIMIT;
+        while !rest.is_empty() {
+            match self.stream.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        return Err(client_gone(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "it does not read its replies",
+                        )));
+                    }
+                    let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut fd, 1, STOP_CHECK_PERIOD.as_millis() as i32) };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(client_gone(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The private collector: attaches to `pid` and serves `stream` until the client hangs up or
+/// the target exits. The first line sent is the outcome of the attach: ready, or its error.
 pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Error> {
-    let requests = BufReader::new(stream.try_clone().map_err(|e| Error::Io("cannot use the client socket".into(), e))?);
-    serve_requests(requests, stream, pid, options, &Control::default())
+    let mut client = Client::new(stream, RequestReader::default())?;
+    let control = Control::default();
+    let process = match Process::open(pid) {
+        Ok(process) => process,
+        Err(err) => {
+            let _ = client.send(&failure(err.to_string()), &control.stop);
+            return Err(err);
+        }
+    };
+    // SAFETY: geteuid cannot fail.
+    let client_uid = unsafe { libc::geteuid() };
+    let config = SessionConfig { options, control: &control, client_uid, ledger_room: DEFAULT_LEDGER_ROOM };
+    serve_process(client, process, pid, &config)
 }
 
-/// `serve`, reading requests from `requests` (which may hold lines already read) and under `control`.
-pub fn serve_requests(
-    mut requests: BufReader<UnixStream>,
-    mut out: UnixStream,
-    pid: u32,
-    options: &Options,
-    control: &Control,
-) -> Result<(), Error> {
+/// Attaches to `process` (which the client calls `pid`) and serves `client` until it hangs
+/// up, the target exits, or `config.control` ends the session.
+pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &SessionConfig<'_>) -> Result<(), Error> {
+    let control = config.control;
     let mut storage = MaybeUninit::uninit();
-    let (process, target, probes) = match attach_to(&mut storage, pid, options) {
-        Ok(attached) => attached,
+    let mut live = match Live::attach(&mut storage, process, config.options, config.ledger_room) {
+        Ok(live) => live,
         Err(err) => {
-            let _ = out.write_all(failure(err.to_string()).as_bytes());
+            let _ = client.send(&failure(err.to_string()), &control.stop);
             return Err(err);
         }
     };
@@ -65,91 +147,87 @@ pub fn serve_requests(
         "version": VERSION,
         "pid": pid,
         "backend": "eBPF",
-        "probes": probes.attachments(),
-        "libc": target.libc,
-        "python": target.python,
+        "probes": live.probes.attachments(),
+        "libc": live.target.libc,
+        "python": live.target.python,
     });
-    out.write_all(reply_line(&Reply { ok: true, body: ready }).as_bytes()).map_err(client_gone)?;
+    client.send(&reply_line(&Reply { ok: true, body: ready }), &control.stop)?;
 
-    let collector = RefCell::new(Collector::new(process));
-    let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
-    let mut builder = RingBufferBuilder::new();
-    builder
-        .add(probes.events(), |record: &[u8]| {
-            collector.borrow_mut().ingest(record);
-            control.events.fetch_add(1, Ordering::Relaxed);
-            0
-        })
-        .map_err(ring_error)?;
-    let ring = builder.build().map_err(ring_error)?;
-    let drain = || ring.consume().and_then(|()| ring.poll(Duration::ZERO)).map_err(ring_error);
-    let mut sites = SiteNamer::new(&target);
     let mut answerer = Answerer::new();
-    let exit_fd = collector.borrow().decoder.process.exit_fd();
     let mut last_request = Instant::now();
+    let mut more = false;
     loop {
         if control.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         if control.idle_limit.is_some_and(|limit| last_request.elapsed() > limit) {
-            let _ = out.write_all(failure("session ended: idle for too long".into()).as_bytes());
+            let _ = client.send(&failure("session ended: idle for too long".into()), &control.stop);
             return Ok(());
         }
-        let mut fds = [
-            libc::pollfd { fd: requests.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: ring.epoll_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
-        ];
-        if requests.buffer().is_empty() {
+        if !more && !client.requests.has_unread() {
+            let mut fds = [client.stream.as_raw_fd(), live.ring_fd(), live.exit_fd()]
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
             // SAFETY: three valid pollfds, owned above for the duration of the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, DRAIN_PERIOD.as_millis() as i32) };
             if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
                 return Err(Error::Io("cannot wait for requests".into(), io::Error::last_os_error()));
             }
-        } else {
-            fds[0].revents = libc::POLLIN;
         }
-        drain()?;
-        let losses = probes.losses();
-        control.lost_ring_full.store(losses.ring_full, Ordering::Relaxed);
-        control.lost_no_stack.store(losses.no_stack, Ordering::Relaxed);
-        if fds[2].revents != 0 {
+        more = live.drain_some()?;
+        report_progress(&live, control);
+        if let Some(why) = lost_authorization(&mut live, config.client_uid) {
+            let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
+            return Ok(());
+        }
+        if !live.target_alive() {
             return Ok(()); // the target exited: nobody is left to ask
         }
-        if fds[0].revents == 0 {
-            continue;
-        }
-        last_request = Instant::now();
-        let reply = match read_request(&mut requests) {
-            Ok(Some(line)) => {
-                let mut c = collector.borrow_mut();
-                // A library loaded since attach (the extension under test) must be known to name sites.
-                let _ = c.decoder.process.refresh_mappings();
-                let lost = Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: c.corrupt };
-                let mut described = Described { sites: &mut sites, probes: &probes, collector: &c };
-                answerer.handle(&line, &c.ledger, &mut described, lost)
-            }
-            Ok(None) => return Ok(()), // the client hung up
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => failure(e.to_string()),
-            Err(e) => return Err(client_gone(e)),
+        let line = match client.next()? {
+            Next::Line(line) => line,
+            Next::Pending => continue,
+            Next::Closed => return Ok(()), // the client hung up
         };
-        out.write_all(reply.as_bytes()).map_err(client_gone)?;
+        last_request = Instant::now();
+        let reply = match line {
+            Ok(line) => {
+                live.drain_to_now(None)?;
+                // What was drained is the target's only if it is still the target (alive),
+                // and the client's to see only if the target still runs as the client.
+                if let Some(why) = lost_authorization(&mut live, config.client_uid) {
+                    let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
+                    return Ok(());
+                }
+                if !live.target_alive() {
+                    return Ok(());
+                }
+                let lost = live.lost();
+                live.with_sites(|collector, described| answerer.handle(&line, &collector.ledger, described, lost))
+            }
+            Err(why) => failure(why),
+        };
+        client.send(&reply, &control.stop)?;
         if answerer.detached {
             return Ok(());
         }
     }
 }
 
-fn attach_to<'obj>(
-    storage: &'obj mut MaybeUninit<psleak_ebpf::OpenObject>,
-    pid: u32,
-    options: &Options,
-) -> Result<(Process, psleak_ebpf::Target, Probes<'obj>), Error> {
-    tracer::check_prerequisites(options)?;
-    let mut process = Process::open(pid)?;
-    let target = tracer::target_of(&mut process)?;
-    let probes = tracer::attach(storage, &process, &target, options)?;
-    Ok((process, target, probes))
+fn report_progress(live: &Live<'_>, control: &Control) {
+    control.events.store(live.collector().ledger.events(), Ordering::Relaxed);
+    *control.lost.lock().unwrap_or_else(|e| e.into_inner()) = live.lost();
+}
+
+/// Why the session may not go on, if the target exec'd a program that `client_uid` may not
+/// trace. Read from what the kernel counts, after the events drained: any event of the new
+/// program that was drained came after its exec was counted.
+fn lost_authorization(live: &mut Live<'_>, client_uid: u32) -> Option<String> {
+    if live.new_execs() == 0 {
+        return None;
+    }
+    match live.collector().decoder.process.check_traceable_by(client_uid) {
+        Ok(()) | Err(Error::NoSuchProcess(_)) => None, // an exit ends the session anyway
+        Err(e) => Some(format!("the target exec'd a new program: {e}")),
+    }
 }
 
 fn client_gone(e: io::Error) -> Error {

@@ -1,23 +1,19 @@
 //! `psleak trace --pid PID`: attach to a running process and report, every interval, what it
 //! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
 
-use std::cell::RefCell;
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use libbpf_rs::RingBufferBuilder;
-use psleak_ebpf::{Probes, Target};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::Error;
+use crate::live::{Live, DRAIN_PERIOD};
 use crate::process::Process;
-use crate::report::{self, Lost, Selection};
-use crate::sites::{Described, SiteNamer};
-use crate::tracer::{self, Collector};
+use crate::report::{self, Selection};
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
@@ -27,6 +23,8 @@ pub struct TraceArgs {
     pub json: bool,
     pub selection: Selection,
     pub options: psleak_ebpf::Options,
+    /// Heap blocks and mappings the ledger keeps at most.
+    pub ledger_room: usize,
 }
 
 /// A raw fd for tokio to poll (the ring's epoll fd, the target's pidfd); owned elsewhere.
@@ -39,17 +37,17 @@ impl AsRawFd for Pollable {
 }
 
 pub fn run(args: &TraceArgs) -> Result<(), Error> {
-    tracer::check_prerequisites(&args.options)?;
-    let mut process = Process::open(args.pid)?;
-    let target = tracer::target_of(&mut process)?;
+    crate::tracer::check_prerequisites(&args.options)?;
+    let process = Process::open(args.pid)?;
+    let name = process.name();
     let started = Instant::now();
     let mut storage = MaybeUninit::uninit();
-    let probes = tracer::attach(&mut storage, &process, &target, &args.options)?;
+    let mut live = Live::attach(&mut storage, process, &args.options, args.ledger_room)?;
+    let target = &live.target;
     let attached = format!(
-        "psleak: tracing pid {} ({}): {} probes on {}{}, attached in {:.2}s",
-        process.pid(),
-        process.name(),
-        probes.attachments(),
+        "psleak: tracing pid {} ({name}): {} probes on {}{}, attached in {:.2}s",
+        args.pid,
+        live.probes.attachments(),
         target.libc.display(),
         target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
         started.elapsed().as_secs_f64(),
@@ -58,40 +56,28 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
-    let reporter = Reporter::new(args, &probes, &target, process.pid());
-    let collector = RefCell::new(Collector::new(process));
-    runtime.block_on(watch(args, &probes, &collector, reporter, &attached))
+    let mut reporter = Reporter { json: args.json, reports: report::Reporter::new(args.pid, args.selection) };
+    runtime.block_on(watch(args, &mut live, &mut reporter, &attached))
 }
 
+/// Why a trace ended.
+const EXITED: &str = "the target exited";
+const CREDENTIALS_CHANGED: &str = "the target exec'd a program that runs as another user";
+const INTERRUPTED: &str = "interrupted";
+const TERMINATED: &str = "terminated";
+
 /// Consumes events as they arrive and reports every interval until the session ends.
-async fn watch(
-    args: &TraceArgs,
-    probes: &Probes<'_>,
-    collector: &RefCell<Collector>,
-    mut reporter: Reporter<'_>,
-    attached: &str,
-) -> Result<(), Error> {
+async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
     let io_error = |what: &str| {
         let what = what.to_string();
         move |e| Error::Io(what, e)
     };
-    let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
-    let mut builder = RingBufferBuilder::new();
-    builder
-        .add(probes.events(), |record: &[u8]| {
-            collector.borrow_mut().ingest(record);
-            0
-        })
-        .map_err(ring_error)?;
-    let ring = builder.build().map_err(ring_error)?;
     // SAFETY: the ring's epoll fd and the process's pidfd stay open for as long as these
-    // registrations, which are dropped first (declared after `ring`; `collector` outlives us).
-    let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(ring.epoll_fd()), Interest::READABLE) }
+    // registrations, which are dropped when this function returns, before `live` is.
+    let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(live.ring_fd()), Interest::READABLE) }
         .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
-    let target_exit = unsafe {
-        AsyncFd::register_with_interest(Pollable(collector.borrow().decoder.process.exit_fd()), Interest::READABLE)
-    }
-    .map_err(|e| io_error("cannot watch the target")(e.into()))?;
+    let target_exit = unsafe { AsyncFd::register_with_interest(Pollable(live.exit_fd()), Interest::READABLE) }
+        .map_err(|e| io_error("cannot watch the target")(e.into()))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
@@ -101,71 +87,88 @@ async fn watch(
     // Only now does Ctrl-C end the session with a final report.
     eprintln!("{attached}");
 
-    // consume() reads every record, whether or not the probes woke us for it; poll(0) then
-    // empties the ready list of libbpf's epoll fd, whose edges are what wake us up (left set,
-    // no edge would ever come again).
-    let drain = || ring.consume().and_then(|()| ring.poll(Duration::ZERO)).map_err(ring_error);
     // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
     let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
     drain_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Records left after a bounded drain: read on at once, taking turns with the rest. The
+    // yield lets the runtime turn its timer and signal drivers, which a task that is always
+    // ready would starve.
+    let mut more = false;
     let stopped_by = loop {
         tokio::select! {
-            ready = ring_ready.readable() => {
+            ready = ring_ready.readable(), if !more => {
                 let mut guard = ready.map_err(io_error("cannot poll the event ring"))?;
-                drain()?;
                 guard.clear_ready();
+                more = live.drain_some()?;
             }
-            _ = drain_ticks.tick() => drain()?,
+            () = tokio::task::yield_now(), if more => more = live.drain_some()?,
+            _ = drain_ticks.tick(), if !more => more = live.drain_some()?,
             _ = ticks.tick() => {
                 // A tick right before the end would repeat the final report.
                 if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
-                    drain()?;
-                    report(&mut reporter, collector, None)?;
+                    if !still_traceable(live)? {
+                        break CREDENTIALS_CHANGED;
+                    }
+                    reporter.emit(live, None)?;
                 }
             }
-            _ = target_exit.readable() => break "the target exited",
-            _ = interrupt.recv() => break "interrupted",
-            _ = terminate.recv() => break "terminated",
+            _ = target_exit.readable() => break EXITED,
+            _ = interrupt.recv() => break INTERRUPTED,
+            _ = terminate.recv() => break TERMINATED,
             _ = &mut deadline => break "the duration ended",
         }
     };
-    drain()?;
-    report(&mut reporter, collector, Some(stopped_by))
+    drain_final(live, stopped_by)?;
+    reporter.emit(live, Some(stopped_by))
 }
 
-/// Emits a report, with the target's code mappings brought up to date first (a library
-/// loaded since attach must be known to name its sites, even after the target exits).
-fn report(
-    reporter: &mut Reporter<'_>,
-    collector: &RefCell<Collector>,
-    stopped_by: Option<&'static str>,
-) -> Result<(), Error> {
-    // A target that has just exited keeps the mappings last seen.
-    let _ = collector.borrow_mut().decoder.process.refresh_mappings();
-    reporter.emit(&collector.borrow(), stopped_by)
+/// The last drain: what the ring holds, unless the target now runs as someone we may not see.
+/// Asked to stop, the user gets at most `SIGNALLED_DRAIN` of it (in a flood, a full ring
+/// takes a while to read).
+fn drain_final(live: &mut Live<'_>, stopped_by: &str) -> Result<(), Error> {
+    if stopped_by == CREDENTIALS_CHANGED || !still_traceable(live)? {
+        return Ok(());
+    }
+    let signalled = [INTERRUPTED, TERMINATED].contains(&stopped_by);
+    live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))
+}
+
+/// How long the final drain may take once a signal asked psleak to stop.
+const SIGNALLED_DRAIN: Duration = Duration::from_secs(1);
+
+/// After an exec, whether the target still runs as someone psleak's user may trace (a setuid
+/// program may have made it root): checked on what the kernel counts, which no full ring hides.
+fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
+    if live.new_execs() == 0 {
+        return Ok(true);
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match live.collector().decoder.process.check_traceable_by(me) {
+        Ok(()) => Ok(true),
+        Err(Error::NoSuchProcess(_)) => Ok(true), // it exited since: the exit ends the session
+        Err(Error::NotTraceable(_, why)) => {
+            eprintln!("psleak: the target exec'd, and {why}: tracing stops");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Emits the reports of one session: the ledger's, with sites symbolized from the target's ELF
 /// files, as text or JSON lines on stdout.
-struct Reporter<'a> {
+struct Reporter {
     json: bool,
-    probes: &'a Probes<'a>,
-    sites: SiteNamer,
     reports: report::Reporter,
 }
 
-impl<'a> Reporter<'a> {
-    fn new(args: &TraceArgs, probes: &'a Probes<'a>, target: &Target, pid: u32) -> Self {
-        let reports = report::Reporter::new(pid, args.selection);
-        Self { json: args.json, probes, sites: SiteNamer::new(target), reports }
-    }
-
-    fn emit(&mut self, collector: &Collector, stopped_by: Option<&'static str>) -> Result<(), Error> {
-        let losses = self.probes.losses();
-        let lost = Lost { ring_full: losses.ring_full, no_stack: losses.no_stack, corrupt: collector.corrupt };
-        let alive = collector.decoder.process.is_alive();
-        let mut described = Described { sites: &mut self.sites, probes: self.probes, collector };
-        let report = self.reports.report(&collector.ledger, &mut described, monotonic_ns(), alive, lost, stopped_by);
+impl Reporter {
+    fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<&'static str>) -> Result<(), Error> {
+        let lost = live.lost();
+        let alive = live.target_alive();
+        let report = live.with_sites(|collector, described| {
+            self.reports.report(&collector.ledger, described, monotonic_ns(), alive, lost, stopped_by)
+        });
         let text = if self.json {
             let mut line = serde_json::to_string(&report).expect("reports serialize");
             line.push('\n');
@@ -181,8 +184,6 @@ impl<'a> Reporter<'a> {
         }
     }
 }
-
-const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)

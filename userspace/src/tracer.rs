@@ -106,14 +106,21 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(process: Process) -> Self {
-        Self { ledger: Ledger::new(), decoder: RecordDecoder::new(process), corrupt: 0 }
+    /// A collector whose ledger keeps at most `ledger_room` heap blocks and mappings.
+    pub fn new(process: Process, ledger_room: usize) -> Self {
+        Self { ledger: Ledger::with_room(ledger_room), decoder: RecordDecoder::new(process), corrupt: 0 }
     }
 
     pub fn ingest(&mut self, record: &[u8]) {
         let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
         match event {
-            Some(event) => self.ledger.apply(&event),
+            Some(event) => {
+                if event.change == Change::Exec {
+                    // The old program's code is unmapped: its addresses name nothing now.
+                    self.decoder.process.forget_mappings();
+                }
+                self.ledger.apply(&event);
+            }
             None => self.corrupt += 1,
         }
     }
@@ -211,6 +218,7 @@ fn change_of(raw: &types::event) -> Option<Change> {
         event_kind::EV_FD_CLOSE => Change::FdClose { first: fd(raw.addr), last: fd(raw.aux) },
         event_kind::EV_THREAD_START => Change::ThreadStart { tid: u32::try_from(raw.addr).ok()? },
         event_kind::EV_THREAD_EXIT => Change::ThreadExit { tid: u32::try_from(raw.addr).ok()? },
+        event_kind::EV_EXEC => Change::Exec,
         _ => return None,
     })
 }

@@ -9,6 +9,12 @@
  *
  * Calls nest: PyObject_Malloc may call malloc, reallocarray calls realloc. Only the
  * outermost call of a thread is reported; nested ones are the allocator's own business.
+ * A thread's call is known by its stack pointer at entry, not counted in and out: code whose
+ * stack pointer is below that runs inside the call, and a return at any other height than
+ * the call's own is not its return. So a return that never comes (a call under way while the
+ * probes were being attached, a longjmp out of the allocator) cannot leave the thread looking
+ * inside an allocator forever: the next probe above it sees that it is over, and counts it
+ * as a loss.
  *
  * pthread_create is probed as a call of this layer too: what it allocates and maps (the
  * thread's stack, its TLS) belongs to the new thread, which is reported as a thread, and
@@ -27,7 +33,6 @@ struct alloc_call {
 	__u64 entry_ip; /* the probed function: where the stack words' unwinding starts */
 	__u64 entry_sp; /* the stack pointer at its entry, the callers' frames above it */
 	__s32 stack_id;
-	__u32 depth;   /* nesting of probed calls of this layer in this thread */
 	__u8 op;
 	__u8 domain;
 	bool scanned;  /* its event carries stack words (see reserve_alloc_event) */
@@ -48,10 +53,42 @@ static __always_inline void *calls_of(__u8 domain)
 	return domain == DOMAIN_LIBC ? (void *)&libc_calls : (void *)&python_calls;
 }
 
-/* True while the thread is inside a probed allocator call (used by mmap and free). */
-static __always_inline bool in_allocator(__u32 tid)
+/*
+ * Whether `call` is under way for a probe at a function entry (stack pointer `sp`, return
+ * address `ret`), i.e. the function was called from inside it. Below the call's entry stack
+ * pointer it is. At the same height an allocator may have been tail-called from the call
+ * (glibc's reallocarray jumps to realloc; a CPython built with PYTHONMALLOC=malloc jumps to
+ * malloc): then the return slot holds the return probe's trampoline, which the call itself saw
+ * replace its caller, whereas a later call from the same place finds that caller there again.
+ * No allocator tail-calls free, so a free at the call's height comes after it.
+ */
+static __always_inline bool call_encloses_entry(const struct alloc_call *call, __u64 sp, __u64 ret, bool tail_callable)
 {
-	return bpf_map_lookup_elem(&libc_calls, &tid) || bpf_map_lookup_elem(&python_calls, &tid);
+	return sp < call->entry_sp || (tail_callable && sp == call->entry_sp && ret != call->caller);
+}
+
+/*
+ * The thread's call of one layer, if it encloses a function entry at `sp` (see above); a call
+ * that does not is over though its return was never seen: it is forgotten and counted.
+ */
+static __always_inline struct alloc_call *enclosing_call(void *calls, __u32 tid, __u64 sp, __u64 ret,
+							  bool tail_callable)
+{
+	struct alloc_call *call = bpf_map_lookup_elem(calls, &tid);
+	if (!call || call_encloses_entry(call, sp, ret, tail_callable))
+		return call;
+	bpf_map_delete_elem(calls, &tid);
+	count_loss(LOSS_UNTRACKED_CALL);
+	return NULL;
+}
+
+/* Whether the thread is inside a probed allocator call of either layer at user stack pointer
+ * `sp`, deeper than any function entry (a syscall made by the allocator: used by mmap). */
+static __always_inline bool in_allocator(__u32 tid, __u64 sp)
+{
+	struct alloc_call *libc = bpf_map_lookup_elem(&libc_calls, &tid);
+	struct alloc_call *python = bpf_map_lookup_elem(&python_calls, &tid);
+	return (libc && sp < libc->entry_sp) || (python && sp < python->entry_sp);
 }
 
 SEC("uprobe.multi")
@@ -62,18 +99,15 @@ int BPF_UPROBE(alloc_enter)
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u8 op = cookie & 0xff, domain = (cookie >> 8) & 0xff;
 	__u32 tid = current_tid();
-	void *calls = calls_of(domain);
+	__u64 sp = PT_REGS_SP(ctx), ret = return_address_at(sp);
 
 	/* malloc under PyObject_Malloc belongs to the Python allocation. */
-	if (domain == DOMAIN_LIBC && bpf_map_lookup_elem(&python_calls, &tid))
+	if (domain == DOMAIN_LIBC && enclosing_call(&python_calls, tid, sp, ret, true))
 		return 0;
-	struct alloc_call *outer = bpf_map_lookup_elem(calls, &tid);
-	if (outer) {
-		outer->depth++;
+	if (enclosing_call(calls_of(domain), tid, sp, ret, true))
 		return 0;
-	}
 
-	struct alloc_call call = { .op = op, .domain = domain, .depth = 1 };
+	struct alloc_call call = { .op = op, .domain = domain };
 	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx), a3 = PT_REGS_PARM3(ctx);
 	switch (op) {
 	case ALLOC_OP_SIZE_ARG1: call.size = a1; break;
@@ -85,13 +119,14 @@ int BPF_UPROBE(alloc_enter)
 	case ALLOC_OP_SPAWN: break;
 	default: return 0;
 	}
-	call.caller = return_address_at(PT_REGS_SP(ctx));
+	call.caller = ret;
 	call.entry_ip = PT_REGS_IP(ctx);
-	call.entry_sp = PT_REGS_SP(ctx);
+	call.entry_sp = sp;
 	call.scanned = domain != DOMAIN_LIBC || (call.caller >= python_code_start && call.caller < python_code_end);
 	/* A frame-pointer walk is useless where the stack words are unwound instead. */
 	call.stack_id = call.scanned ? -1 : user_stack_id(ctx);
-	bpf_map_update_elem(calls, &tid, &call, BPF_ANY);
+	if (bpf_map_update_elem(calls_of(domain), &tid, &call, BPF_ANY))
+		count_loss(LOSS_UNTRACKED_CALL); /* more threads in allocator calls than the map holds */
 	return 0;
 }
 
@@ -137,9 +172,15 @@ int BPF_URETPROBE(alloc_exit, __u64 ret)
 	void *calls = calls_of((cookie >> 8) & 0xff);
 	struct alloc_call *call = bpf_map_lookup_elem(calls, &tid);
 	if (!call)
-		return 0;
-	if (call->depth > 1) {
-		call->depth--;
+		return 0; /* a call that began before the probes, or the second of a tail call's returns */
+	/* Returning pops the return address: the call's own return is one word above its entry. */
+	__u64 sp = PT_REGS_SP(ctx), own = call->entry_sp + 8;
+	if (sp < own)
+		return 0; /* a nested call returns */
+	if (sp > own) {
+		/* the call ended unseen (this return is of one that began before the probes) */
+		bpf_map_delete_elem(calls, &tid);
+		count_loss(LOSS_UNTRACKED_CALL);
 		return 0;
 	}
 
@@ -182,10 +223,12 @@ int BPF_UPROBE(free_enter)
 	__u32 tid = current_tid();
 	if (!addr)
 		return 0;
-	/* free inside realloc, or PyObject_Free's own free: part of the outer call. */
-	if (bpf_map_lookup_elem(&python_calls, &tid))
+	/* free inside realloc, or PyObject_Free's own free: part of the outer call. The probe may
+	 * sit past a NULL check, which leaves the stack pointer as it was at entry. */
+	__u64 sp = PT_REGS_SP(ctx);
+	if (enclosing_call(&python_calls, tid, sp, 0, false))
 		return 0;
-	if (domain == DOMAIN_LIBC && bpf_map_lookup_elem(&libc_calls, &tid))
+	if (domain == DOMAIN_LIBC && enclosing_call(&libc_calls, tid, sp, 0, false))
 		return 0;
 
 	struct event *e = reserve_event(EV_FREE);

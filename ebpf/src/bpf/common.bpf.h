@@ -12,6 +12,10 @@
 
 /* Set by the loader before load; the verifier then prunes every other process's path. */
 const volatile __u32 target_tgid = 0;
+/* The pid namespace `target_tgid` (and every tid sent) is a number of, when psleak runs in one
+ * other than the initial namespace (nsfs device and inode of /proc/self/ns/pid); else 0. */
+const volatile __u64 pidns_dev = 0;
+const volatile __u64 pidns_ino = 0;
 /* Benchmark floor: the same probes fire but every program returns at once. */
 const volatile bool empty_programs = false;
 /* Where the Python runtime's code is mapped (empty when the target is not Python). */
@@ -30,32 +34,60 @@ struct {
 	__uint(max_entries, 32768);
 } stacks SEC(".maps");
 
-/* Index 0: events dropped because the ring was full. Index 1: stacks that could not be stored. */
+/* One counter per `enum loss_kind`. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u64));
-	__uint(max_entries, 2);
+	__uint(max_entries, LOSS_KINDS);
 } losses SEC(".maps");
 
-#define LOSS_RING_FULL 0
-#define LOSS_NO_STACK 1
-
-static __always_inline void count_loss(__u32 which)
+static __always_inline void count_loss(enum loss_kind kind)
 {
+	__u32 which = kind;
 	__u64 *n = bpf_map_lookup_elem(&losses, &which);
 	if (n)
 		(*n)++;
 }
 
+/* The current task's pid and tgid as psleak's pid namespace numbers them. */
+static __always_inline __u64 current_pid_tgid(void)
+{
+	if (!pidns_ino)
+		return bpf_get_current_pid_tgid();
+	struct bpf_pidns_info ns = {};
+	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+		return 0; /* not in that namespace: no tgid 0 is ever a target */
+	return (__u64)ns.tgid << 32 | ns.pid;
+}
+
 static __always_inline __u32 current_tid(void)
 {
-	return (__u32)bpf_get_current_pid_tgid();
+	return (__u32)current_pid_tgid();
 }
 
 static __always_inline bool is_target(void)
 {
-	return (bpf_get_current_pid_tgid() >> 32) == target_tgid;
+	return (current_pid_tgid() >> 32) == target_tgid;
+}
+
+/* Pid namespaces nest this deep at most, as far as `task_tid` looks. */
+#define PIDNS_LEVELS 8
+
+/* A task's tid as psleak's pid namespace numbers it (0 if it has none there). */
+static __always_inline __u32 task_tid(struct task_struct *task)
+{
+	if (!pidns_ino)
+		return BPF_CORE_READ(task, pid);
+	struct pid *pid = BPF_CORE_READ(task, thread_pid);
+	unsigned int level = BPF_CORE_READ(pid, level);
+	for (unsigned int i = 0; i < PIDNS_LEVELS && i <= level; i++) {
+		struct upid number = {};
+		bpf_probe_read_kernel(&number, sizeof(number), &pid->numbers[i]);
+		if (BPF_CORE_READ(number.ns, ns.inum) == pidns_ino)
+			return number.nr;
+	}
+	return 0;
 }
 
 /* The word at the user stack pointer: at a function's first instruction (or in a leaf

@@ -31,6 +31,8 @@ enum event_kind {
 	EV_THREAD_START = 9,
 	/* addr = tid of the thread that ended */
 	EV_THREAD_EXIT = 10,
+	/* the target ran execve(): what its old program made is gone with its address space */
+	EV_EXEC = 11,
 };
 
 /* Allocator families, counted apart: a Python object allocation and the malloc under it are one leak. */
@@ -55,10 +57,24 @@ enum alloc_op {
 	ALLOC_OP_SPAWN = 7,          /* pthread_create(): allocates for a thread, reports nothing */
 };
 
-/* The mapping was made inside an allocator call: its bytes are already counted as heap. */
-#define EVF_ALLOCATOR_INTERNAL 1
-/* A `struct stack_scan` follows the event in the same ring record. */
-#define EVF_STACK_SCAN 2
+enum event_flag {
+	/* The mapping was made inside an allocator call: its bytes are already counted as heap. */
+	EVF_ALLOCATOR_INTERNAL = 1,
+	/* A `struct stack_scan` follows the event in the same ring record. */
+	EVF_STACK_SCAN = 2,
+};
+
+/* What the probes could not report, counted per CPU in the `losses` map, one slot per kind. */
+enum loss_kind {
+	/* events dropped because the ring was full */
+	LOSS_RING_FULL = 0,
+	/* events sent without a stack (stack map full, or no walkable stack) */
+	LOSS_NO_STACK = 1,
+	/* allocator calls whose result was not seen: their return was missed, or there was no room
+	 * to follow the call */
+	LOSS_UNTRACKED_CALL = 2,
+	LOSS_KINDS = 3,
+};
 
 /* Words read upward from the user stack pointer for events raised inside a syscall, where the
  * libc wrapper may have pushed a frame: userspace finds the return address among them by

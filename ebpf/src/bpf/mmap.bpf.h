@@ -17,7 +17,7 @@ static __always_inline void on_mmap(void *ctx, struct pt_regs *regs, long ret)
 		return;
 	e->addr = ret;
 	e->size = BPF_CORE_READ(regs, si);
-	if (in_allocator(e->tid))
+	if (in_allocator(e->tid, BPF_CORE_READ(regs, sp)))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
 	submit_event(e);
 }
@@ -41,7 +41,7 @@ static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
 	e->size = BPF_CORE_READ(regs, dx);
 	e->old_addr = BPF_CORE_READ(regs, di);
 	e->aux = BPF_CORE_READ(regs, si);
-	if (in_allocator(e->tid))
+	if (in_allocator(e->tid, BPF_CORE_READ(regs, sp)))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
 	submit_event(e);
 }

@@ -8,6 +8,7 @@
 #include "alloc.bpf.h"
 #include "syscalls.bpf.h"
 #include "thread.bpf.h"
+#include "exec.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -17,3 +18,5 @@ struct event_with_scan unused_event_with_scan = {};
 enum event_kind unused_event_kind = EV_ALLOC;
 enum alloc_domain unused_alloc_domain = DOMAIN_LIBC;
 enum alloc_op unused_alloc_op = ALLOC_OP_SIZE_ARG1;
+enum event_flag unused_event_flag = EVF_STACK_SCAN;
+enum loss_kind unused_loss_kind = LOSS_RING_FULL;

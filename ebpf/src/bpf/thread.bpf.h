@@ -13,12 +13,14 @@
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child)
 {
-	if (empty_programs || !is_target() || BPF_CORE_READ(child, tgid) != target_tgid)
-		return 0; /* a fork of the target is another process */
+	/* A fork of the target is another process: a thread shares its creator's tgid. */
+	if (empty_programs || !is_target() || BPF_CORE_READ(child, tgid) != BPF_CORE_READ(parent, tgid))
+		return 0;
 	__u32 tid = current_tid();
 	struct alloc_call *spawn = bpf_map_lookup_elem(&libc_calls, &tid);
+	struct pt_regs *regs = current_user_regs();
 	struct event *e;
-	if (spawn && spawn->op == ALLOC_OP_SPAWN) {
+	if (spawn && spawn->op == ALLOC_OP_SPAWN && BPF_CORE_READ(regs, sp) < spawn->entry_sp) {
 		e = reserve_event(EV_THREAD_START);
 		if (!e)
 			return 0;
@@ -26,11 +28,11 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 		e->stack_id = spawn->stack_id;
 	} else {
 		/* a raw clone(): find the caller in the user stack */
-		e = reserve_syscall_event(ctx, EV_THREAD_START, current_user_regs());
+		e = reserve_syscall_event(ctx, EV_THREAD_START, regs);
 		if (!e)
 			return 0;
 	}
-	e->addr = BPF_CORE_READ(child, pid);
+	e->addr = task_tid(child);
 	submit_event(e);
 	return 0;
 }

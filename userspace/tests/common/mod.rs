@@ -191,8 +191,8 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 /// The names of psleak's BPF programs (as the kernel keeps them, 15 characters at most).
-pub const PROGRAMS: [&str; 6] =
-    ["alloc_enter", "alloc_exit", "free_enter", "syscall_exit", "thread_start", "thread_exit"];
+pub const PROGRAMS: [&str; 7] =
+    ["alloc_enter", "alloc_exit", "free_enter", "syscall_exit", "thread_start", "thread_exit", "target_exec"];
 
 /// How many of psleak's programs the kernel holds, by bpftool: tests that count them take turns.
 pub fn psleak_programs_loaded() -> usize {
