@@ -9,6 +9,7 @@
  *   threaded_malloc N SIZE                        -- a second thread leaks N blocks
  *   dup2_over N                                   -- N fds, each replaced in place by dup2
  *   close_range N                                 -- open N fds, then close_range() them
+ *   exec PATH                                     -- become PATH (another leaky, say), same stdin
  *   quit
  * Each leak has its own function, so a tracer must name it.
  */
@@ -139,7 +140,7 @@ __attribute__((noinline)) static void churn(long n, size_t size)
 
 int main(void)
 {
-	char cmd[32];
+	char cmd[32], path[256];
 	long n, size;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("ready %d\n", getpid());
@@ -151,6 +152,11 @@ int main(void)
 			continue;
 		if (!strcmp(cmd, "quit"))
 			break;
+		if (!strcmp(cmd, "exec") && sscanf(line, "%*s %255s", path) == 1) {
+			execl(path, path, (char *)NULL);
+			printf("exec failed\n");
+			continue;
+		}
 		for (long i = 0; i < n; i++) {
 			if (!strcmp(cmd, "malloc")) leak_malloc(size);
 			else if (!strcmp(cmd, "calloc")) leak_calloc(size);

@@ -93,7 +93,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .as_deref()
         .map(listen::group_id)
         .transpose()
-        .map_err(|why| Error::Io(why, io::Error::from(io::ErrorKind::NotFound)))?;
+        .map_err(Error::Refused)?;
     let listening = listen::listen(&args.socket, args.mode, gid)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -443,7 +443,7 @@ pub fn print_status(socket: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Io("the daemon's answer is not JSON".into(), io::Error::other(e)))?;
     if reply["ok"] != true {
         let why = reply["error"].as_str().unwrap_or("no reason given");
-        return Err(Error::Io(format!("the daemon refused: {why}"), io::Error::from(io::ErrorKind::PermissionDenied)));
+        return Err(Error::Refused(format!("the daemon refused: {why}")));
     }
     println!("{}", serde_json::to_string_pretty(&reply).expect("JSON prints"));
     Ok(())

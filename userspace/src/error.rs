@@ -14,6 +14,8 @@ pub enum Error {
     NoBtf(String),
     Attach(AttachError),
     Io(String, io::Error),
+    /// Something psleak will not do, and why, in words that say what to do instead.
+    Refused(String),
     /// Whoever read the reports went away (a closed pipe): the session ends, and that is fine.
     OutputClosed,
 }
@@ -39,6 +41,7 @@ impl fmt::Display for Error {
             ),
             Self::Attach(err) => err.fmt(f),
             Self::Io(what, err) => write!(f, "{what}: {}", describe_io(err)),
+            Self::Refused(why) => f.write_str(why),
             Self::OutputClosed => write!(f, "the reports' reader went away"),
         }
     }

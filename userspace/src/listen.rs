@@ -40,7 +40,7 @@ impl Listening {
 
 /// Binds the socket at `path` with `mode` and, if given, group `gid`; see the module's doc.
 pub fn listen(path: &Path, mode: u32, gid: Option<u32>) -> Result<Listening, Error> {
-    let refused = |why: String| Error::Io(why, io::Error::from(io::ErrorKind::PermissionDenied));
+    let refused = Error::Refused;
     let name = path
         .file_name()
         .filter(|n| !n.is_empty())
@@ -94,10 +94,10 @@ fn check_directory(dir: &OwnedFd, shown: &Path) -> Result<(), String> {
 /// something the daemon must not touch (an error that says what).
 fn check_entry(dir: &OwnedFd, name: &CString, path: &Path) -> Result<bool, Error> {
     let refuse = |what: String| {
-        Error::Io(
-            format!("{} is {what}: psleak daemon replaces only a stale socket of its own; remove it or choose another --socket", path.display()),
-            io::Error::from(io::ErrorKind::AlreadyExists),
-        )
+        Error::Refused(format!(
+            "{} is {what}: psleak daemon replaces only a stale socket of its own; remove it or choose another --socket",
+            path.display()
+        ))
     };
     let st = match stat_at(dir.as_raw_fd(), name) {
         Ok(st) => st,
@@ -118,10 +118,7 @@ fn check_entry(dir: &OwnedFd, name: &CString, path: &Path) -> Result<bool, Error
         _ => return Err(refuse("not a socket".into())),
     }
     match UnixStream::connect(fd_path(dir.as_raw_fd(), name.as_bytes())) {
-        Ok(_) => Err(Error::Io(
-            format!("a psleak daemon already listens on {}", path.display()),
-            io::Error::from(io::ErrorKind::AddrInUse),
-        )),
+        Ok(_) => Err(Error::Refused(format!("a psleak daemon already listens on {}", path.display()))),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
         Err(e) => Err(Error::Io(format!("cannot tell whether a daemon listens on {}", path.display()), e)),
     }
@@ -165,10 +162,13 @@ fn place_socket(
                     libc::linkat(fd, at, dir.as_raw_fd(), name.as_ptr(), 0)
                 }
             };
-            if moved == 0 {
-                Ok((st.st_dev, st.st_ino))
-            } else {
-                Err(failed("put the socket in place")(io::Error::last_os_error()))
+            match moved {
+                0 => Ok((st.st_dev, st.st_ino)),
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::AlreadyExists => Err(Error::Refused(format!(
+                    "{} was taken while the daemon bound its socket: psleak daemon replaces only a stale socket of its own",
+                    path.display()
+                ))),
+                _ => Err(failed("put the socket in place")(io::Error::last_os_error())),
             }
         })
     };

@@ -8,124 +8,20 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::daemon::{assert_error, Client, Daemon};
 use common::{assert_no_probes_remain, psleak_programs_loaded, Target, PROGRAMS};
 use serde_json::{json, Value};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const NOBODY: u32 = 65534;
-
-/// A daemon on a socket of its own, in a directory every user may enter.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "psleak-daemon-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = dir.join("psleak.sock");
-        let (child, mut stderr) = common::start_psleak(
-            common::psleak().args(["daemon", "--socket"]).arg(&socket).args(extra),
-            "daemon listening on",
-        );
-        // Its log goes on; nobody reads it, so it must not fill the pipe.
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Self { child, socket }
-    }
-
-    fn connect(&self) -> Client {
-        let stream = UnixStream::connect(&self.socket).expect("the daemon accepts");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Client { replies: BufReader::new(stream.try_clone().unwrap()), stream }
-    }
-
-    fn status(&self) -> Value {
-        let reply = self.connect().ask(&json!({"op": "status"}).to_string());
-        assert_eq!(reply["ok"], true, "{reply}");
-        reply
-    }
-
-    /// Stops the daemon with SIGTERM, as a service manager does; its exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(self.socket.parent().unwrap());
-    }
-}
-
-struct Client {
-    stream: UnixStream,
-    replies: BufReader<UnixStream>,
-}
-
-impl Client {
-    /// Sends `line` as is (a newline added) and returns the reply.
-    fn ask(&mut self, line: &str) -> Value {
-        self.ask_bytes(format!("{line}\n").as_bytes())
-    }
-
-    fn ask_bytes(&mut self, bytes: &[u8]) -> Value {
-        self.stream.write_all(bytes).unwrap();
-        self.reply()
-    }
-
-    fn reply(&mut self) -> Value {
-        let mut line = String::new();
-        self.replies.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    fn request(&mut self, request: Value) -> Value {
-        let reply = self.ask(&request.to_string());
-        assert_eq!(reply["ok"], true, "{request} was refused: {reply}");
-        reply
-    }
-
-    fn attach(daemon: &Daemon, pid: u32) -> Self {
-        let mut client = daemon.connect();
-        let ready = client.request(json!({"op": "attach", "pid": pid, "version": 1}));
-        assert_eq!(ready["pid"], pid);
-        client
-    }
-
-    /// Whether the daemon has hung up on us.
-    fn is_closed(&mut self) -> bool {
-        let mut line = String::new();
-        self.replies.read_line(&mut line).is_ok_and(|n| n == 0)
-    }
-}
-
-fn assert_error(reply: &Value, expected: &str) {
-    assert_eq!(reply["ok"], false, "{reply}");
-    let error = reply["error"].as_str().unwrap();
-    assert!(error.contains(expected), "expected an error about {expected:?}, got {error:?}");
-}
 
 /// One batch of one measurement: `calls` calls of `command` in the target; the reply.
 fn measure(client: &mut Client, target: &mut Target, command: &str, calls: u64) -> Value {

@@ -2,6 +2,8 @@
 //! Python, and the `psleak` binary attached to them with its probes loaded into this kernel.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod daemon;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
@@ -80,8 +82,10 @@ impl Drop for Target {
     }
 }
 
+/// The psleak under test: this build's, or the binary `PSLEAK_TEST_BINARY` names (to show that
+/// a test fails against a build from before its fix).
 pub fn psleak() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_psleak"))
+    Command::new(std::env::var_os("PSLEAK_TEST_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_psleak").into()))
 }
 
 /// Starts psleak with its stderr piped and waits for its first line, which must contain
@@ -177,6 +181,16 @@ pub fn stack_functions(entry: &Value) -> Vec<&str> {
 pub fn run_psleak(args: &[&str]) -> (i32, String) {
     let output = psleak().args(args).output().expect("psleak runs");
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A child process killed when this goes out of scope, however the test ends.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
