@@ -435,13 +435,28 @@ fn classify(what: &str, err: libbpf_rs::Error) -> AttachError {
     }
 }
 
+/// The OS error behind a libbpf error. libbpf-rs keeps it only in words ("... (os error 24)")
+/// when no context wraps it as a source, so those are read too.
 fn io_errno(err: &libbpf_rs::Error) -> Option<i32> {
-    std::error::Error::source(err).and_then(|s| s.downcast_ref::<io::Error>()).and_then(io::Error::raw_os_error)
+    let source = std::error::Error::source(err).and_then(|s| s.downcast_ref::<io::Error>());
+    source.and_then(io::Error::raw_os_error).or_else(|| {
+        let text = format!("{err:#}");
+        let (_, after) = text.rsplit_once("(os error ")?;
+        after.split(')').next()?.parse().ok()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_os_error_of_a_libbpf_error_is_found() {
+        let err = libbpf_rs::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(io_errno(&err), Some(libc::EMFILE));
+        let shown = AttachError::Kernel { what: "load the probes".into(), source: err }.to_string();
+        assert!(shown.starts_with("cannot load the probes: too many open files (raise the limit"), "{shown}");
+    }
 
     #[test]
     fn decode_rejects_short_records() {

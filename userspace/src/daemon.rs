@@ -5,7 +5,7 @@
 //! Every client is hostile until it has attached, and its session's client stays untrusted:
 //! connections are accepted and read on tokio, without a thread each, and must send each
 //! opening request whole within `FIRST_REQUEST_TIMEOUT`; a uid may hold only so many
-//! connections and sessions; each session runs its own loop on tokio's blocking pool (bounded
+//! connections and sessions (root, who may do anything anyway, only the daemon's); each session runs its own loop on tokio's blocking pool (bounded
 //! by `--max-sessions`), so that one slow or hostile client never holds up another, and SIGTERM
 //! ends them all within a turn of their loops.
 
@@ -88,6 +88,11 @@ struct Peer {
 
 pub fn run(args: DaemonArgs) -> Result<(), Error> {
     crate::tracer::check_prerequisites(&args.options)?;
+    // One malloc arena for every thread: glibc gives each session's thread an arena of its
+    // own, and malloc_trim leaves ~6 MiB in each once the session is over (measured: 93 MiB
+    // resident after 20 sessions had ended, 12 MiB with one arena, from 8 at start).
+    // SAFETY: mallopt has no preconditions; no other thread allocates yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let gid = args
         .group
         .as_deref()
@@ -201,7 +206,7 @@ impl Daemon {
             let mine = state.connections.get(&peer.uid).copied().unwrap_or(0);
             if total >= MAX_CONNECTIONS {
                 Some(format!("the daemon holds {total} connections, its limit: try again later"))
-            } else if mine >= self.args.max_user_connections {
+            } else if peer.uid != 0 && mine >= self.args.max_user_connections {
                 Some(format!(
                     "uid {} holds {mine} connections to the daemon already, its limit (psleak daemon --max-connections-per-user)",
                     peer.uid
@@ -278,7 +283,7 @@ impl Daemon {
             ));
         }
         let mine = state.sessions.values().filter(|s| s.uid == peer.uid).count();
-        if mine >= self.args.max_user_sessions {
+        if peer.uid != 0 && mine >= self.args.max_user_sessions {
             return Err(format!(
                 "uid {} has {mine} sessions already, its limit (psleak daemon --max-sessions-per-user)",
                 peer.uid

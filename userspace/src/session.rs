@@ -176,8 +176,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         more = live.drain_some()?;
         report_progress(&live, control);
         if let Some(why) = lost_authorization(&mut live, config.client_uid) {
-            let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
-            return Ok(());
+            return Err(end_refused(&mut client, why, control));
         }
         if !live.target_alive() {
             return Ok(()); // the target exited: nobody is left to ask
@@ -194,8 +193,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                 // What was drained is the target's only if it is still the target (alive),
                 // and the client's to see only if the target still runs as the client.
                 if let Some(why) = lost_authorization(&mut live, config.client_uid) {
-                    let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
-                    return Ok(());
+                    return Err(end_refused(&mut client, why, control));
                 }
                 if !live.target_alive() {
                     return Ok(());
@@ -228,6 +226,12 @@ fn lost_authorization(live: &mut Live<'_>, client_uid: u32) -> Option<String> {
         Ok(()) | Err(Error::NoSuchProcess(_)) => None, // an exit ends the session anyway
         Err(e) => Some(format!("the target exec'd a new program: {e}")),
     }
+}
+
+/// Tells the client why its session ends, and returns that as the session's error.
+fn end_refused(client: &mut Client, why: String, control: &Control) -> Error {
+    let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
+    Error::Refused(why)
 }
 
 fn client_gone(e: io::Error) -> Error {

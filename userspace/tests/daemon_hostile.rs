@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{as_user, assert_error, connections_as, fresh_dir, user_a, user_b, Client, Daemon, UserClient};
 use common::{assert_no_probes_remain, run_psleak, wait_until, Killed, Target};
-use serde_json::{json, Value};
+use serde_json::json;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -219,4 +219,298 @@ fn a_pid_that_changes_hands_during_the_attach_is_never_traced_for_the_wrong_user
     assert!(landed > REUSE_ROUNDS / 2, "the other user's process took the freed pid in {landed} rounds only");
     drop(daemon);
     assert_no_probes_remain();
+}
+
+/// A root-owned setuid copy of the leaky target, which any user may run (and become root).
+fn setuid_leaky() -> std::path::PathBuf {
+    let dir = fresh_dir("setuid", 0o755);
+    let setuid = dir.join("leaky-setuid");
+    std::fs::copy(common::leaky(), &setuid).unwrap();
+    std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    setuid
+}
+
+fn effective_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
+    uids.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_session_goes_on_across_an_exec_and_ends_when_the_target_becomes_root() {
+    let _turn = one_at_a_time();
+    let a = user_a();
+    let setuid = setuid_leaky();
+    let daemon = Daemon::start(&["--socket-mode", "666"]);
+    let mut target = Target::start(as_user(&mut Command::new(common::leaky()), a));
+    let pid = target.pid();
+    let mut client = UserClient::start(&daemon.socket, a);
+    assert_eq!(client.attach("s", pid)["ok"], true);
+    let since = client.ask("s", json!({"op": "mark"}))["mark"].clone();
+    target.run("file 2");
+    let created = |client: &mut UserClient| client.ask("s", json!({"op": "created", "since": since}));
+    assert_eq!(created(&mut client)["fds"].as_array().unwrap().len(), 2);
+
+    // A program that runs as A still: what the old one made is gone, the new one is traced.
+    target.exec(common::leaky());
+    target.run("file 1");
+    let after_exec = created(&mut client);
+    assert_eq!(after_exec["ok"], true, "{after_exec}");
+    assert_eq!(after_exec["fds"].as_array().unwrap().len(), 1, "only the new program's fd: {after_exec}");
+
+    // A setuid program: the target runs as root now, which A may not see.
+    target.exec(&setuid);
+    assert_eq!(effective_uid(pid), 0, "the setuid exec made the target root");
+    target.run("file 3");
+    let reply = created(&mut client);
+    assert_error(&reply, &format!("session ended: the target exec'd a new program: cannot trace pid {pid}: it runs a setuid"));
+    let after = client.recv("s");
+    assert!(after == json!({"closed": true}) || after["error"] == "Connection reset by peer", "the session is over: {after}");
+    assert!(wait_until(Duration::from_secs(5), || daemon.sessions() == 0));
+    assert!(daemon.log().contains("exec'd a new program"), "{}", daemon.log());
+    let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
+}
+
+#[test]
+fn each_user_has_its_limits_and_others_are_still_served() {
+    let _turn = one_at_a_time();
+    let (a, b) = (user_a(), user_b());
+    let daemon = Daemon::start(&["--socket-mode", "666", "--max-sessions-per-user", "2", "--max-connections-per-user", "4"]);
+    let targets = [Target::start(as_user(&mut Command::new(common::leaky()), a)), Target::leaky()];
+    let mut greedy = UserClient::start(&daemon.socket, a);
+    let pid = targets[0].pid();
+    assert_eq!(greedy.attach("1", pid)["ok"], true);
+    assert_eq!(greedy.attach("2", pid)["ok"], true);
+    assert_error(&greedy.attach("3", pid), &format!("uid {} has 2 sessions already, its limit", a.0));
+    assert_eq!(greedy.connect("4"), json!({"connected": true}), "a fourth connection is within its limit");
+    assert_eq!(greedy.connect("5"), json!({"connected": true}), "the kernel accepts it; the daemon refuses it:");
+    assert_error(&greedy.recv("5"), &format!("uid {} holds 4 connections to the daemon already, its limit", a.0));
+    assert_eq!(greedy.recv("5"), json!({"closed": true}));
+
+    let mut other = UserClient::start(&daemon.socket, b);
+    let theirs = Target::start(as_user(&mut Command::new(common::leaky()), b));
+    assert_eq!(other.attach("1", theirs.pid())["ok"], true, "another user is served");
+    // Root is bound by the daemon's limits only.
+    let _root = [Client::attach(&daemon, targets[1].pid()), Client::attach(&daemon, targets[1].pid()), Client::attach(&daemon, targets[1].pid())];
+    assert_eq!(daemon.sessions(), 6);
+}
+
+#[test]
+fn a_session_keeps_at_most_its_ledger_room_and_says_what_it_dropped() {
+    let _turn = one_at_a_time();
+    let daemon = Daemon::start(&["--max-live", "100"]);
+    let mut target = Target::leaky();
+    let mut client = Client::attach(&daemon, target.pid());
+    let measurement = client.request(json!({"op": "begin"}))["measurement"].clone();
+    client.request(json!({"op": "window", "measurement": measurement}));
+    target.run("malloc 1000 8");
+    let batch = client.request(json!({"op": "batch", "measurement": measurement, "calls": 1, "confirm": 1}));
+    assert_eq!(batch["live"]["heap_blocks"], 100, "{batch}");
+    assert_eq!(batch["lost_in_batch"]["ledger_full"], 900, "{batch}");
+    let status = daemon.status();
+    assert_eq!(status["sessions"][0]["lost"]["ledger_full"], 900, "{status}");
+}
+
+/// Lets this test process hold many connections at once (its soft limit up to the hard one).
+fn raise_own_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer, then the same struct back.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// One batch of one measurement: `n` leaks of `command` in the target, judged; the leak site's
+/// (count, bytes).
+fn measured_leak(client: &mut Client, target: &mut Target, n: u64) -> (u64, u64) {
+    let measurement = client.request(json!({"op": "begin"}))["measurement"].clone();
+    client.request(json!({"op": "window", "measurement": measurement}));
+    target.run(&format!("calloc {n} 64"));
+    let batch = client.request(json!({"op": "batch", "measurement": measurement, "calls": n, "confirm": 1}));
+    client.request(json!({"op": "end", "measurement": measurement}));
+    let site = batch["sites"].as_array().unwrap().iter().find(|s| s["site"]["function"] == "leak_calloc");
+    site.map_or((0, 0), |s| (s["count"].as_u64().unwrap(), s["bytes"].as_u64().unwrap()))
+}
+
+#[test]
+fn idle_dripping_half_line_and_endless_clients_starve_no_one_and_sigterm_ends_it_all() {
+    let _turn = one_at_a_time();
+    raise_own_fd_limit();
+    let b = user_b();
+    let daemon = Daemon::start(&["--socket-mode", "666", "--max-connections-per-user", "1000"]);
+    // 600 connections of B that say nothing: more than tokio's 512 blocking threads.
+    let mut idle = connections_as(b, &daemon.socket, 600);
+    // 20 of them drip a request a byte at a time, each byte well within any per-read limit.
+    let drippers: Vec<UnixStream> = idle.drain(..20).collect();
+    // One of B's sessions stops halfway through a line.
+    let own = Killed(as_user(&mut Command::new("sleep"), b).arg("1000").spawn().unwrap());
+    let mut half = UserClient::start(&daemon.socket, b);
+    assert_eq!(half.attach("s", own.0.id())["ok"], true);
+    half.send("s", "{\"op\":\"ma");
+    // And another sends a line that never ends.
+    let mut endless = Client::from_stream(connections_as(b, &daemon.socket, 1).pop().unwrap());
+    assert_eq!(endless.ask(&json!({"op": "attach", "pid": own.0.id(), "version": 1}).to_string())["ok"], true);
+    let mut endless = endless.stream;
+
+    // Meanwhile a well-behaved client attaches and measures, exactly.
+    let mut target = Target::leaky();
+    let mut good = Client::attach(&daemon, target.pid());
+    let memory_before = daemon.status()["resident_bytes"].as_u64().unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..200 {
+                if endless.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        scope.spawn(|| {
+            let request = br#"{"op":"status"}"#;
+            for (i, &byte) in request.iter().cycle().take(24).enumerate() {
+                for mut dripper in &drippers {
+                    if dripper.write_all(&[byte]).is_err() {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(if i < 20 { 500 } else { 1000 }));
+            }
+        });
+        for n in 1..=20 {
+            assert_eq!(measured_leak(&mut good, &mut target, n), (n, 64 * n), "batch {n} of the good client");
+        }
+    });
+    let memory_after = daemon.status()["resident_bytes"].as_u64().unwrap();
+    assert!(
+        memory_after < memory_before + (64 << 20),
+        "200 MiB without a newline: the daemon went from {} to {} MiB",
+        memory_before >> 20,
+        memory_after >> 20
+    );
+    // The drippers sent their request a byte at a time, never whole in 10 s: cut off.
+    for mut dripper in &drippers {
+        dripper.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut said = String::new();
+        let _ = dripper.read_to_string(&mut said);
+        assert!(said.contains("no whole request within 10s"), "a dripper was told {said:?}");
+    }
+    endless.write_all(b"\n").unwrap();
+    let mut endless = Client::from_stream(endless);
+    assert_error(&endless.reply(), "longer than 65536 bytes refused");
+    assert_eq!(good.request(json!({"op": "mark"}))["ok"], true);
+
+    // SIGTERM ends everything, the half line and 580 silent connections included, in seconds.
+    let stopping = Instant::now();
+    assert!(daemon.terminate().success());
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(15), "SIGTERM took {took:?}");
+    assert!(good.is_closed());
+    assert_eq!(half.recv("s"), json!({"closed": true}));
+    assert_no_probes_remain();
+    drop(idle);
+}
+
+/// The daemon under `prlimit --nofile=SOFT:HARD`, as a service manager could start it.
+fn daemon_with_fd_limit(soft: u32, hard: u32) -> Daemon {
+    let socket = fresh_dir("daemon-test", 0o755).join("psleak.sock");
+    let psleak = common::psleak().get_program().to_owned();
+    Daemon::start_with(Command::new("prlimit").arg(format!("--nofile={soft}:{hard}")).arg("--").arg(psleak), &socket, &[])
+}
+
+/// User and system CPU time of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<u64> = stat.rsplit_once(')').unwrap().1.split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((fields[0] + fields[1]) * 1000 / ticks)
+}
+
+#[test]
+fn a_low_open_files_limit_is_raised_and_running_out_is_said_in_words() {
+    let _turn = one_at_a_time();
+    raise_own_fd_limit();
+    let target = Target::leaky();
+    // Soft 64, hard 4096 (a service gets 1024:524288 by default): a session holds ~27 fds, so
+    // ten need the hard limit, which the daemon takes.
+    let daemon = daemon_with_fd_limit(64, 4096);
+    let sessions: Vec<Client> = (0..10).map(|_| Client::attach(&daemon, target.pid())).collect();
+    drop(sessions);
+    assert!(wait_until(Duration::from_secs(10), || daemon.sessions() == 0));
+    drop(daemon);
+
+    // Hard 100: the session that finds no fd left says so, whatever call ran out.
+    let daemon = daemon_with_fd_limit(100, 100);
+    let mut sessions = Vec::new();
+    let refusal = loop {
+        let mut client = daemon.connect();
+        let ready = client.ask(&json!({"op": "attach", "pid": target.pid(), "version": 1}).to_string());
+        if ready["ok"] != true {
+            break ready;
+        }
+        sessions.push(client);
+        assert!(sessions.len() < 10, "100 fds cannot hold 10 sessions");
+    };
+    assert_error(&refusal, "too many open files (raise the limit");
+    // Connections past the limit cannot even be accepted: the daemon waits for fds rather than
+    // spin on a listener that stays ready.
+    let waiting: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&daemon.socket).unwrap()).collect();
+    let spent = cpu_time(daemon.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = cpu_time(daemon.pid()) - spent;
+    assert!(busy < Duration::from_millis(500), "the daemon spent {busy:?} of CPU in 2 s with no fd to accept with");
+    assert!(daemon.log().contains("cannot accept a connection: too many open files"), "{}", daemon.log());
+    drop(waiting);
+    drop(sessions);
+    assert!(wait_until(Duration::from_secs(10), || daemon.sessions() == 0));
+    assert_eq!(Client::attach(&daemon, target.pid()).request(json!({"op": "mark"}))["ok"], true, "served again");
+}
+
+#[test]
+fn memory_is_given_back_when_sessions_end() {
+    let _turn = one_at_a_time();
+    let daemon = Daemon::start(&[]);
+    let resident = || daemon.status()["resident_bytes"].as_u64().unwrap() >> 20;
+    // A first session loads what every later one shares (symbolizers, the runtime's threads).
+    let mut first = Target::leaky();
+    let mut client = Client::attach(&daemon, first.pid());
+    first.run("malloc 1000 16");
+    client.request(json!({"op": "mark"}));
+    drop(client);
+    assert!(wait_until(Duration::from_secs(10), || daemon.sessions() == 0));
+    let start = resident();
+
+    let mut targets: Vec<Target> = (0..20).map(|_| Target::leaky()).collect();
+    let mut clients: Vec<Client> = targets.iter().map(|t| Client::attach(&daemon, t.pid())).collect();
+    for (target, client) in targets.iter_mut().zip(&mut clients) {
+        target.run("malloc 50000 16");
+        client.request(json!({"op": "mark"}));
+    }
+    let peak = resident();
+    drop(clients);
+    assert!(wait_until(Duration::from_secs(10), || daemon.sessions() == 0));
+    let after = resident();
+    assert!(after < start + 24, "resident: {start} MiB, {peak} MiB with 20 sessions, {after} MiB after them");
+}
+
+#[test]
+fn a_client_in_a_pid_namespace_is_served_the_process_it_names() {
+    let _turn = one_at_a_time();
+    let a = user_a();
+    let daemon = Daemon::start(&["--socket-mode", "666"]);
+    // A rootless container: a user namespace of A's, and in it a pid namespace where A's client
+    // is pid 1 (the daemon's pid 1 is init, root's).
+    let mut unshare = Command::new("unshare");
+    unshare.args(["--user", "--map-root-user", "--fork", "--pid", "--mount-proc", "--kill-child"]);
+    let mut client = UserClient::start_with(unshare.args(UserClient::command_line(&daemon.socket)), a);
+    assert_eq!(client.pid(), 1);
+    let ready = client.attach("s", 1);
+    assert_eq!(ready["ok"], true, "{ready}");
+    let since = client.ask("s", json!({"op": "mark"}))["mark"].clone();
+    let fd = client.tell(json!({"do": "open"}))["fd"].clone();
+    let created = client.ask("s", json!({"op": "created", "since": since}));
+    let fds = created["fds"].as_array().unwrap();
+    assert!(fds.iter().any(|f| f["fd"] == fd && f["target"] == "/dev/null"), "fd {fd} of pid 1 in its namespace: {created}");
 }

@@ -65,6 +65,16 @@ impl Target {
         self.child.id()
     }
 
+    /// Has the target exec `program` (another leaky, say), which keeps its stdin and stdout;
+    /// returns once the new program is ready.
+    pub fn exec(&mut self, program: &Path) {
+        writeln!(self.stdin, "exec {}", program.display()).unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "after exec the target said {line:?}");
+    }
+
     /// Sends a command and waits until the target has carried it out.
     pub fn run(&mut self, command: &str) {
         writeln!(self.stdin, "{command}").unwrap();
