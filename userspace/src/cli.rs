@@ -263,7 +263,7 @@ fn exit_status(result: Result<(), crate::error::Error>) -> u8 {
     match result {
         Ok(()) | Err(crate::error::Error::OutputClosed) => 0,
         Err(err) => {
-            eprintln!("psleak: {err}");
+            crate::error::say(&format!("psleak: {err}"));
             2
         }
     }

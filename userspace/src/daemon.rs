@@ -21,7 +21,7 @@ use psleak_ebpf::{is_out_of_fds, Options, FD_ADVICE};
 use serde_json::{json, Value};
 
 use crate::answer::{self, failure};
-use crate::error::Error;
+use crate::error::{say, Error};
 use crate::listen::{self, Listening};
 use crate::process::{self, Process};
 use crate::protocol::{Next, Opening, RequestReader, VERSION};
@@ -119,7 +119,7 @@ async fn accept_loop(listening: &Listening, daemon: Arc<Daemon>) -> Result<(), E
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| Error::Io("cannot listen".into(), e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Io("cannot handle SIGTERM".into(), e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Io("cannot handle SIGINT".into(), e))?;
-    eprintln!("psleak: daemon listening on {} (pid {})", listening.path.display(), std::process::id());
+    say(&format!("psleak: daemon listening on {} (pid {})", listening.path.display(), std::process::id()));
     notify_ready();
     let mut openings = tokio::task::JoinSet::new();
     let mut last_complaint: Option<Instant> = None;
@@ -138,7 +138,7 @@ async fn accept_loop(listening: &Listening, daemon: Arc<Daemon>) -> Result<(), E
                             Some(errno) if is_out_of_fds(errno) => format!("too many open files{FD_ADVICE}"),
                             _ => e.to_string(),
                         };
-                        eprintln!("psleak: cannot accept a connection: {why}");
+                        say(&format!("psleak: cannot accept a connection: {why}"));
                         last_complaint = Some(Instant::now());
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -152,7 +152,7 @@ async fn accept_loop(listening: &Listening, daemon: Arc<Daemon>) -> Result<(), E
     // Graceful: no new clients, every session told to end, its probes detached before we exit.
     openings.shutdown().await;
     daemon.stop_sessions().await;
-    eprintln!("psleak: daemon stopped");
+    say("psleak: daemon stopped");
     Ok(())
 }
 
@@ -167,7 +167,7 @@ fn notify_ready() {
         None => socket.send_to(b"READY=1", Path::new(&path)),
     };
     if let Err(e) = sent {
-        eprintln!("psleak: could not notify the service manager: {e}");
+        say(&format!("psleak: could not notify the service manager: {e}"));
     }
 }
 
@@ -294,7 +294,7 @@ impl Daemon {
         let session =
             Session { uid: peer.uid, client_pid: peer.pid, pid: ours, started: Instant::now(), control: Arc::clone(&control) };
         state.sessions.insert(id, session);
-        eprintln!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid);
+        say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
         Ok(Admitted { id, process, pid, uid: peer.uid, control })
     }
 
@@ -319,8 +319,8 @@ impl Daemon {
             let lost = a.control.lost();
             let counts = format!("{} events{}", a.control.events.load(Ordering::Relaxed), lost.describe());
             match ended {
-                Ok(()) => eprintln!("psleak: session {} ended ({counts})", a.id),
-                Err(e) => eprintln!("psleak: session {} ended ({counts}): {e}", a.id),
+                Ok(()) => say(&format!("psleak: session {} ended ({counts})", a.id)),
+                Err(e) => say(&format!("psleak: session {} ended ({counts}): {e}", a.id)),
             }
             // The session's ledger, ring and symbols are freed: give the memory back.
             crate::poll::trim_own_heap();

@@ -49,6 +49,13 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Writes a line to stderr. Unlike `eprintln!`, which panics when stderr is a pipe nobody
+/// reads any more, a log that went away is no reason for the daemon or the tracer to stop.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
 impl From<AttachError> for Error {
     fn from(err: AttachError) -> Self {
         Self::Attach(err)

@@ -10,7 +10,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::error::Error;
+use crate::error::{say, Error};
+use crate::ledger::Ledger;
 use crate::live::{Live, DRAIN_PERIOD};
 use crate::process::Process;
 use crate::report::{self, Selection};
@@ -85,7 +86,7 @@ async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, a
     let deadline = tokio::time::sleep_until(ends_at.unwrap_or_else(far_future));
     tokio::pin!(deadline);
     // Only now does Ctrl-C end the session with a final report.
-    eprintln!("{attached}");
+    say(attached);
 
     // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
     let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
@@ -106,9 +107,6 @@ async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, a
             _ = ticks.tick() => {
                 // A tick right before the end would repeat the final report.
                 if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
-                    if !still_traceable(live)? {
-                        break CREDENTIALS_CHANGED;
-                    }
                     reporter.emit(live, None)?;
                 }
             }
@@ -116,6 +114,10 @@ async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, a
             _ = interrupt.recv() => break INTERRUPTED,
             _ = terminate.recv() => break TERMINATED,
             _ = &mut deadline => break "the duration ended",
+        }
+        // After what was drained, before anything is shown: the target may have become root.
+        if !still_traceable(live)? {
+            break CREDENTIALS_CHANGED;
         }
     };
     drain_final(live, stopped_by)?;
@@ -148,7 +150,7 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
         Ok(()) => Ok(true),
         Err(Error::NoSuchProcess(_)) => Ok(true), // it exited since: the exit ends the session
         Err(Error::NotTraceable(_, why)) => {
-            eprintln!("psleak: the target exec'd, and {why}: tracing stops");
+            say(&format!("psleak: the target exec'd, and {why}: tracing stops"));
             Ok(false)
         }
         Err(e) => Err(e),
@@ -165,9 +167,14 @@ struct Reporter {
 impl Reporter {
     fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<&'static str>) -> Result<(), Error> {
         let lost = live.lost();
-        let alive = live.target_alive();
+        // Once the target runs as someone we may not trace, nothing of what it does is shown:
+        // neither its ledger (all made since the exec) nor its counters.
+        let censored = stopped_by == Some(CREDENTIALS_CHANGED);
+        let alive = live.target_alive() && !censored;
+        let nothing = Ledger::new();
         let report = live.with_sites(|collector, described| {
-            self.reports.report(&collector.ledger, described, monotonic_ns(), alive, lost, stopped_by)
+            let ledger = if censored { &nothing } else { &collector.ledger };
+            self.reports.report(ledger, described, monotonic_ns(), alive, lost, stopped_by)
         });
         let text = if self.json {
             let mut line = serde_json::to_string(&report).expect("reports serialize");

@@ -116,6 +116,12 @@ pub struct Tracer {
 }
 
 impl Tracer {
+    /// A tracer started by the caller (psleak wrapped in another command), its stdout piped.
+    pub fn from_child(mut child: Child) -> Self {
+        let reports = child.stdout.take().map(BufReader::new);
+        Self { child: Some(child), reports }
+    }
+
     pub fn attach(pid: u32, extra: &[&str]) -> Self {
         let (mut child, _) = start_psleak(
             psleak()
@@ -195,6 +201,15 @@ pub fn run_psleak(args: &[&str]) -> (i32, String) {
 
 /// A child process killed when this goes out of scope, however the test ends.
 pub struct Killed(pub Child);
+
+impl Killed {
+    /// The child, no longer killed when this goes.
+    pub fn into_inner(self) -> Child {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so the child is moved out exactly once.
+        unsafe { std::ptr::read(&this.0) }
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
