@@ -255,6 +255,31 @@ def format_leak_sites(batch, calls):
     return "\n".join(lines)
 
 
+# What the tracer could not follow, by kind (the replies' "lost"): any of it leaves the ledger
+# short of events, and a verdict from it cannot be trusted ("no_stack" only costs a site's name).
+_INCOMPLETE_LEDGER = {
+    "ring_full": "events dropped in a full ring",
+    "untracked_calls": "allocator calls whose result was missed",
+    "ledger_full": "blocks past the collector's limit",
+    "corrupt": "corrupt records",
+}
+
+
+def _check_traced_fully(before, after, fun):
+    """Raises Error if the tracer lost events between two of its "lost" counts."""
+    missed = [
+        f"{after.get(kind, 0) - before.get(kind, 0)} {what}"
+        for kind, what in _INCOMPLETE_LEDGER.items()
+        if after.get(kind, 0) > before.get(kind, 0)
+    ]
+    if missed:
+        msg = (
+            f"the tracer missed events while calling {qualname(fun)!r} ({', '.join(missed)}): "
+            "its verdict cannot be trusted; run the test again, alone, or with PSLEAK_BACKEND=poll"
+        )
+        raise Error(msg)
+
+
 def qualname(obj):
     """A human-readable qualified name for a function, method or class."""
     return getattr(obj, "__qualname__", getattr(obj, "__name__", str(obj)))
@@ -547,11 +572,13 @@ class MemoryLeakTestCase(unittest.TestCase):
 
     def _check_counters(self, fun, checkers):
         backend = _backends.current()
-        mark = backend.request("mark")["mark"] if backend.exact else None
+        marked = backend.request("mark") if backend.exact else None
         before = self._get_counters(checkers)
         self.call(fun)
         after = self._get_counters(checkers)
-        created = backend.request("created", since=mark) if backend.exact else None
+        created = backend.request("created", since=marked["mark"]) if backend.exact else None
+        if created is not None:
+            _check_traced_fully(marked.get("lost", {}), created.get("lost", {}), fun)
 
         for what, (count_before, extras_before) in before.items():
             count_after, extras_after = after[what]
@@ -664,6 +691,8 @@ class MemoryLeakTestCase(unittest.TestCase):
             calls += times
             self.last_run.update(calls=self.last_run["calls"] + times, batches=idx)
             exact = self._exact_batch
+            if exact is not None:
+                _check_traced_fully({}, exact.get("lost_in_batch", {}), fun)
             leaks = {k: v for k, v in diffs.items() if v > 0}
             if leaks or (exact is not None and exact["verdict"] != "clean"):
                 line = format_run_line(idx, leaks, times, exact)

@@ -137,13 +137,19 @@ fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
 }
 
 /// Runs a private collector for `pid` over the connected Unix socket `fd` (taken over), until
-/// the client hangs up or `pid` exits.
+/// the client hangs up or `pid` exits. `PSLEAK_MAX_LIVE` bounds its ledger (blocks and mappings).
 #[cfg(target_os = "linux")]
 #[pyfunction]
 fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
     // SAFETY: the caller hands over an open socket fd that nothing else will use.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    py.detach(|| session::serve(stream, pid, &psleak_ebpf::Options::default()))
+    let room = match std::env::var("PSLEAK_MAX_LIVE") {
+        Err(_) => session::DEFAULT_LEDGER_ROOM,
+        Ok(value) => value.trim().parse().map_err(|_| {
+            PyRuntimeError::new_err(format!("PSLEAK_MAX_LIVE must be a number of blocks (got {value:?})"))
+        })?,
+    };
+    py.detach(|| session::serve(stream, pid, &psleak_ebpf::Options::default(), room))
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 

@@ -99,3 +99,29 @@ def test_a_python_level_leak_is_caught(quick, backend):
     if backend == "trace":
         assert "Leak sites" in str(info.value)
     assert "Run # 1:" in str(info.value)
+
+
+LOSSY_LEDGER = """
+import psleak
+
+def leak(kept=[]):
+    kept.extend(bytearray(64) for _ in range(100))
+
+try:
+    psleak.MemoryLeakTestCase().execute(leak, times=10, warmup_times=1)
+except psleak.MemoryLeakError as e:
+    print("leak:", e)
+except psleak.Error as e:
+    print("error:", e)
+"""
+
+
+def test_a_tracer_that_missed_events_fails_the_check_loudly(backend):
+    # A collector whose ledger is full (or whose ring overflowed) cannot tell a leak from a
+    # clean call: the test must fail saying so, never pass on what it saw.
+    if backend != "trace":
+        pytest.skip("only the tracer follows events; polling has nothing to miss")
+    env = {**os.environ, "PSLEAK_MAX_LIVE": "1000"}
+    run = subprocess.run([sys.executable, "-c", LOSSY_LEDGER], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.startswith("error: the tracer missed events while calling 'leak' ("), run.stdout + run.stderr
+    assert "blocks past the collector's limit): its verdict cannot be trusted" in run.stdout

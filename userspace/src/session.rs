@@ -114,8 +114,9 @@ impl Client {
 }
 
 /// The private collector: attaches to `pid` and serves `stream` until the client hangs up or
-/// the target exits. The first line sent is the outcome of the attach: ready, or its error.
-pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Error> {
+/// the target exits, its ledger keeping at most `ledger_room` blocks and mappings. The first
+/// line sent is the outcome of the attach: ready, or its error.
+pub fn serve(stream: UnixStream, pid: u32, options: &Options, ledger_room: usize) -> Result<(), Error> {
     let mut client = Client::new(stream, RequestReader::default())?;
     let control = Control::default();
     let process = match Process::open(pid) {
@@ -127,7 +128,7 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options) -> Result<(), Erro
     };
     // SAFETY: geteuid cannot fail.
     let client_uid = unsafe { libc::geteuid() };
-    let config = SessionConfig { options, control: &control, client_uid, ledger_room: DEFAULT_LEDGER_ROOM };
+    let config = SessionConfig { options, control: &control, client_uid, ledger_room };
     serve_process(client, process, pid, &config)
 }
 
