@@ -6,6 +6,7 @@
 //!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin),
 //!                       also as an unprivileged user through `psleak daemon`
 //!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
+//!   cargo xtask soak    the daemon under 10,000 sessions and ten minutes of hostile clients
 //!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
 //!   cargo xtask wine    run the Windows build under Wine (also in `test`)
 
@@ -15,6 +16,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Instant;
 
 mod bench;
+mod soak;
 mod targets;
 mod unprivileged;
 mod wine;
@@ -51,12 +53,13 @@ fn main() -> ExitCode {
         "demo" => setup().and_then(|()| demo()),
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench::bench()),
+        "soak" => setup().and_then(|()| soak::soak()),
         "check-targets" => targets::check(),
         "wine" => setup().and_then(|()| wine::smoke()).and_then(|(_, failed)| match failed {
             0 => Ok(()),
             n => Err(format!("{n} checks failed")),
         }),
-        _ => Err("usage: cargo xtask setup|demo|test|bench|check-targets|wine".into()),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|soak|check-targets|wine".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,7 +23,7 @@ const TESTS: &str = "test_leaky_ext.py";
 /// `USER` through a daemon admitting `USER`'s group (socket mode 0660); a test whose outcome
 /// differs counts as a failure, as does a daemon that does not end cleanly on SIGTERM.
 pub fn run_through_daemon() -> Result<PytestCounts> {
-    let (uid, gid) = create_user()?;
+    let (uid, gid) = create_user(USER)?;
     let dir = std::env::temp_dir().join("psleak-ci-daemon");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -91,21 +91,21 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
     Ok(counts)
 }
 
-/// `USER`'s uid and gid, after creating it if needed.
-fn create_user() -> Result<(u32, u32)> {
+/// `user`'s uid and gid, after creating it if needed.
+pub fn create_user(user: &str) -> Result<(u32, u32)> {
     let id = |flag: &str| -> Option<u32> {
-        let output = Command::new("id").args([flag, USER]).stderr(Stdio::null()).output().ok()?;
+        let output = Command::new("id").args([flag, user]).stderr(Stdio::null()).output().ok()?;
         String::from_utf8_lossy(&output.stdout).trim().parse().ok()
     };
     if id("-u").is_none() {
-        println!("xtask: creating the unprivileged user {USER}");
+        println!("xtask: creating the unprivileged user {user}");
         run(Command::new("useradd").args([
             "--system",
             "--user-group",
             "--no-create-home",
             "--shell",
             "/usr/sbin/nologin",
-            USER,
+            user,
         ]))?;
     }
     Ok((id("-u").ok_or("useradd made no user")?, id("-g").ok_or("useradd made no group")?))
