@@ -245,7 +245,7 @@ impl Daemon {
                 Ok(Ok(Opening::Attach { version, .. })) if version != VERSION => {
                     failure(format!("protocol version {version} is not served (this daemon speaks {VERSION})"))
                 }
-                Ok(Ok(Opening::Attach { pid, .. })) => match self.admit(peer, pid) {
+                Ok(Ok(Opening::Attach { pid, .. })) => match self.admit_off_the_loop(peer, pid).await {
                     Ok(admitted) => {
                         self.start_session(stream, requests, admitted, held);
                         return;
@@ -259,6 +259,16 @@ impl Daemon {
                 return;
             }
         }
+    }
+
+    /// `admit`, on the blocking pool: it reads the target's /proc files, which a process of the
+    /// client's can keep from answering (a reader waits behind a writer of the target's
+    /// mmap_lock, which userfaultfd can stall), and the accept loop must not wait with it.
+    async fn admit_off_the_loop(self: &Arc<Self>, peer: Peer, pid: u32) -> Result<Admitted, String> {
+        let daemon = Arc::clone(self);
+        tokio::task::spawn_blocking(move || daemon.admit(peer, pid))
+            .await
+            .unwrap_or_else(|e| Err(format!("the daemon failed to attach: {e}")))
     }
 
     /// Registers a session of `peer` on the process it calls `pid`, if it may trace it and
