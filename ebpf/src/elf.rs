@@ -9,10 +9,13 @@
 //! and from there on only non-NULL frees remain, with the argument still in %rdi and the return
 //! address still at the stack pointer.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 use blazesym::inspect::{source::Elf, source::Source, Inspector};
 
@@ -36,12 +39,49 @@ pub fn free_probe_file_offset(binary: &Path, func: &str, skip_null_check: bool) 
     Ok(Some(entry as usize + past))
 }
 
+/// Mapped files larger than this are not read (no code file of a real program comes close).
+pub const MAX_MAPPED_FILE: u64 = 2 << 30;
+
+/// Opens, for reading, a file that a traced process has mapped, by the path its
+/// /proc/PID/maps gives. psleak runs as root and the process may be another user's, who may
+/// have put something else at that path since: a symlink (to a file of root's), a FIFO that
+/// would block the reader, a device whose very opening does something. The path is resolved
+/// without following any symlink (maps paths are canonical), then the file must be a regular
+/// one of at most `MAX_MAPPED_FILE` bytes, and only then is it opened for reading.
+pub fn open_mapped(path: &Path) -> io::Result<File> {
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open_how is plain integers, for which zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a NUL-terminated path and an open_how of the size given; the result is checked.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, name.as_ptr(), &how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let located = unsafe { File::from_raw_fd(fd as i32) };
+    let meta = located.metadata()?;
+    if !meta.file_type().is_file() || meta.size() > MAX_MAPPED_FILE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file of a sensible size"));
+    }
+    File::open(fd_path(&located))
+}
+
+/// A path that reaches the open file itself (through /proc/self/fd), for libraries that take
+/// paths: valid for as long as `file` stays open.
+pub fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 fn symbol_file_offset(binary: &Path, func: &str) -> io::Result<Option<u64>> {
     // Opened here first so that a file that cannot be read is told apart from a missing symbol.
-    drop(File::open(binary)?);
+    let file = open_mapped(binary)?;
     let inspector = Inspector::new();
     // The binary's own symbol tables: a separate debug file knows no file offsets.
-    let mut elf = Elf::new(binary);
+    let mut elf = Elf::new(fd_path(&file));
     elf.debug_syms = false;
     let src = Source::Elf(elf);
     let Ok(found) = inspector.lookup(&src, &[func]) else { return Ok(None) };
@@ -50,7 +90,7 @@ fn symbol_file_offset(binary: &Path, func: &str) -> io::Result<Option<u64>> {
 
 fn entry_bytes(binary: &Path, file_offset: u64) -> Option<[u8; 16]> {
     let mut code = [0u8; 16];
-    File::open(binary).ok()?.read_exact_at(&mut code, file_offset).ok()?;
+    open_mapped(binary).ok()?.read_exact_at(&mut code, file_offset).ok()?;
     Some(code)
 }
 
@@ -107,12 +147,35 @@ mod tests {
 
     #[test]
     fn finds_this_machines_free() {
-        let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        // As /proc/PID/maps names it: canonical (/lib is a symlink on Debian).
+        let libc = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
         let free = free_probe_file_offset(libc, "free", true).unwrap().expect("free is in libc");
         let entry = free_probe_file_offset(libc, "free", false).unwrap().unwrap();
         assert!(free > entry, "glibc's free starts with its NULL check");
         assert!(exports(libc, "malloc"));
         assert!(!exports(libc, "PyObject_Malloc"));
+    }
+
+    #[test]
+    fn only_regular_files_reached_without_symlinks_are_opened() {
+        let dir = std::env::temp_dir().join(format!("psleak-open-mapped-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let lib = dir.join("lib.so");
+        std::fs::write(&lib, b"\x7fELF").unwrap();
+        assert!(open_mapped(&lib).is_ok());
+        let link = dir.join("link.so");
+        std::os::unix::fs::symlink(&lib, &link).unwrap();
+        assert!(open_mapped(&link).is_err(), "a symlink put at a mapped file's path");
+        let linked_dir = dir.join("linked");
+        std::os::unix::fs::symlink(&dir, &linked_dir).unwrap();
+        assert!(open_mapped(&linked_dir.join("lib.so")).is_err(), "a symlink on the way");
+        let fifo = CString::new(dir.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(open_mapped(&dir.join("fifo")).is_err(), "a FIFO, which would block the reader");
+        assert!(open_mapped(Path::new("/dev/zero")).is_err(), "a device");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,7 +22,7 @@ use skel::{PsleakSkel, PsleakSkelBuilder};
 use types::{alloc_op, event_flag, loss_kind};
 
 mod elf;
-pub use elf::exports;
+pub use elf::{exports, fd_path, open_mapped};
 pub use libbpf_rs::OpenObject;
 
 /// What to probe: one process, its libc, and the object exporting CPython's allocator API.

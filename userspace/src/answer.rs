@@ -89,11 +89,11 @@ impl Answerer {
                 let lost_in_batch = self.lost_at_window.remove(&measurement).map(|before| lost.since(&before));
                 let live = live_in_windows(ledger, &m.windows);
                 let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
-                let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0, 0, 0);
+                let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0u64, 0u64, 0u64);
                 for t in &live {
                     match t.memory {
-                        Memory::Heap(_) => (heap_bytes, heap_blocks) = (heap_bytes + t.bytes, heap_blocks + t.count),
-                        Memory::Mmap => mmap_bytes += t.bytes,
+                        Memory::Heap(_) => (heap_bytes, heap_blocks) = (heap_bytes.saturating_add(t.bytes), heap_blocks + t.count),
+                        Memory::Mmap => mmap_bytes = mmap_bytes.saturating_add(t.bytes),
                     }
                 }
                 let sites: Vec<Value> = growth
@@ -144,7 +144,7 @@ fn live_in_windows(ledger: &Ledger, windows: &[(Mark, Mark)]) -> Vec<SiteTotals>
         for t in ledger.memory_by_site(&Filter { since, until: Some(until), ..Filter::default() }) {
             let total = by_site.entry((t.memory, t.site)).or_insert(SiteTotals { count: 0, bytes: 0, ..t });
             total.count += t.count;
-            total.bytes += t.bytes;
+            total.bytes = total.bytes.saturating_add(t.bytes);
         }
     }
     by_site.into_values().collect()

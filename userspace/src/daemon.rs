@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use crate::answer::{self, failure};
 use crate::error::{say, Error};
 use crate::listen::{self, Listening};
-use crate::process::{self, Process};
+use crate::process::{self, Credentials, Process};
 use crate::protocol::{Next, Opening, RequestReader, VERSION};
 use crate::session::{self, Client, Control, SessionConfig};
 
@@ -278,7 +278,8 @@ impl Daemon {
         // The process is held (pidfd) before it is checked: a pid that changes hands meanwhile
         // is seen exited, never taken for the next process that gets the number.
         let process = Process::open(ours).map_err(|e| e.to_string())?;
-        process.check_traceable_by(peer.uid).map_err(|e| e.to_string())?;
+        let client = Credentials::of_peer(peer.uid, peer.pid);
+        process.check_traceable_by(&client).map_err(|e| e.to_string())?;
         if !process.is_alive() {
             return Err(format!("pid {pid} exited while the daemon attached to it"));
         }
@@ -305,12 +306,15 @@ impl Daemon {
             Session { uid: peer.uid, client_pid: peer.pid, pid: ours, started: Instant::now(), control: Arc::clone(&control) };
         state.sessions.insert(id, session);
         say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
-        Ok(Admitted { id, process, pid, uid: peer.uid, control })
+        Ok(Admitted { id, process, pid, client, control })
     }
 
     /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
     fn start_session(self: Arc<Self>, stream: tokio::net::UnixStream, requests: RequestReader, a: Admitted, held: Held) {
         tokio::task::spawn_blocking(move || {
+            // Unregistered however the session ends, a panic included: a session left in the
+            // table would hold a place of --max-sessions for good.
+            let registered = Registered { daemon: &self, id: a.id, _held: held };
             let ended = stream
                 .into_std()
                 .map_err(|e| Error::Io("the client went away".into(), e))
@@ -319,13 +323,12 @@ impl Daemon {
                     let config = SessionConfig {
                         options: &self.args.options,
                         control: &a.control,
-                        client_uid: a.uid,
+                        client: a.client,
                         ledger_room: self.args.ledger_room,
                     };
                     session::serve_process(client, a.process, a.pid, &config)
                 });
-            self.lock().sessions.remove(&a.id);
-            drop(held);
+            drop(registered);
             let lost = a.control.lost();
             let counts = format!("{} events{}", a.control.events.load(Ordering::Relaxed), lost.describe());
             match ended {
@@ -390,13 +393,27 @@ impl Daemon {
     }
 }
 
+/// A session's place in the table and its connection's in the per-uid count, given back when
+/// this goes.
+struct Registered<'d> {
+    daemon: &'d Daemon,
+    id: u64,
+    _held: Held,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.daemon.lock().sessions.remove(&self.id);
+    }
+}
+
 /// A session the daemon has admitted: its id, the process (held by pidfd) that the client
 /// calls `pid`, and for whom.
 struct Admitted {
     id: u64,
     process: Process,
     pid: u32,
-    uid: u32,
+    client: Credentials,
     control: Arc<Control>,
 }
 

@@ -178,9 +178,15 @@ impl Ledger {
         self.sites[site as usize]
     }
 
+    /// The site of `origin`. Past `room` distinct sites (a target with endless callers: JIT
+    /// code, or a hostile one) every new one is the same, the empty origin, which names nothing:
+    /// the table must not grow without bound, and what it stands for is still counted.
     fn intern(&mut self, origin: Origin) -> SiteId {
         if let Some(&id) = self.site_ids.get(&origin) {
             return id;
+        }
+        if self.sites.len() >= self.room && origin != Origin::default() {
+            return self.intern(Origin::default());
         }
         let id = self.sites.len() as SiteId;
         self.sites.push(origin);
@@ -189,7 +195,19 @@ impl Ledger {
     }
 
     pub fn apply(&mut self, event: &Event) {
-        let created = Created { site: self.intern(event.origin), seq: self.seq, ts_ns: event.ts_ns };
+        // Only what creates a resource needs a site; a release is not interned.
+        let creates = !matches!(
+            event.change,
+            Change::Free { .. }
+                | Change::Unmap { .. }
+                | Change::FdClose { .. }
+                | Change::ThreadExit { .. }
+                | Change::HeapDestroy { .. }
+                | Change::HandleClose { .. }
+                | Change::Exec
+        );
+        let site = if creates { self.intern(event.origin) } else { 0 };
+        let created = Created { site, seq: self.seq, ts_ns: event.ts_ns };
         self.seq += 1;
         let live = Live { site: created.site, ts_ns: event.ts_ns, seq: created.seq };
         match event.change {
@@ -325,7 +343,8 @@ impl Ledger {
             if filter.admits(created, size) {
                 let entry = totals.entry((memory, created.site)).or_default();
                 entry.0 += 1;
-                entry.1 += size;
+                // Sizes are what the allocator was asked for: a hostile one may ask for anything.
+                entry.1 = entry.1.saturating_add(size);
             }
         };
         for block in self.heap.values() {
@@ -479,6 +498,17 @@ mod tests {
         l.apply(&at(1, Change::Free { domain: Domain::Libc, addr: 0x10 }));
         l.apply(&at(1, Change::Alloc { domain: Domain::Libc, addr: 0x30, size: 7 }));
         assert_eq!((l.dropped_for_room, heap_bytes(&l)), (2, 7), "a free makes room");
+    }
+
+    #[test]
+    fn endless_callers_share_one_site_past_the_room() {
+        let mut l = Ledger::with_room(3);
+        for caller in 1..=10 {
+            l.apply(&at(caller, Change::FdOpen { fd: caller as i32, kind: FdKind::File }));
+            l.apply(&at(caller + 100, Change::FdClose { first: caller as i32, last: caller as i32 }));
+        }
+        assert_eq!(l.sites.len(), 4, "three sites, then the one that names nothing: {:?}", l.sites);
+        assert_eq!(l.origin(3), Origin::default());
     }
 
     #[test]

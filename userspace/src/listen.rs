@@ -245,27 +245,37 @@ fn stat_at(dir: RawFd, name: &CString) -> io::Result<libc::stat> {
 /// The gid of a group named by name or number, as the system's group database knows it
 /// (files, LDAP...): a gid no group has is refused too.
 pub fn group_id(group: &str) -> Result<u32, String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut entry = MaybeUninit::<libc::group>::uninit();
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    let rc = match group.parse::<u32>() {
+    let gid = match group.parse::<u32>() {
         Ok(u32::MAX) => return Err(format!("--socket-group {group}: not a gid")),
-        // SAFETY: valid out-pointers and a buffer of the length given.
-        Ok(gid) => unsafe { libc::getgrgid_r(gid, entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found) },
-        Err(_) => {
-            let name = CString::new(group).map_err(|_| format!("--socket-group {group:?}: not a group name"))?;
-            // SAFETY: as above, and a NUL-terminated name.
-            unsafe { libc::getgrnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found) }
-        }
+        Ok(gid) => Some(gid),
+        Err(_) => None,
     };
-    if rc != 0 || found.is_null() {
-        return Err(match group.parse::<u32>() {
-            Ok(gid) => format!("no group has gid {gid} (--socket-group)"),
-            Err(_) => format!("no group named {group} (--socket-group)"),
-        });
+    let name = CString::new(group).map_err(|_| format!("--socket-group {group:?}: not a group name"))?;
+    // A group with many members needs a big buffer: grow it while the lookup says so (ERANGE).
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut entry = MaybeUninit::<libc::group>::uninit();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: valid out-pointers, a buffer of the length given and a NUL-terminated name.
+        let rc = unsafe {
+            match gid {
+                Some(gid) => libc::getgrgid_r(gid, entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found),
+                None => libc::getgrnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found),
+            }
+        };
+        if rc == libc::ERANGE && buf.len() < 16 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() {
+            return Err(match gid {
+                Some(gid) => format!("no group has gid {gid} (--socket-group)"),
+                None => format!("no group named {group} (--socket-group)"),
+            });
+        }
+        // SAFETY: getgr*_r found the entry and filled it.
+        return Ok(unsafe { (*found).gr_gid });
     }
-    // SAFETY: getgr*_r found the entry and filled it.
-    Ok(unsafe { (*found).gr_gid })
 }
 
 #[cfg(test)]

@@ -61,7 +61,12 @@ impl<'obj> Live<'obj> {
         let fed = Rc::clone(&collector);
         builder
             .add(probes.events(), move |record: &[u8]| {
-                fed.borrow_mut().ingest(record);
+                // A panic must not cross libbpf's C frames (it would abort the daemon, every
+                // user's session with it): a record that makes the decoding panic is corrupt.
+                let ingested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fed.borrow_mut().ingest(record)));
+                if ingested.is_err() {
+                    fed.borrow_mut().corrupt += 1;
+                }
                 0
             })
             .map_err(ring_error)?;
@@ -98,7 +103,8 @@ impl<'obj> Live<'obj> {
 
     /// Reads every record the ring held when called (what an answer must include), and no
     /// more: in a flood, new ones keep coming. Bounded by the ring's size, and by `deadline`.
-    pub fn drain_to_now(&self, deadline: Option<Instant>) -> Result<(), Error> {
+    /// Returns how many bytes of those records were left unread (the deadline came first).
+    pub fn drain_to_now(&self, deadline: Option<Instant>) -> Result<u64, Error> {
         let (_, until) = self.positions();
         let started = Instant::now();
         loop {
@@ -106,7 +112,7 @@ impl<'obj> Live<'obj> {
             let (consumed, _) = self.positions();
             let late = deadline.is_some_and(|d| Instant::now() > d);
             if consumed >= until || late || !more && started.elapsed() > COMMIT_WAIT {
-                return Ok(());
+                return Ok(until.saturating_sub(consumed));
             }
             if !more {
                 // A record reserved before `until` is still being written by its probe.

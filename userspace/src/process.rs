@@ -25,9 +25,17 @@ struct CodeMapping {
 pub struct Process {
     pid: u32,
     pidfd: OwnedFd,
+    /// Sorted by address, disjoint.
     code: Vec<CodeMapping>,
+    last_refresh: Instant,
     mem: Option<File>,
 }
+
+/// How often an unknown code address may have the mappings read again.
+const REFRESH_PERIOD: Duration = Duration::from_millis(10);
+
+/// Code mappings kept after they are gone, beyond those there are.
+const MAX_GONE_MAPPINGS: usize = 4096;
 
 impl Process {
     /// Opens `pid` for tracing, or says in one line why it cannot be traced.
@@ -57,12 +65,8 @@ impl Process {
             Err(e) if e.raw_os_error().is_some_and(psleak_ebpf::is_out_of_fds) => return Err(proc_error(pid, "mem", e)),
             opened => opened.ok(),
         };
-        let mut process = Self { pid, pidfd, code: Vec::new(), mem };
-        // SAFETY: geteuid cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if me != 0 {
-            process.check_traceable_by(me)?;
-        }
+        let mut process = Self { pid, pidfd, code: Vec::new(), last_refresh: Instant::now(), mem };
+        process.check_traceable_by(&Credentials::own())?;
         if !process.is_alive() {
             return Err(Error::NotTraceable(pid, "it has already exited".into()));
         }
@@ -78,11 +82,13 @@ impl Process {
         self.pid
     }
 
-    /// Whether `uid` may trace this process, as the kernel would let it ptrace it: the process
-    /// runs as `uid` and as nothing else (no setuid or setgid program made it more), and its
-    /// owner may read it (it is dumpable, hence /proc/PID is `uid`'s). Root may trace any. A
-    /// process that is gone is refused too; callers check it is still alive afterwards.
-    pub fn check_traceable_by(&self, uid: u32) -> Result<(), Error> {
+    /// Whether `tracer` may trace this process, as the kernel would let it ptrace it: the
+    /// process runs as the tracer's uid and as nothing else (no setuid or setgid program made
+    /// it more), holds no capability the tracer lacks, and its owner may read it (it is
+    /// dumpable, hence /proc/PID is the uid's). Root may trace any. A process that is gone is
+    /// refused too; callers check it is still alive afterwards.
+    pub fn check_traceable_by(&self, tracer: &Credentials) -> Result<(), Error> {
+        let uid = tracer.uid;
         if uid == 0 {
             return Ok(());
         }
@@ -112,6 +118,15 @@ impl Process {
                 ),
             ));
         }
+        // Capabilities the tracer lacks (ambient ones a parent gave it) make it more than its
+        // uid, as ptrace sees it; those of a user namespace of its own (a rootless container's
+        // root) do not.
+        let user_namespace = |of: &str| fs::read_link(format!("/proc/{of}/ns/user")).ok();
+        // Unknown capabilities count as all of them.
+        let more = capabilities_in(&status).unwrap_or(u64::MAX) & !tracer.capabilities;
+        if more != 0 && user_namespace(&pid.to_string()) == user_namespace("self") {
+            return Err(Error::NotTraceable(pid, format!("it holds capabilities ({more:#x}) that uid {uid} lacks")));
+        }
         Ok(())
     }
 
@@ -137,10 +152,24 @@ impl Process {
     /// after a dlclose, and while an exiting process's maps empty out piece by piece.
     pub fn refresh_mappings(&mut self) -> Result<(), Error> {
         let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| proc_error(self.pid, "maps", e))?;
-        for mapping in maps.lines().filter_map(parse_code_mapping) {
-            self.code.retain(|old| old.end <= mapping.start || mapping.end <= old.start);
-            self.code.push(mapping);
+        self.last_refresh = Instant::now();
+        // /proc lists mappings by address, without overlaps: `code` stays sorted and disjoint,
+        // and is merged in O(n log n) (a target may map tens of thousands of code files).
+        let mut fresh: Vec<CodeMapping> = maps.lines().filter_map(parse_code_mapping).collect();
+        fresh.sort_by_key(|m| m.start);
+        let overlapped = |old: &CodeMapping| {
+            let next = fresh.partition_point(|m| m.end <= old.start);
+            fresh.get(next).is_some_and(|m| m.start < old.end)
+        };
+        let mut kept: Vec<CodeMapping> = std::mem::take(&mut self.code).into_iter().filter(|old| !overlapped(old)).collect();
+        // What is gone is remembered to name what it created, within bounds: a target that maps
+        // code again and again elsewhere must not grow this without end.
+        if kept.len() > fresh.len() + MAX_GONE_MAPPINGS {
+            kept.clear();
         }
+        fresh.extend(kept);
+        fresh.sort_by_key(|m| m.start);
+        self.code = fresh;
         Ok(())
     }
 
@@ -212,13 +241,16 @@ impl Process {
     }
 
     fn code_at(&self, addr: u64) -> Option<&CodeMapping> {
-        self.code.iter().find(|m| m.start <= addr && addr < m.end)
+        let at = self.code.partition_point(|m| m.end <= addr);
+        self.code.get(at).filter(|m| m.start <= addr)
     }
 
     /// The file mapped at a code address, and the address's offset in that file; looks at the
     /// mappings again if the address is new.
     pub fn locate(&mut self, addr: u64) -> Option<(PathBuf, u64)> {
-        if self.code_at(addr).is_none() {
+        // Not more often than every REFRESH_PERIOD: events may carry any words, and each new
+        // one would have /proc read again.
+        if self.code_at(addr).is_none() && self.last_refresh.elapsed() >= REFRESH_PERIOD {
             self.refresh_mappings().ok()?;
         }
         self.file_location(addr).map(|(path, offset)| (path.to_path_buf(), offset))
@@ -241,6 +273,36 @@ impl Process {
 }
 
 const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Who traces a process: a uid and the capabilities it holds (CapPrm).
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials {
+    pub uid: u32,
+    pub capabilities: u64,
+}
+
+impl Credentials {
+    /// This process's effective uid and capabilities.
+    pub fn own() -> Self {
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        Self { uid, capabilities: capabilities_in(&status).unwrap_or(0) }
+    }
+
+    /// A daemon client's: the uid its connection was made with, and the capabilities of its
+    /// process (none if it is gone).
+    pub fn of_peer(uid: u32, pid: u32) -> Self {
+        let status = if pid == 0 { String::new() } else { fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default() };
+        Self { uid, capabilities: capabilities_in(&status).unwrap_or(0) }
+    }
+}
+
+/// The permitted capabilities a /proc/PID/status lists.
+fn capabilities_in(status: &str) -> Option<u64> {
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapPrm:")).map(str::trim)?;
+    u64::from_str_radix(caps, 16).ok()
+}
 
 /// The pid, as our pid namespace numbers it, of the process that `peer` (a pid of ours) calls
 /// `pid` in its own namespace: a client of the daemon in a container sends its own numbers.

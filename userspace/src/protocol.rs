@@ -157,10 +157,15 @@ impl Default for RequestReader {
     }
 }
 
+/// Chunks read at most per `RequestReader::next`: a client that sends without end must not keep
+/// its reader from everything else (the daemon's loop, a session's stop and ring).
+const CHUNKS_PER_TURN: usize = 16;
+
 impl RequestReader {
     /// The next line, reading with `read` (a non-blocking read) only when what was read before
-    /// holds no more.
+    /// holds no more; `Pending` too after `CHUNKS_PER_TURN` reads without a line's end.
     pub fn next(&mut self, mut read: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Next> {
+        let mut reads = 0;
         loop {
             if self.start < self.end {
                 let (taken, line) = self.lines.feed(&self.chunk[self.start..self.end]);
@@ -170,6 +175,10 @@ impl RequestReader {
                 }
                 continue;
             }
+            if reads == CHUNKS_PER_TURN {
+                return Ok(Next::Pending);
+            }
+            reads += 1;
             match read(&mut self.chunk) {
                 Ok(0) => return Ok(Next::Closed),
                 Ok(n) => (self.start, self.end) = (0, n),
@@ -262,5 +271,18 @@ mod tests {
         assert!(reader.has_unread());
         assert_eq!(reader.next(&mut read).unwrap(), Next::Pending);
         assert_eq!(reader.next(&mut read).unwrap(), Next::Closed);
+    }
+
+    #[test]
+    fn a_client_that_sends_without_end_gets_its_reader_back_to_its_caller() {
+        let mut reader = RequestReader::default();
+        let mut reads = 0;
+        let endless = |buf: &mut [u8]| {
+            reads += 1;
+            buf.fill(b'x');
+            Ok(buf.len())
+        };
+        assert_eq!(reader.next(endless).unwrap(), Next::Pending);
+        assert_eq!(reads, CHUNKS_PER_TURN);
     }
 }

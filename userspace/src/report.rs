@@ -304,10 +304,10 @@ impl Reporter {
         for s in &sites {
             match s.memory {
                 Memory::Heap(_) => {
-                    live.heap_bytes += s.bytes;
+                    live.heap_bytes = live.heap_bytes.saturating_add(s.bytes);
                     live.heap_blocks += s.count;
                 }
-                Memory::Mmap => live.mmap_bytes += s.bytes,
+                Memory::Mmap => live.mmap_bytes = live.mmap_bytes.saturating_add(s.bytes),
             }
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.selection.top {

@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::answer::{failure, reply_line, Answerer};
 use crate::error::Error;
 use crate::live::{Live, DRAIN_PERIOD};
-use crate::process::Process;
+use crate::process::{Credentials, Process};
 use crate::protocol::{Next, Reply, RequestReader, VERSION};
 use crate::report::Lost;
 
@@ -62,9 +62,9 @@ impl Control {
 pub struct SessionConfig<'a> {
     pub options: &'a Options,
     pub control: &'a Control,
-    /// Whom the session acts for: after the target execs, it goes on only while this uid may
-    /// still trace it (a setuid program may have made it root).
-    pub client_uid: u32,
+    /// Whom the session acts for: after the target execs, it goes on only while this client
+    /// may still trace it (a setuid program may have made it root).
+    pub client: Credentials,
     pub ledger_room: usize,
 }
 
@@ -126,9 +126,7 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options, ledger_room: usize
             return Err(err);
         }
     };
-    // SAFETY: geteuid cannot fail.
-    let client_uid = unsafe { libc::geteuid() };
-    let config = SessionConfig { options, control: &control, client_uid, ledger_room };
+    let config = SessionConfig { options, control: &control, client: Credentials::own(), ledger_room };
     serve_process(client, process, pid, &config)
 }
 
@@ -137,7 +135,13 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options, ledger_room: usize
 pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &SessionConfig<'_>) -> Result<(), Error> {
     let control = config.control;
     let mut storage = MaybeUninit::uninit();
-    let mut live = match Live::attach(&mut storage, process, config.options, config.ledger_room) {
+    // Checked again once the probes count execs: one in between (the attach takes a while)
+    // may have made the target a setuid program's.
+    let attached = Live::attach(&mut storage, process, config.options, config.ledger_room).and_then(|live| {
+        live.collector().decoder.process.check_traceable_by(&config.client)?;
+        Ok(live)
+    });
+    let mut live = match attached {
         Ok(live) => live,
         Err(err) => {
             let _ = client.send(&failure(err.to_string()), &control.stop);
@@ -176,7 +180,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         }
         more = live.drain_some()?;
         report_progress(&live, control);
-        if let Some(why) = lost_authorization(&mut live, config.client_uid) {
+        if let Some(why) = lost_authorization(&mut live, &config.client) {
             return Err(end_refused(&mut client, why, control));
         }
         if !live.target_alive() {
@@ -193,7 +197,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                 live.drain_to_now(None)?;
                 // What was drained is the target's only if it is still the target (alive),
                 // and the client's to see only if the target still runs as the client.
-                if let Some(why) = lost_authorization(&mut live, config.client_uid) {
+                if let Some(why) = lost_authorization(&mut live, &config.client) {
                     return Err(end_refused(&mut client, why, control));
                 }
                 if !live.target_alive() {
@@ -216,14 +220,14 @@ fn report_progress(live: &Live<'_>, control: &Control) {
     *control.lost.lock().unwrap_or_else(|e| e.into_inner()) = live.lost();
 }
 
-/// Why the session may not go on, if the target exec'd a program that `client_uid` may not
+/// Why the session may not go on, if the target exec'd a program that `client` may not
 /// trace. Read from what the kernel counts, after the events drained: any event of the new
 /// program that was drained came after its exec was counted.
-fn lost_authorization(live: &mut Live<'_>, client_uid: u32) -> Option<String> {
+fn lost_authorization(live: &mut Live<'_>, client: &Credentials) -> Option<String> {
     if live.new_execs() == 0 {
         return None;
     }
-    match live.collector().decoder.process.check_traceable_by(client_uid) {
+    match live.collector().decoder.process.check_traceable_by(client) {
         Ok(()) | Err(Error::NoSuchProcess(_)) => None, // an exit ends the session anyway
         Err(e) => Some(format!("the target exec'd a new program: {e}")),
     }

@@ -4,7 +4,8 @@
 //! the target has exited.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use crate::process::Process;
 use crate::report::Frame;
@@ -15,6 +16,10 @@ use blazesym::symbolize::{Input, Symbolized, Symbolizer};
 pub struct Symbols {
     symbolizer: Symbolizer,
     cache: HashMap<u64, Frame>,
+    /// The files symbols are read from, opened once each with `open_mapped` (the target's
+    /// user may have put anything at their paths) and kept open: blazesym reads them through
+    /// /proc/self/fd, whose numbers must not be reused for another file.
+    files: HashMap<PathBuf, Option<File>>,
 }
 
 impl Symbols {
@@ -35,7 +40,9 @@ impl Symbols {
             }
         }
         for (path, wanted) in by_file {
-            let src = Source::Elf(Elf::new(path));
+            let opened = self.files.entry(path.to_path_buf()).or_insert_with(|| psleak_ebpf::open_mapped(path).ok());
+            let Some(file) = opened else { continue };
+            let src = Source::Elf(Elf::new(psleak_ebpf::fd_path(file)));
             let offsets: Vec<u64> = wanted.iter().map(|&(_, offset)| offset).collect();
             let resolved = self.symbolizer.symbolize(&src, Input::FileOffset(&offsets)).unwrap_or_default();
             for (&(addr, _), symbol) in wanted.iter().zip(&resolved) {

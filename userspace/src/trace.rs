@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::error::{say, Error};
 use crate::ledger::Ledger;
 use crate::live::{Live, DRAIN_PERIOD};
-use crate::process::Process;
+use crate::process::{Credentials, Process};
 use crate::report::{self, Selection};
 
 #[derive(Debug, Clone)]
@@ -45,6 +45,9 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
     let started = Instant::now();
     let mut storage = MaybeUninit::uninit();
     let mut live = Live::attach(&mut storage, process, &args.options, args.ledger_room)?;
+    // Checked again once the probes count execs: one during the attach may have made the
+    // target a setuid program's.
+    live.collector().decoder.process.check_traceable_by(&Credentials::own())?;
     let target = &live.target;
     let attached = format!(
         "psleak: tracing pid {} ({name}): {} probes on {}{}, attached in {:.2}s",
@@ -143,7 +146,11 @@ fn drain_final(live: &mut Live<'_>, stopped_by: &str) -> Result<(), Error> {
         return Ok(());
     }
     let signalled = [INTERRUPTED, TERMINATED].contains(&stopped_by);
-    live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))
+    let unread = live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))?;
+    if unread > 0 {
+        say(&format!("psleak: stopped with {} KiB of events still unread in the ring; the last report misses them", unread.div_ceil(1024)));
+    }
+    Ok(())
 }
 
 /// How long the final drain may take once a signal asked psleak to stop.
@@ -155,9 +162,7 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
     if live.new_execs() == 0 {
         return Ok(true);
     }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    match live.collector().decoder.process.check_traceable_by(me) {
+    match live.collector().decoder.process.check_traceable_by(&Credentials::own()) {
         Ok(()) => Ok(true),
         Err(Error::NoSuchProcess(_)) => Ok(true), // it exited since: the exit ends the session
         Err(Error::NotTraceable(_, why)) => {

@@ -126,6 +126,10 @@ impl Collector {
     }
 }
 
+/// Distinct unwound stacks kept at most: a target with endless callers (JIT code, or a hostile
+/// one) must not grow the table without bound.
+const MAX_CHAINS: usize = 1 << 20;
+
 /// Turns probe records into events, finding the callers of syscall-side events in the
 /// target's stack.
 pub struct RecordDecoder {
@@ -146,7 +150,7 @@ impl RecordDecoder {
         let (caller, chain) = match scan {
             Some(scan) => {
                 let chain = self.unwind(scan);
-                (chain.first().copied(), (chain.len() > 1).then(|| self.intern(chain)))
+                (chain.first().copied(), if chain.len() > 1 { self.intern(chain) } else { None })
             }
             None => ((raw.caller != 0).then_some(raw.caller), None),
         };
@@ -159,14 +163,18 @@ impl RecordDecoder {
         &self.chains[id as usize]
     }
 
-    fn intern(&mut self, chain: Vec<u64>) -> u32 {
+    /// The id of `chain`; None past `MAX_CHAINS` distinct ones (the event keeps its caller).
+    fn intern(&mut self, chain: Vec<u64>) -> Option<u32> {
         if let Some(&id) = self.chain_ids.get(&chain) {
-            return id;
+            return Some(id);
+        }
+        if self.chains.len() >= MAX_CHAINS {
+            return None;
         }
         let id = self.chains.len() as u32;
         self.chains.push(chain.clone());
         self.chain_ids.insert(chain, id);
-        id
+        Some(id)
     }
 
     /// Return addresses in a stack scan, from the code at `scan.ip` outwards: each frame's
@@ -185,7 +193,7 @@ impl RecordDecoder {
             // The caller's stack pointer is just above the return address; its own return
             // address is where the CFI at the return address says.
             match self.unwinder.return_address_slot(&mut self.process, ra - 1) {
-                Some(next) => slot += 1 + next,
+                Some(next) => slot = slot.saturating_add(1).saturating_add(next),
                 None => break,
             }
         }

@@ -5,7 +5,7 @@
 //! word, where a scan for return-address-looking words would be fooled by stale ones.
 
 use std::collections::HashMap;
-use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use gimli::{BaseAddresses, CfaRule, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64};
@@ -23,12 +23,16 @@ struct Cfi {
 }
 
 impl Cfi {
+    /// The CFI of a file the target mapped. Its headers may lie (it may be anyone's file):
+    /// every range is checked against what was read.
     fn load(path: &Path) -> Option<Self> {
-        let data = fs::read(path).ok()?;
+        let mut data = Vec::new();
+        psleak_ebpf::open_mapped(path).ok()?.read_to_end(&mut data).ok()?;
         let (eh_frame, bases, segments) = {
             let file = object::File::parse(&*data).ok()?;
             let section = file.section_by_name(".eh_frame")?;
             let (offset, size) = section.file_range()?;
+            let end = offset.checked_add(size).filter(|&end| end <= data.len() as u64)?;
             let mut bases = BaseAddresses::default().set_eh_frame(section.address());
             if let Some(text) = file.section_by_name(".text") {
                 bases = bases.set_text(text.address());
@@ -40,7 +44,7 @@ impl Cfi {
                     (off, size, s.address())
                 })
                 .collect();
-            (offset as usize..(offset + size) as usize, bases, segments)
+            (offset as usize..end as usize, bases, segments)
         };
         Some(Self { data, eh_frame, bases, segments })
     }
@@ -48,8 +52,8 @@ impl Cfi {
     fn vaddr_of(&self, file_offset: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|&&(off, size, _)| off <= file_offset && file_offset < off + size)
-            .map(|&(off, _, vaddr)| file_offset - off + vaddr)
+            .find(|&&(off, size, _)| off <= file_offset && file_offset - off < size)
+            .and_then(|&(off, _, vaddr)| vaddr.checked_add(file_offset - off))
     }
 
     /// Offset from the stack pointer, in words, of the return address at `vaddr`.
@@ -65,10 +69,13 @@ impl Cfi {
             Some(RegisterRule::Offset(offset)) => offset,
             _ => return None,
         };
-        let slot = cfa_offset + ra_offset;
+        let slot = cfa_offset.checked_add(ra_offset)?;
         (slot >= 0 && slot % 8 == 0).then_some(slot as usize / 8)
     }
 }
+
+const MAX_SLOTS: usize = 1 << 20;
+const MAX_FILES: usize = 1024;
 
 /// Finds return-address slots, caching per file and per instruction pointer.
 #[derive(Default)]
@@ -83,6 +90,13 @@ impl Unwinder {
     pub fn return_address_slot(&mut self, process: &mut Process, ip: u64) -> Option<usize> {
         if let Some(&slot) = self.slots.get(&ip) {
             return slot;
+        }
+        // Bounded caches: a target may run code at endless addresses and map endless files.
+        if self.slots.len() >= MAX_SLOTS {
+            self.slots.clear();
+        }
+        if self.files.len() >= MAX_FILES {
+            self.files.clear();
         }
         let slot = process.locate(ip).and_then(|(path, file_offset)| {
             let cfi = self.files.entry(path.clone()).or_insert_with(|| Cfi::load(&path)).as_ref()?;

@@ -81,8 +81,9 @@ impl Measurement {
                 let (count, bytes) = self.last.get(&(t.memory, t.site)).copied().unwrap_or((0, 0));
                 SiteGrowth {
                     totals: *t,
-                    count_growth: t.count as i64 - count as i64,
-                    bytes_growth: t.bytes as i64 - bytes as i64,
+                    count_growth: (t.count as i64).saturating_sub(count as i64),
+                    // Sizes come from the target's allocator calls: any value, never an overflow.
+                    bytes_growth: (t.bytes as i64).saturating_sub(bytes as i64),
                     streak: 0,
                 }
             })
@@ -91,7 +92,7 @@ impl Measurement {
         // Tolerance excuses a kind of memory whose whole growth in this batch stays within it.
         let grown = |heap: bool| -> u64 {
             let of_kind = |g: &&SiteGrowth| matches!(g.totals.memory, Memory::Heap(_)) == heap;
-            growth.iter().filter(of_kind).map(|g| g.bytes_growth.max(0) as u64).sum()
+            growth.iter().filter(of_kind).fold(0u64, |sum, g| sum.saturating_add(g.bytes_growth.max(0) as u64))
         };
         let (heap_excused, mmap_excused) = (grown(true) <= tolerance.heap, grown(false) <= tolerance.mmap);
         let tolerated =

@@ -163,6 +163,7 @@ fn only_a_stale_socket_of_its_own_is_replaced() {
 
 #[test]
 fn huge_durations_are_refused_in_a_line() {
+    let _turn = one_at_a_time(); // it forks: not while the pid-reuse race runs
     for option in ["--idle-timeout"] {
         let (code, stderr) = run_psleak(&["daemon", option, "1e300"]);
         assert_eq!(code, 2, "{stderr}");
