@@ -515,3 +515,21 @@ fn a_client_in_a_pid_namespace_is_served_the_process_it_names() {
     let fds = created["fds"].as_array().unwrap();
     assert!(fds.iter().any(|f| f["fd"] == fd && f["target"] == "/dev/null"), "fd {fd} of pid 1 in its namespace: {created}");
 }
+
+#[test]
+fn a_process_holding_capabilities_its_user_lacks_is_refused() {
+    let _turn = one_at_a_time();
+    let a = user_a();
+    let daemon = Daemon::start(&["--socket-mode", "666"]);
+    // Root starts a process of A's with an ambient capability: A may not look inside it.
+    let mut privileged = Command::new("setpriv");
+    privileged
+        .args([format!("--reuid={}", a.0), format!("--regid={}", a.1)])
+        .args(["--clear-groups", "--inh-caps=+net_raw", "--ambient-caps=+net_raw"])
+        .arg(common::leaky());
+    let target = Target::start(&mut privileged);
+    let mut client = UserClient::start(&daemon.socket, a);
+    assert_error(&client.attach("s", target.pid()), "it holds capabilities (0x2000) that uid");
+    let plain = Target::start(as_user(&mut Command::new(common::leaky()), a));
+    assert_eq!(client.attach("t", plain.pid())["ok"], true, "its plain processes are served");
+}
