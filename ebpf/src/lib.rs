@@ -55,7 +55,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { ring_bytes: 32 << 20, btf: None, free_probe_at_entry: false, empty_programs: false, entry_probes_first: false }
+        Self {
+            ring_bytes: 32 << 20,
+            btf: None,
+            free_probe_at_entry: false,
+            empty_programs: false,
+            entry_probes_first: false,
+        }
     }
 }
 
@@ -185,10 +191,9 @@ impl<'obj> Probes<'obj> {
         rodata.python_code_start = target.python_code.start;
         rodata.python_code_end = target.python_code.end;
         // The pid given is a number of our pid namespace; the kernel's own are the initial one's.
-        if let Some((dev, ino)) = own_pid_namespace().map_err(|source| AttachError::Read {
-            path: PathBuf::from(OWN_PID_NAMESPACE),
-            source,
-        })? {
+        if let Some((dev, ino)) = own_pid_namespace()
+            .map_err(|source| AttachError::Read { path: PathBuf::from(OWN_PID_NAMESPACE), source })?
+        {
             (rodata.pidns_dev, rodata.pidns_ino) = (dev, ino);
         }
         open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
@@ -266,8 +271,11 @@ impl<'obj> Probes<'obj> {
         options: &Options,
     ) -> Result<(), AttachError> {
         let progs = &self.skel.progs;
-        let mut order =
-            [(&progs.alloc_exit, allocators, true), (&progs.free_enter, frees, false), (&progs.alloc_enter, allocators, false)];
+        let mut order = [
+            (&progs.alloc_exit, allocators, true),
+            (&progs.free_enter, frees, false),
+            (&progs.alloc_enter, allocators, false),
+        ];
         if options.entry_probes_first {
             order.reverse();
         }

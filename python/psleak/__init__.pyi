@@ -7,8 +7,11 @@ from psleak._backends import BackendError as BackendError
 
 Tolerance = Union[int, dict[Literal["heap", "mmap", "uss", "rss", "vms"], int]]
 
-NOISE_FLOOR: int
 CONFIRM_BATCHES: int
+NAMING_BATCHES: int
+NAMING_SHARE: int
+NAMING_BUDGET: float
+PACE_CALLS: int
 
 class Error(AssertionError): ...
 

@@ -1,15 +1,16 @@
-"""Where the counters come from. ``TraceBackend`` asks a collector process that follows this
-process with eBPF probes, or ETW on Windows (exact, with the site of every resource);
-``PollBackend`` reads procfs and the allocator's statistics, psutil-style. Both measure the
-classic metrics natively (``_native.memory``)."""
+"""Who names a leak. Counters judge every backend's batches (``_native``: the allocator's
+figures, CPython's blocks, the fd table, the task list), read without any probe. ``Tracer``
+brings in, only once those counters have grown, a collector that follows this process with
+eBPF probes (ETW on Windows) and names the site of every block, fd or thread a replay of the
+calls leaves: a ``TraceSession``, begun for that and ended with it, so that no probe is attached
+while anything else runs. ``PollBackend`` names nothing: it only has the counters."""
 
-import atexit
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import warnings
 
 from psleak import _native
 
@@ -17,9 +18,6 @@ PROTOCOL_VERSION = 1
 # Attaching takes ~0.1 s; a loaded CI machine may be much slower.
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0
-# Objects made to check that the probes see CPython's allocations.
-CALIBRATION_OBJECTS = 200
-
 
 class BackendError(RuntimeError):
     """The backend that was asked for cannot work here."""
@@ -36,16 +34,37 @@ class PollBackend:
 DEFAULT_SOCKET = "/run/psleak.sock"
 
 
-class TraceBackend:
-    """A session with a collector that follows this process: a private one, started for this
-    process and ended with it (``daemon=None``), or a ``psleak daemon`` reached at that socket."""
+class Tracer:
+    """The exact tracer, attached only to name what the counters found. Each ``session()`` is
+    a collector of its own: a private one (``daemon=None``) or the ``psleak daemon`` at that
+    socket; its end detaches the probes."""
 
     name = "trace"
     exact = True
 
     def __init__(self, daemon=None):
+        self.daemon = daemon
+
+    def describe(self):
+        where = f"the daemon at {self.daemon}" if self.daemon else "a private collector"
+        kind = "ETW" if sys.platform == "win32" else "eBPF"
+        return f"trace ({kind} probes, attached by {where} only to name what the counters found)"
+
+    @contextlib.contextmanager
+    def session(self):
+        session = TraceSession(self.daemon)
+        try:
+            yield session
+        finally:
+            session.close()
+
+
+class TraceSession:
+    """A session with a collector that follows this process: a private one, started for this
+    session and ended with it (``daemon=None``), or a ``psleak daemon`` reached at that socket."""
+
+    def __init__(self, daemon=None):
         self._process = None
-        self._sees_python = None
         self.daemon = daemon
         if daemon is None:
             # A Unix socket pair; on Windows, a loopback TCP pair.
@@ -53,22 +72,11 @@ class TraceBackend:
             with theirs:
                 self._process = _start_collector(theirs)
         else:
-            ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                ours.connect(daemon)
-            except PermissionError:
-                ours.close()
-                msg = (
-                    f"the psleak daemon on {daemon} does not admit this user: its --socket-mode and "
-                    "--socket-group say who may connect"
-                )
-                raise BackendError(msg) from None
-            except OSError as err:
-                ours.close()
-                raise BackendError(f"no psleak daemon answers on {daemon}: {err.strerror}") from None
+            ours = _connect(daemon)
         self._sock = ours
+        # Replies are read into it (see _reply); it grows for a long one.
+        self._buffer = bytearray(64 * 1024)
         self._sock.settimeout(READY_TIMEOUT)
-        self._replies = ours.makefile("rb")
         try:
             if daemon is not None:
                 self._sock.sendall(self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION))
@@ -85,17 +93,29 @@ class TraceBackend:
         return f"trace ({self.ready['backend']}, {where}, {self.ready['probes']} probes{missing})"
 
     def _reply(self):
+        """The next reply. Nothing is allocated until its first bytes arrive: the collector
+        answers a request only after marking where it stands in this process's events, and
+        what this process made while waiting (a reader's buffers, a list that goes to its free
+        list) would count on the near side of that mark."""
+        buffer = self._buffer
         try:
-            line = self._replies.readline()
+            read = self._sock.recv_into(buffer)
+            while read and buffer[read - 1] != ord("\n"):
+                if read == len(buffer):
+                    buffer.extend(bytes(len(buffer)))
+                more = self._sock.recv_into(memoryview(buffer)[read:])
+                if not more:
+                    break
+                read += more
         except OSError as err:
             raise BackendError(f"the psleak collector did not answer: {err}") from None
-        if not line:
+        if not read:
             why = "the daemon closed the session"
             if self._process is not None:
                 self._process.wait(timeout=10)
                 why = self._process.stderr.read().decode(errors="replace").strip()
             raise BackendError(f"the psleak collector ended: {why or 'no reason given'}")
-        reply = json.loads(line)
+        reply = json.loads(bytes(buffer[:read]))
         if not reply.pop("ok"):
             raise BackendError(reply["error"])
         return reply
@@ -114,28 +134,11 @@ class TraceBackend:
     def request(self, op, **fields):
         return self.send(self.encode(op, **fields))
 
-    def sees_python_allocations(self):
-        """Whether the probes see CPython's own object allocations. A CPython built with LTO
-        (Debian's python3) inlines its allocator into its callers, out of the probes' reach,
-        unless PYTHONMALLOC=malloc routes it through malloc. Asked once: 200 new ints must be
-        seen live."""
-        if self._sees_python is None:
-            measurement = self.request("begin")["measurement"]
-            end_batch = self.encode("batch", measurement=measurement, calls=1, confirm=3, top=0)
-            self.request("window", measurement=measurement)
-            ints = [i * 1000003 for i in range(CALIBRATION_OBJECTS)]
-            seen = self.send(end_batch)["live"]["heap_blocks"]
-            del ints
-            self.request("end", measurement=measurement)
-            self._sees_python = seen >= CALIBRATION_OBJECTS
-        return self._sees_python
-
-    def close(self, wait=True):
-        """Ends the session: the collector detaches its probes and exits. At interpreter exit
-        there is no need to wait for that (~0.3 s of kernel RCU waits)."""
-        self._replies.close()
+    def close(self):
+        """Ends the session: the collector detaches its probes and exits (the daemon's session
+        ends when the socket closes)."""
         self._sock.close()
-        if not wait or self._process is None:
+        if self._process is None:
             return
         try:
             self._process.wait(timeout=10)
@@ -143,6 +146,25 @@ class TraceBackend:
             self._process.kill()
             self._process.wait()
         self._process.stderr.close()
+
+
+def _connect(daemon):
+    """A socket connected to the daemon at ``daemon``; BackendError if none listens there or it
+    does not admit this user (whether it may trace this process, a session's attach tells)."""
+    ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours.connect(daemon)
+    except PermissionError:
+        ours.close()
+        msg = (
+            f"the psleak daemon on {daemon} does not admit this user: its --socket-mode and "
+            "--socket-group say who may connect"
+        )
+        raise BackendError(msg) from None
+    except OSError as err:
+        ours.close()
+        raise BackendError(f"no psleak daemon answers on {daemon}: {err.strerror}") from None
+    return ours
 
 
 def _start_collector(theirs):
@@ -177,17 +199,11 @@ _backend = None
 def current():
     """The backend of this process, chosen on first use: ``PSLEAK_BACKEND`` (auto, trace or
     poll) says which; auto takes the tracer when a psleak daemon answers (``PSLEAK_SOCKET``, else
-    /run/psleak.sock) or this process may load probes itself."""
+    /run/psleak.sock) or this process may load probes itself. Nothing is attached yet."""
     global _backend  # noqa: PLW0603
     if _backend is None:
         _backend = _choose(os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto")
     return _backend
-
-
-def _ended_at_exit(backend):
-    """Registers the session's end at interpreter exit, without waiting for the detach."""
-    atexit.register(backend.close, wait=False)
-    return backend
 
 
 def _choose(wanted):
@@ -200,26 +216,17 @@ def _choose(wanted):
     daemon_error = None
     if daemon:
         try:
-            backend = TraceBackend(daemon)
+            _connect(daemon).close()
         except BackendError as err:
             if os.environ.get("PSLEAK_SOCKET"):
                 msg = f"PSLEAK_SOCKET={daemon}, but the daemon cannot trace this process: {err}"
                 raise BackendError(msg) from None
             daemon_error = err
         else:
-            return _ended_at_exit(backend)
+            return Tracer(daemon)
     why = _native.tracer_unavailable()
     if why is None:
-        try:
-            backend = TraceBackend()
-        except BackendError as err:
-            why = str(err)
-        else:
-            return _ended_at_exit(backend)
-        # Privileged, yet the probes could not be had: worth saying, unlike a plain user.
-        msg = f"psleak: using the polling backend; the tracer failed: {why}"
-        if wanted == "auto":
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return Tracer()
     if wanted == "trace":
         msg = f"PSLEAK_BACKEND=trace, but the tracer cannot work here: {why}"
         if daemon_error is not None:

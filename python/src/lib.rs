@@ -9,25 +9,36 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
 use psleak::metrics::MemoryUse;
-use psleak::poll;
+use psleak::{poll, verdict};
 #[cfg(target_os = "linux")]
 use psleak::{session, tracer};
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::collections::HashMap;
 
-/// psleak's memory metrics of this process (heap, mmap, uss, rss, vms). The heap is read last
-/// (`own_heap` makes the reading independent of what the reader allocated and freed).
+extern "C" {
+    /// CPython's count of the blocks its allocator has handed out and not taken back
+    /// (`sys.getallocatedblocks()`, without the int object that would make).
+    fn _Py_GetAllocatedBlocks() -> isize;
+}
+
+/// psleak's memory metrics of this process (heap, mmap, uss, rss, vms), and CPython's
+/// allocated blocks. The heap is read last (`own_heap` makes the reading independent of what
+/// the reader allocated and freed).
 #[derive(Clone, Copy)]
 struct MemoryReading {
     heap: poll::HeapUse,
     memory: MemoryUse,
+    py_blocks: isize,
 }
 
 impl MemoryReading {
-    fn now() -> PyResult<Self> {
+    fn now(_gil: Python<'_>) -> PyResult<Self> {
+        // SAFETY: a plain read of the allocator's counter, with the GIL held.
+        let py_blocks = unsafe { _Py_GetAllocatedBlocks() };
         let memory = MemoryUse::own().map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(Self { heap: poll::own_heap(), memory })
+        Ok(Self { heap: poll::own_heap(), memory, py_blocks })
     }
 
     fn fields(&self) -> [(&'static str, i64); 5] {
@@ -47,7 +58,7 @@ static MEMORY_MARK: Mutex<Option<MemoryReading>> = Mutex::new(None);
 #[pyfunction]
 fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    for (name, bytes) in MemoryReading::now()?.fields() {
+    for (name, bytes) in MemoryReading::now(py)?.fields() {
         d.set_item(name, bytes)?;
     }
     Ok(d)
@@ -55,16 +66,17 @@ fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 
 /// Takes the reading that `memory_since_mark` compares with.
 #[pyfunction]
-fn mark_memory() -> PyResult<()> {
-    let reading = MemoryReading::now()?;
+fn mark_memory(py: Python<'_>) -> PyResult<()> {
+    let reading = MemoryReading::now(py)?;
     *MEMORY_MARK.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
     Ok(())
 }
 
-/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes.
+/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes; and CPython's
+/// allocated blocks, in blocks.
 #[pyfunction]
-fn memory_since_mark(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let now = MemoryReading::now()?;
+fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, i64)> {
+    let now = MemoryReading::now(py)?;
     let mark = MEMORY_MARK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -73,7 +85,51 @@ fn memory_since_mark(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     for ((name, after), (_, before)) in now.fields().into_iter().zip(mark.fields()) {
         d.set_item(name, after - before)?;
     }
-    Ok(d)
+    Ok((d, (now.py_blocks - mark.py_blocks) as i64))
+}
+
+/// One `execute()`'s memory verdict (psleak::verdict::Judge), fed a batch at a time.
+#[pyclass(module = "psleak._native")]
+struct Judge(verdict::Judge);
+
+fn metric(name: &str) -> PyResult<verdict::Metric> {
+    verdict::Metric::named(name).ok_or_else(|| PyValueError::new_err(format!("no metric {name:?}")))
+}
+
+#[pymethods]
+impl Judge {
+    /// `tolerance`: growth allowed per batch, by metric name.
+    #[new]
+    fn new(tolerance: HashMap<String, u64>, retries: u32, confirm: u32) -> PyResult<Self> {
+        let tolerance = tolerance.iter().map(|(name, bytes)| Ok((metric(name)?, *bytes))).collect::<PyResult<_>>()?;
+        Ok(Self(verdict::Judge::new(tolerance, retries, confirm)))
+    }
+
+    /// Judges a batch of `calls` from each metric's growth (`exact`: read by psleak around
+    /// the batch alone). Returns the verdict ("leak", "clean", "undecided"), the exact
+    /// counters that grew, and whether the batches ran out.
+    fn batch(
+        &mut self,
+        calls: u64,
+        growth: HashMap<String, i64>,
+        exact: bool,
+    ) -> PyResult<(&'static str, Vec<&'static str>, bool)> {
+        let growth = growth.iter().map(|(name, g)| Ok((metric(name)?, *g))).collect::<PyResult<_>>()?;
+        let judged = self.0.batch(&verdict::Readings { calls, growth, exact });
+        let verdict = match judged.verdict {
+            verdict::Verdict::Leak => "leak",
+            verdict::Verdict::Clean => "clean",
+            verdict::Verdict::Undecided => "undecided",
+        };
+        Ok((verdict, judged.grown.iter().map(|m| m.name()).collect(), judged.exhausted))
+    }
+}
+
+/// What to say when the tracer saw no site grow while these counters did.
+#[pyfunction]
+fn unnamed(grown: Vec<String>) -> PyResult<String> {
+    let grown = grown.iter().map(|name| metric(name)).collect::<PyResult<Vec<_>>>()?;
+    Ok(verdict::unnamed(&grown))
 }
 
 /// Gives free heap memory back to the system (malloc_trim).
@@ -184,6 +240,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mark_memory, m)?)?;
     m.add_function(wrap_pyfunction!(memory_since_mark, m)?)?;
     m.add_function(wrap_pyfunction!(heap_trim, m)?)?;
+    m.add_class::<Judge>()?;
+    m.add_function(wrap_pyfunction!(unnamed, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
     #[cfg(unix)]

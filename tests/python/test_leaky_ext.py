@@ -28,6 +28,8 @@ CASES = [
     ("forget_decref_cycle", (), "decref_cycle", MemoryLeakError, {}),
     ("forget_pymem_free", (64,), "pymem_malloc_and_free", MemoryLeakError, {}),
     ("forget_pyobject_free", (64,), "pyobject_malloc_and_free", MemoryLeakError, {}),
+    # Allocation-heavy: 20,000 mallocs and frees a call, one node kept by the leaky twin.
+    ("forget_free_of_a_node", (20_000,), "build_and_free_list", MemoryLeakError, {}),
     ("forget_pthread_join", (), "pthread_create_and_join", UnclosedNativeThreadError, {}),
     ("forget_close", (), "open_and_close", UnclosedFdError, {}),
 ]

@@ -116,12 +116,13 @@ except psleak.Error as e:
 """
 
 
-def test_a_tracer_that_missed_events_fails_the_check_loudly(backend):
-    # A collector whose ledger is full (or whose ring overflowed) cannot tell a leak from a
-    # clean call: the test must fail saying so, never pass on what it saw.
+def test_a_tracer_that_missed_events_says_its_names_may_be_incomplete(backend):
+    # A collector whose ledger is full (or whose ring overflowed) may miss a leak's site: the
+    # counters judge all the same, and the error says the names may be incomplete.
     if backend != "trace":
         pytest.skip("only the tracer follows events; polling has nothing to miss")
     env = {**os.environ, "PSLEAK_MAX_LIVE": "1000"}
     run = subprocess.run([sys.executable, "-c", LOSSY_LEDGER], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.startswith("error: the tracer missed events while calling 'leak' ("), run.stdout + run.stderr
-    assert "blocks past the collector's limit): its verdict cannot be trusted" in run.stdout
+    assert run.stdout.startswith("leak: memory kept increasing"), run.stdout + run.stderr
+    assert "(the tracer missed events while calling 'leak' (" in run.stdout
+    assert "blocks past the collector's limit): the sites it names may be incomplete" in run.stdout

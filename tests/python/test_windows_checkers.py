@@ -3,6 +3,7 @@ for it with a mock of what only Windows has (the platform flags and the two nati
 ``handle_count`` and ``heap_count``), and check that the package turns their growth into
 psleak's errors, and their stability into a pass."""
 
+import contextlib
 import pytest
 
 import psleak
@@ -70,9 +71,9 @@ SITE = {
 
 
 class EtwCollectorStandIn:
-    """Stands in for the ETW collector, which only Windows can run: it replies to ``created``
-    with what the Rust collector answers for ETW records of a handle and a heap left by a call
-    (that answer is tested on Linux: userspace/src/etw.rs,
+    """Stands in for the ETW tracer, which only Windows can run: its session replies to
+    ``created`` with what the Rust collector answers for ETW records of a handle and a heap
+    left by a call (that answer is tested on Linux: userspace/src/etw.rs,
     the_collector_names_what_a_call_left_from_etw_records)."""
 
     name = "trace"
@@ -83,6 +84,10 @@ class EtwCollectorStandIn:
 
     def describe(self):
         return "trace (ETW stand-in)"
+
+    @contextlib.contextmanager
+    def session(self):
+        yield self
 
     def request(self, op, **fields):
         return {"mark": 1} if op == "mark" else self.created

@@ -92,7 +92,9 @@ impl Answerer {
                 let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0u64, 0u64, 0u64);
                 for t in &live {
                     match t.memory {
-                        Memory::Heap(_) => (heap_bytes, heap_blocks) = (heap_bytes.saturating_add(t.bytes), heap_blocks + t.count),
+                        Memory::Heap(_) => {
+                            (heap_bytes, heap_blocks) = (heap_bytes.saturating_add(t.bytes), heap_blocks + t.count)
+                        }
                         Memory::Mmap => mmap_bytes = mmap_bytes.saturating_add(t.bytes),
                     }
                 }

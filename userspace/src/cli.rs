@@ -141,12 +141,7 @@ struct TraceCli {
 
 impl TraceCli {
     fn selection(&self) -> Selection {
-        Selection {
-            top: self.top,
-            min_size: self.min_size,
-            max_size: self.max_size,
-            min_age: self.min_age,
-        }
+        Selection { top: self.top, min_size: self.min_size, max_size: self.max_size, min_age: self.min_age }
     }
 }
 
@@ -155,7 +150,9 @@ const MAX_SECONDS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
 
 fn non_negative_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > MAX_SECONDS => Err(format!("`{s}` seconds is longer than psleak waits (at most {MAX_SECONDS:.0})")),
+        Ok(v) if v > MAX_SECONDS => {
+            Err(format!("`{s}` seconds is longer than psleak waits (at most {MAX_SECONDS:.0})"))
+        }
         Ok(v) if v >= 0.0 => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("`{s}` is not a number of seconds")),
     }

@@ -93,18 +93,14 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
     // resident after 20 sessions had ended, 12 MiB with one arena, from 8 at start).
     // SAFETY: mallopt has no preconditions; no other thread allocates yet.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    let gid = args
-        .group
-        .as_deref()
-        .map(listen::group_id)
-        .transpose()
-        .map_err(Error::Refused)?;
+    let gid = args.group.as_deref().map(listen::group_id).transpose().map_err(Error::Refused)?;
     let listening = listen::listen(&args.socket, args.mode, gid)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Io("cannot start the runtime".into(), e))?;
-    let daemon = Arc::new(Daemon { state: Mutex::default(), next_id: AtomicU64::new(1), started: Instant::now(), args });
+    let daemon =
+        Arc::new(Daemon { state: Mutex::default(), next_id: AtomicU64::new(1), started: Instant::now(), args });
     let result = runtime.block_on(accept_loop(&listening, Arc::clone(&daemon)));
     listening.remove();
     // The sessions have ended (or were given up on after STOP_LIMIT): nothing is left to wait for.
@@ -116,7 +112,8 @@ async fn accept_loop(listening: &Listening, daemon: Arc<Daemon>) -> Result<(), E
     use tokio::signal::unix::{signal, SignalKind};
     let std_listener = listening.listener.try_clone().map_err(|e| Error::Io("cannot listen".into(), e))?;
     std_listener.set_nonblocking(true).map_err(|e| Error::Io("cannot listen".into(), e))?;
-    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| Error::Io("cannot listen".into(), e))?;
+    let listener =
+        tokio::net::UnixListener::from_std(std_listener).map_err(|e| Error::Io("cannot listen".into(), e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Io("cannot handle SIGTERM".into(), e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Io("cannot handle SIGINT".into(), e))?;
     say(&format!("psleak: daemon listening on {} (pid {})", listening.path.display(), std::process::id()));
@@ -234,7 +231,8 @@ impl Daemon {
                 Ok(Ok(Some(line))) => line,
                 Ok(Ok(None) | Err(_)) => return, // gone
                 Err(_) => {
-                    let why = format!("no whole request within {}s: connection closed", FIRST_REQUEST_TIMEOUT.as_secs());
+                    let why =
+                        format!("no whole request within {}s: connection closed", FIRST_REQUEST_TIMEOUT.as_secs());
                     let _ = stream.try_write(failure(why).as_bytes());
                     return;
                 }
@@ -302,15 +300,26 @@ impl Daemon {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(Control::idle_after(self.args.idle_limit));
-        let session =
-            Session { uid: peer.uid, client_pid: peer.pid, pid: ours, started: Instant::now(), control: Arc::clone(&control) };
+        let session = Session {
+            uid: peer.uid,
+            client_pid: peer.pid,
+            pid: ours,
+            started: Instant::now(),
+            control: Arc::clone(&control),
+        };
         state.sessions.insert(id, session);
         say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
         Ok(Admitted { id, process, pid, client, control })
     }
 
     /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
-    fn start_session(self: Arc<Self>, stream: tokio::net::UnixStream, requests: RequestReader, a: Admitted, held: Held) {
+    fn start_session(
+        self: Arc<Self>,
+        stream: tokio::net::UnixStream,
+        requests: RequestReader,
+        a: Admitted,
+        held: Held,
+    ) {
         tokio::task::spawn_blocking(move || {
             // Unregistered however the session ends, a panic included: a session left in the
             // table would hold a place of --max-sessions for good.
@@ -418,7 +427,10 @@ struct Admitted {
 }
 
 /// The next request line of a connection that has not attached; `None` when it hung up.
-async fn next_line(stream: &tokio::net::UnixStream, requests: &mut RequestReader) -> io::Result<Option<Result<String, String>>> {
+async fn next_line(
+    stream: &tokio::net::UnixStream,
+    requests: &mut RequestReader,
+) -> io::Result<Option<Result<String, String>>> {
     loop {
         match requests.next(|buf| stream.try_read(buf))? {
             Next::Line(line) => return Ok(Some(line)),

@@ -45,7 +45,8 @@ pub fn listen(path: &Path, mode: u32, gid: Option<u32>) -> Result<Listening, Err
         .file_name()
         .filter(|n| !n.is_empty())
         .ok_or_else(|| refused(format!("--socket {} names no file", path.display())))?;
-    let name = CString::new(name.as_bytes()).map_err(|_| refused(format!("--socket {} holds a NUL", path.display())))?;
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| refused(format!("--socket {} holds a NUL", path.display())))?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -260,7 +261,9 @@ pub fn group_id(group: &str) -> Result<u32, String> {
         let rc = unsafe {
             match gid {
                 Some(gid) => libc::getgrgid_r(gid, entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found),
-                None => libc::getgrnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found),
+                None => {
+                    libc::getgrnam_r(name.as_ptr(), entry.as_mut_ptr(), buf.as_mut_ptr().cast(), buf.len(), &mut found)
+                }
             }
         };
         if rc == libc::ERANGE && buf.len() < 16 << 20 {

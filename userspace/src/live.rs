@@ -63,7 +63,8 @@ impl<'obj> Live<'obj> {
             .add(probes.events(), move |record: &[u8]| {
                 // A panic must not cross libbpf's C frames (it would abort the daemon, every
                 // user's session with it): a record that makes the decoding panic is corrupt.
-                let ingested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fed.borrow_mut().ingest(record)));
+                let ingested =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fed.borrow_mut().ingest(record)));
                 if ingested.is_err() {
                     fed.borrow_mut().corrupt += 1;
                 }

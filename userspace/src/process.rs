@@ -62,7 +62,9 @@ impl Process {
             return Err(Error::NotTraceable(pid, "it is a kernel thread".into()));
         }
         let mem = match File::open(root.join("mem")) {
-            Err(e) if e.raw_os_error().is_some_and(psleak_ebpf::is_out_of_fds) => return Err(proc_error(pid, "mem", e)),
+            Err(e) if e.raw_os_error().is_some_and(psleak_ebpf::is_out_of_fds) => {
+                return Err(proc_error(pid, "mem", e))
+            }
             opened => opened.ok(),
         };
         let mut process = Self { pid, pidfd, code: Vec::new(), last_refresh: Instant::now(), mem };
@@ -151,7 +153,8 @@ impl Process {
     /// is kept unless a new mapping takes its place: it still names code that created resources,
     /// after a dlclose, and while an exiting process's maps empty out piece by piece.
     pub fn refresh_mappings(&mut self) -> Result<(), Error> {
-        let maps = fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| proc_error(self.pid, "maps", e))?;
+        let maps =
+            fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| proc_error(self.pid, "maps", e))?;
         self.last_refresh = Instant::now();
         // /proc lists mappings by address, without overlaps: `code` stays sorted and disjoint,
         // and is merged in O(n log n) (a target may map tens of thousands of code files).
@@ -161,7 +164,8 @@ impl Process {
             let next = fresh.partition_point(|m| m.end <= old.start);
             fresh.get(next).is_some_and(|m| m.start < old.end)
         };
-        let mut kept: Vec<CodeMapping> = std::mem::take(&mut self.code).into_iter().filter(|old| !overlapped(old)).collect();
+        let mut kept: Vec<CodeMapping> =
+            std::mem::take(&mut self.code).into_iter().filter(|old| !overlapped(old)).collect();
         // What is gone is remembered to name what it created, within bounds: a target that maps
         // code again and again elsewhere must not grow this without end.
         if kept.len() > fresh.len() + MAX_GONE_MAPPINGS {
@@ -293,7 +297,11 @@ impl Credentials {
     /// A daemon client's: the uid its connection was made with, and the capabilities of its
     /// process (none if it is gone).
     pub fn of_peer(uid: u32, pid: u32) -> Self {
-        let status = if pid == 0 { String::new() } else { fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default() };
+        let status = if pid == 0 {
+            String::new()
+        } else {
+            fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+        };
         Self { uid, capabilities: capabilities_in(&status).unwrap_or(0) }
     }
 }

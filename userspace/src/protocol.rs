@@ -223,7 +223,8 @@ mod tests {
     fn lines_come_whole_whatever_the_pieces() {
         let input = b"{\"op\":\"mark\"}\n\n{\"op\":\"detach\"}\n";
         for piece in [1, 3, 100] {
-            let expected: Vec<Line> = vec![Ok(r#"{"op":"mark"}"#.into()), Ok(String::new()), Ok(r#"{"op":"detach"}"#.into())];
+            let expected: Vec<Line> =
+                vec![Ok(r#"{"op":"mark"}"#.into()), Ok(String::new()), Ok(r#"{"op":"detach"}"#.into())];
             assert_eq!(lines_of(input, piece), expected, "in pieces of {piece}");
         }
     }

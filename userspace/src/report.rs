@@ -520,7 +520,6 @@ impl Report {
         }
         out
     }
-
 }
 
 fn site_text(site: &Option<Frame>) -> String {

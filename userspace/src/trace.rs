@@ -148,7 +148,10 @@ fn drain_final(live: &mut Live<'_>, stopped_by: &str) -> Result<(), Error> {
     let signalled = [INTERRUPTED, TERMINATED].contains(&stopped_by);
     let unread = live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))?;
     if unread > 0 {
-        say(&format!("psleak: stopped with {} KiB of events still unread in the ring; the last report misses them", unread.div_ceil(1024)));
+        say(&format!(
+            "psleak: stopped with {} KiB of events still unread in the ring; the last report misses them",
+            unread.div_ceil(1024)
+        ));
     }
     Ok(())
 }

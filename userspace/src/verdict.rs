@@ -1,8 +1,19 @@
-//! The exact memory verdict: psleak's batches of calls, judged on live allocations per
-//! creation site instead of process-wide counters. A site whose live count or bytes keep
-//! growing batch after batch leaks; one that grows once (a cache filling) and stops does not.
+//! The memory verdict, one for every backend, judged once per batch of calls (psleak's batches:
+//! `times` calls, growing by half, up to `retries`).
 //!
-//! Growth must also keep up with the calls: at least a byte, or a block every other call, on
+//! **Counters judge** (`Judge`). Exact counters — the allocator's bytes in use, its mmap'd
+//! chunks, the mapped total (vms), CPython's allocated blocks — are read around every batch
+//! without any probe: a counter that grows in `confirm` batches in a row, keeping up with the
+//! calls and not fading, is a leak; a batch in which none grows (and the inexact uss/rss fade,
+//! as a second opinion) is clean. Readings the judge cannot trust to be exact (a caller's own,
+//! psleak 0.1.6's tests feed those) are judged by 0.1.6's heuristic alone: growth per call must
+//! fade, twice in a row, or the batches run out.
+//!
+//! **The tracer names** (`Measurement`). Once the counters have found a leak, a few traced
+//! batches say which creation sites keep growing: live allocations per site, batch after batch.
+//! A site that grows once (a cache filling) and stops is not named.
+//!
+//! Growth must keep up with the calls: at least a byte, or a block every other call, on
 //! average. The interpreter's free lists fill a block at a time whatever the batch size (a
 //! dict per batch of a hundred calls), and a real leak, however small, grows with every call.
 
@@ -123,6 +134,184 @@ fn keeps_up(g: &SiteGrowth, calls: i64) -> bool {
     g.bytes_growth >= calls || g.count_growth * 2 >= calls
 }
 
+/// What the judge reads around a batch. Exact counters first, then the inexact ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// The allocator's bytes in use (glibc's mallinfo2 `uordblks`, read with every thread
+    /// cache class filled: exact for a batch that keeps nothing).
+    Heap,
+    /// Bytes in the allocator's own mmap'd chunks.
+    Mmap,
+    /// The mapped total: an `mmap` without its `munmap` shows here, and nowhere else.
+    Vms,
+    /// CPython's allocated blocks (`sys.getallocatedblocks()`): objects that never reach
+    /// malloc under pymalloc. A count, not bytes.
+    PyBlocks,
+    /// Pages touched: grow with first use of memory mapped earlier, so only a second opinion.
+    Uss,
+    Rss,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [Metric::Heap, Metric::Mmap, Metric::Vms, Metric::PyBlocks, Metric::Uss, Metric::Rss];
+
+    /// Whether a batch that keeps nothing leaves the metric exactly where it was.
+    pub fn is_exact(self) -> bool {
+        !matches!(self, Metric::Uss | Metric::Rss)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Heap => "heap",
+            Metric::Mmap => "mmap",
+            Metric::Vms => "vms",
+            Metric::PyBlocks => "py_blocks",
+            Metric::Uss => "uss",
+            Metric::Rss => "rss",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Per-call growth at or below this many bytes is noise to psleak 0.1.6's heuristic. A real
+/// once-per-call malloc leak cannot stay under it (glibc's smallest chunk is 32).
+pub const NOISE_FLOOR: f64 = 16.0;
+
+/// A batch's growth per call must fall below this share of the previous batch's to fade.
+const FADE_RATIO: f64 = 0.8;
+
+/// One batch's readings: how much each metric grew, and whether the exact ones can be trusted
+/// as exact (psleak read them itself, around the batch and nothing else).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Readings {
+    pub calls: u64,
+    pub growth: Vec<(Metric, i64)>,
+    pub exact: bool,
+}
+
+/// The outcome of one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub verdict: Verdict,
+    /// The exact counters that grew in this batch: what the tracer is asked to name.
+    pub grown: Vec<Metric>,
+    /// The batches ran out without a clean one: a leak by exhaustion, not by confirmation.
+    pub exhausted: bool,
+}
+
+/// One `execute()`'s memory check: its batches, judged on counters.
+#[derive(Debug)]
+pub struct Judge {
+    tolerance: HashMap<Metric, u64>,
+    retries: u32,
+    confirm: u32,
+    batches: u32,
+    /// Consecutive batches each exact counter grew in, and its growth per call in the last.
+    streaks: HashMap<Metric, (u32, f64)>,
+    /// psleak 0.1.6's state: growth per call in the last batch, and fading batches in a row.
+    last_per_call: HashMap<Metric, f64>,
+    fading_streak: u32,
+}
+
+impl Judge {
+    /// `tolerance`: growth per batch allowed per metric (bytes; blocks for `PyBlocks`). Blocks
+    /// are the heap of CPython's objects: unless told, as many are allowed as the heap's
+    /// tolerance holds of the smallest (16 B).
+    pub fn new(mut tolerance: HashMap<Metric, u64>, retries: u32, confirm: u32) -> Self {
+        let heap = tolerance.get(&Metric::Heap).copied().unwrap_or(0);
+        tolerance.entry(Metric::PyBlocks).or_insert(heap / 16);
+        Self {
+            tolerance,
+            retries: retries.max(1),
+            confirm: confirm.max(1),
+            batches: 0,
+            streaks: HashMap::new(),
+            last_per_call: HashMap::new(),
+            fading_streak: 0,
+        }
+    }
+
+    fn tolerance(&self, metric: Metric) -> i64 {
+        self.tolerance.get(&metric).copied().unwrap_or(0).min(i64::MAX as u64) as i64
+    }
+
+    pub fn batch(&mut self, readings: &Readings) -> Judged {
+        self.batches += 1;
+        let calls = readings.calls.max(1);
+        // Without exact readings, everything is judged as 0.1.6 judged it.
+        let (exact, inexact): (Vec<_>, Vec<_>) =
+            readings.growth.iter().copied().partition(|(m, _)| readings.exact && m.is_exact());
+        let inexact: Vec<_> = inexact.into_iter().filter(|(m, _)| readings.exact || *m != Metric::PyBlocks).collect();
+
+        let mut grown = Vec::new();
+        let mut streaks = HashMap::new();
+        for (metric, growth) in exact {
+            let per_call = growth as f64 / calls as f64;
+            let (streak, last) = self.streaks.get(&metric).copied().unwrap_or((0, 0.0));
+            let keeps_up = if metric == Metric::PyBlocks { growth * 2 >= calls as i64 } else { growth >= calls as i64 };
+            let fading = streak > 0 && per_call < last * FADE_RATIO;
+            if growth > self.tolerance(metric) && keeps_up && !fading {
+                grown.push(metric);
+                streaks.insert(metric, (streak + 1, per_call));
+            }
+        }
+        self.streaks = streaks;
+        let stable = self.stable(&inexact, calls);
+        let confirmed = self.streaks.values().any(|&(streak, _)| streak >= self.confirm);
+
+        let verdict = if confirmed {
+            Verdict::Leak
+        } else if grown.is_empty() && stable {
+            Verdict::Clean
+        } else if self.batches >= self.retries {
+            return Judged { verdict: Verdict::Leak, grown, exhausted: true };
+        } else {
+            Verdict::Undecided
+        };
+        Judged { verdict, grown, exhausted: false }
+    }
+
+    /// psleak 0.1.6's heuristic on `growth`: whether all stayed within tolerance, or growth
+    /// per call faded twice in a row.
+    fn stable(&mut self, growth: &[(Metric, i64)], calls: u64) -> bool {
+        let per_call: HashMap<Metric, f64> = growth.iter().map(|&(m, g)| (m, g as f64 / calls as f64)).collect();
+        let within = |&(m, g): &(Metric, i64)| g <= self.tolerance(m);
+        let all_within = growth.iter().all(within);
+        let fading = growth.iter().all(|g| {
+            let (last, now) = (self.last_per_call.get(&g.0).copied().unwrap_or(0.0), per_call[&g.0]);
+            within(g) || now <= NOISE_FLOOR || now <= last * FADE_RATIO
+        });
+        self.last_per_call = per_call;
+        if all_within {
+            return true;
+        }
+        self.fading_streak = if fading { self.fading_streak + 1 } else { 0 };
+        self.fading_streak >= 2
+    }
+}
+
+/// What to say when the tracer, brought in to name a leak the counters found, saw no site grow:
+/// which memory the grown counters stand for that its probes do not follow.
+pub fn unnamed(grown: &[Metric]) -> String {
+    let why: Vec<&str> = grown
+        .iter()
+        .map(|m| match m {
+            Metric::PyBlocks => {
+                "CPython's own allocator, out of the probes' sight in this interpreter (a build with LTO inlines it): \
+                 set PYTHONMALLOC=malloc to name its sites"
+            }
+            Metric::Vms => "mappings made by no call the probes follow",
+            Metric::Heap | Metric::Mmap => "allocator calls the probes did not see",
+            Metric::Uss | Metric::Rss => "pages touched",
+        })
+        .collect();
+    format!("the tracer saw no site grow; the growth is in {}", why.join(", and "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +376,152 @@ mod tests {
         assert_eq!(run(&[leak(50), leak(100), leak(150)], small), [Verdict::Clean; 3]);
         let tight = Tolerance { heap: 1_000, mmap: 0 };
         assert_eq!(run(&[leak(50), leak(100), leak(150)], tight).last(), Some(&Verdict::Leak));
+    }
+}
+
+#[cfg(test)]
+mod judge_tests {
+    use super::*;
+
+    /// Growth of the named metrics per batch, batches of 50, 75, 112... calls (psleak's series).
+    fn judge(batches: &[&[(Metric, i64)]], exact: bool) -> Vec<Verdict> {
+        judge_with(batches, exact, HashMap::new(), 10)
+    }
+
+    fn judge_with(
+        batches: &[&[(Metric, i64)]],
+        exact: bool,
+        tolerance: HashMap<Metric, u64>,
+        retries: u32,
+    ) -> Vec<Verdict> {
+        let mut judge = Judge::new(tolerance, retries, 3);
+        let mut calls = 50;
+        batches
+            .iter()
+            .map(|growth| {
+                let readings = Readings { calls, growth: growth.to_vec(), exact };
+                calls = calls * 3 / 2;
+                judge.batch(&readings).verdict
+            })
+            .collect()
+    }
+
+    use Metric::*;
+    use Verdict::{Clean, Leak, Undecided};
+
+    #[test]
+    fn a_byte_per_call_on_the_heap_is_a_leak_on_the_third_batch() {
+        // malloc(1) keeps a 32 B chunk per call.
+        let v = judge(&[&[(Heap, 50 * 32)], &[(Heap, 75 * 32)], &[(Heap, 112 * 32)]], true);
+        assert_eq!(v, [Undecided, Undecided, Leak]);
+    }
+
+    #[test]
+    fn a_python_object_per_call_is_a_leak_in_blocks_alone() {
+        // pymalloc's objects never reach malloc: only the block count sees them.
+        let v = judge(&[&[(PyBlocks, 50), (Heap, 0)], &[(PyBlocks, 75)], &[(PyBlocks, 112)]], true);
+        assert_eq!(v, [Undecided, Undecided, Leak]);
+    }
+
+    #[test]
+    fn an_mmap_without_munmap_is_a_leak_in_vms() {
+        let page = 4096;
+        let v = judge(&[&[(Vms, 50 * page)], &[(Vms, 75 * page)], &[(Vms, 112 * page)]], true);
+        assert_eq!(v, [Undecided, Undecided, Leak]);
+    }
+
+    #[test]
+    fn nothing_grown_is_clean_at_once() {
+        assert_eq!(judge(&[&[(Heap, 0), (PyBlocks, 0), (Vms, 0), (Uss, 0), (Rss, 0)]], true), [Clean]);
+    }
+
+    #[test]
+    fn a_cache_that_fills_once_is_clean_once_it_stops() {
+        let v = judge(&[&[(Heap, 64 * 1024)], &[(Heap, 0)]], true);
+        assert_eq!(v, [Undecided, Clean]);
+    }
+
+    #[test]
+    fn a_bounded_cache_is_clean_once_full() {
+        // 128 entries of 1 KiB: 50 fill in the first batch, 75 in the second, the last 3 in the
+        // third, whose growth per call has faded: clean there, and after.
+        let v = judge(&[&[(Heap, 50 * 1024)], &[(Heap, 75 * 1024)], &[(Heap, 3 * 1024)], &[(Heap, 0)]], true);
+        assert_eq!(v, [Undecided, Undecided, Clean, Clean]);
+    }
+
+    #[test]
+    fn a_block_per_batch_is_noise_not_a_leak() {
+        // A free list one block longer after each batch, whatever its size: it does not keep up.
+        let v = judge(&[&[(PyBlocks, 1), (Heap, 24)], &[(PyBlocks, 1), (Heap, 24)]], true);
+        assert_eq!(v, [Clean, Clean]);
+        // A kilobyte per batch keeps up with 50 calls, but its growth per call fades.
+        let v = judge(&[&[(Heap, 1024)], &[(Heap, 1024)], &[(Heap, 1024)], &[(Heap, 1024)]], true);
+        assert!(!v.contains(&Leak), "{v:?}");
+    }
+
+    #[test]
+    fn growth_that_stops_restarts_the_streak() {
+        let leak = |calls: i64| [(Heap, calls * 32)];
+        let v = judge(&[&leak(50), &leak(75), &[(Heap, 0)], &leak(168), &leak(252)], true);
+        assert_eq!(v, [Undecided, Undecided, Clean, Undecided, Undecided]);
+    }
+
+    #[test]
+    fn tolerance_excuses_growth_within_it() {
+        let tolerance = HashMap::from([(Heap, 10_000)]);
+        let leak = |calls: i64| [(Heap, calls * 32)];
+        assert_eq!(judge_with(&[&leak(50), &leak(75), &leak(112)], true, tolerance.clone(), 10), [Clean, Clean, Clean]);
+        let v = judge_with(&[&leak(500), &leak(750), &leak(1120)], true, tolerance, 10);
+        assert_eq!(v.last(), Some(&Leak));
+    }
+
+    #[test]
+    fn the_heaps_tolerance_covers_cpythons_blocks() {
+        let tolerance = HashMap::from([(Heap, 16_000)]);
+        let objects = |calls: i64| [(PyBlocks, calls)];
+        assert_eq!(judge_with(&[&objects(50), &objects(75), &objects(112)], true, tolerance.clone(), 10), [Clean; 3]);
+        let v = judge_with(&[&objects(5000), &objects(7500), &objects(11200)], true, tolerance, 10);
+        assert_eq!(v.last(), Some(&Leak));
+    }
+
+    #[test]
+    fn uss_is_a_second_opinion_that_must_fade() {
+        // Pages touched for the first time grow uss; an exact counter at rest does not pass the
+        // batch until they fade.
+        let v = judge(&[&[(Heap, 0), (Uss, 40960)], &[(Heap, 0), (Uss, 8192)], &[(Heap, 0), (Uss, 4096)]], true);
+        assert_eq!(v, [Undecided, Undecided, Clean]);
+    }
+
+    #[test]
+    fn readings_not_known_exact_are_judged_as_psleak_0_1_6_did() {
+        // A steady leak: never confirmed early, a leak when the batches run out (5 here).
+        let steady = |calls: i64| [(Heap, calls * 96), (Uss, 0)];
+        let mut steady_judge = Judge::new(HashMap::new(), 5, 3);
+        let verdicts: Vec<Judged> = [50, 75, 112, 168, 252]
+            .iter()
+            .map(|&calls| steady_judge.batch(&Readings { calls, growth: steady(calls as i64).to_vec(), exact: false }))
+            .collect();
+        assert_eq!(
+            verdicts.iter().map(|j| j.verdict).collect::<Vec<_>>(),
+            [Undecided, Undecided, Undecided, Undecided, Leak]
+        );
+        assert!(verdicts[4].exhausted);
+        // The same kilobyte every batch fades and passes on the third.
+        assert_eq!(judge(&[&[(Heap, 1024)], &[(Heap, 1024)], &[(Heap, 1024)]], false), [Undecided, Undecided, Clean]);
+        // Blocks are not 0.1.6's metric: not judged at all.
+        assert_eq!(judge(&[&[(PyBlocks, 1000)]], false), [Clean]);
+    }
+
+    #[test]
+    fn batches_that_run_out_undecided_are_a_leak() {
+        let noisy = |_| [(Uss, 1 << 20)];
+        let v = judge_with(&[&noisy(0), &noisy(1)], true, HashMap::new(), 2);
+        assert_eq!(v, [Undecided, Leak]);
+    }
+
+    #[test]
+    fn a_counter_grown_with_no_site_named_says_what_the_probes_miss() {
+        assert!(unnamed(&[PyBlocks]).contains("PYTHONMALLOC=malloc"));
+        assert!(unnamed(&[Vms]).contains("mappings"));
     }
 }

@@ -185,7 +185,10 @@ fn a_client_of_another_uid_is_refused_what_it_does_not_own() {
     let open = Daemon::start(&["--socket-mode", "666"]);
     let _root_session = Client::attach(&open, target.pid());
     let replies = nobody_client(&open.socket, target.pid());
-    assert_error(&replies[0], &format!("cannot trace pid {}: it belongs to uid 0, and you are uid {NOBODY}", target.pid()));
+    assert_error(
+        &replies[0],
+        &format!("cannot trace pid {}: it belongs to uid 0, and you are uid {NOBODY}", target.pid()),
+    );
     assert_eq!(replies[1]["ok"], true, "its own process is traced: {}", replies[1]);
     // Its status shows its own session, not root's.
     let seen: Vec<&Value> = replies[2]["sessions"].as_array().unwrap().iter().collect();

@@ -63,7 +63,11 @@ fn no_user_can_make_root_chmod_a_file_through_the_socket_path() {
         let mut outcomes = std::collections::BTreeSet::new();
         for round in 0..100 {
             let started = start_daemon(&socket, &["--socket-mode", "666", "--socket-group", &a.1.to_string()]);
-            assert_eq!(mode_and_owner(&secret), (0o600, 0), "dir mode {mode:o}, round {round}: root's file was changed");
+            assert_eq!(
+                mode_and_owner(&secret),
+                (0o600, 0),
+                "dir mode {mode:o}, round {round}: root's file was changed"
+            );
             match started {
                 Err(stderr) => {
                     assert!(stderr.contains(refusal), "dir mode {mode:o}: {stderr}");
@@ -91,13 +95,8 @@ fn no_user_can_make_root_chmod_a_file_through_the_socket_path() {
 /// Starts `psleak daemon --socket SOCKET EXTRA...`: once it listens, the daemon (killed when
 /// dropped); if it refused to start, its stderr.
 fn start_daemon(socket: &Path, extra: &[&str]) -> Result<Killed, String> {
-    let mut child = common::psleak()
-        .args(["daemon", "--socket"])
-        .arg(socket)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        common::psleak().args(["daemon", "--socket"]).arg(socket).args(extra).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let child = Killed(child);
     let mut first = String::new();
@@ -264,9 +263,15 @@ fn a_session_goes_on_across_an_exec_and_ends_when_the_target_becomes_root() {
     assert_eq!(effective_uid(pid), 0, "the setuid exec made the target root");
     target.run("file 3");
     let reply = created(&mut client);
-    assert_error(&reply, &format!("session ended: the target exec'd a new program: cannot trace pid {pid}: it runs a setuid"));
+    assert_error(
+        &reply,
+        &format!("session ended: the target exec'd a new program: cannot trace pid {pid}: it runs a setuid"),
+    );
     let after = client.recv("s");
-    assert!(after == json!({"closed": true}) || after["error"] == "Connection reset by peer", "the session is over: {after}");
+    assert!(
+        after == json!({"closed": true}) || after["error"] == "Connection reset by peer",
+        "the session is over: {after}"
+    );
     assert!(wait_until(Duration::from_secs(5), || daemon.sessions() == 0));
     assert!(daemon.log().contains("exec'd a new program"), "{}", daemon.log());
     let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
@@ -276,7 +281,8 @@ fn a_session_goes_on_across_an_exec_and_ends_when_the_target_becomes_root() {
 fn each_user_has_its_limits_and_others_are_still_served() {
     let _turn = one_at_a_time();
     let (a, b) = (user_a(), user_b());
-    let daemon = Daemon::start(&["--socket-mode", "666", "--max-sessions-per-user", "2", "--max-connections-per-user", "4"]);
+    let daemon =
+        Daemon::start(&["--socket-mode", "666", "--max-sessions-per-user", "2", "--max-connections-per-user", "4"]);
     let targets = [Target::start(as_user(&mut Command::new(common::leaky()), a)), Target::leaky()];
     let mut greedy = UserClient::start(&daemon.socket, a);
     let pid = targets[0].pid();
@@ -292,7 +298,11 @@ fn each_user_has_its_limits_and_others_are_still_served() {
     let theirs = Target::start(as_user(&mut Command::new(common::leaky()), b));
     assert_eq!(other.attach("1", theirs.pid())["ok"], true, "another user is served");
     // Root is bound by the daemon's limits only.
-    let _root = [Client::attach(&daemon, targets[1].pid()), Client::attach(&daemon, targets[1].pid()), Client::attach(&daemon, targets[1].pid())];
+    let _root = [
+        Client::attach(&daemon, targets[1].pid()),
+        Client::attach(&daemon, targets[1].pid()),
+        Client::attach(&daemon, targets[1].pid()),
+    ];
     assert_eq!(daemon.sessions(), 6);
 }
 
@@ -417,13 +427,18 @@ fn idle_dripping_half_line_and_endless_clients_starve_no_one_and_sigterm_ends_it
 fn daemon_with_fd_limit(soft: u32, hard: u32) -> Daemon {
     let socket = fresh_dir("daemon-test", 0o755).join("psleak.sock");
     let psleak = common::psleak().get_program().to_owned();
-    Daemon::start_with(Command::new("prlimit").arg(format!("--nofile={soft}:{hard}")).arg("--").arg(psleak), &socket, &[])
+    Daemon::start_with(
+        Command::new("prlimit").arg(format!("--nofile={soft}:{hard}")).arg("--").arg(psleak),
+        &socket,
+        &[],
+    )
 }
 
 /// User and system CPU time of a process so far.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<u64> = stat.rsplit_once(')').unwrap().1.split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+    let fields: Vec<u64> =
+        stat.rsplit_once(')').unwrap().1.split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap()).collect();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_millis((fields[0] + fields[1]) * 1000 / ticks)
@@ -513,7 +528,10 @@ fn a_client_in_a_pid_namespace_is_served_the_process_it_names() {
     let fd = client.tell(json!({"do": "open"}))["fd"].clone();
     let created = client.ask("s", json!({"op": "created", "since": since}));
     let fds = created["fds"].as_array().unwrap();
-    assert!(fds.iter().any(|f| f["fd"] == fd && f["target"] == "/dev/null"), "fd {fd} of pid 1 in its namespace: {created}");
+    assert!(
+        fds.iter().any(|f| f["fd"] == fd && f["target"] == "/dev/null"),
+        "fd {fd} of pid 1 in its namespace: {created}"
+    );
 }
 
 #[test]

@@ -196,9 +196,8 @@ fn inside_a_pid_namespace_the_namespaces_pids_are_traced() {
     let _turn = one_at_a_time();
     // The target is pid 1 of a namespace of its own, and psleak runs in that namespace too
     // (a container): its numbers are the namespace's, the kernel's are the initial one's.
-    let mut target = Target::start(
-        Command::new("unshare").args(["--fork", "--pid", "--mount-proc", "--kill-child"]).arg(leaky()),
-    );
+    let mut target =
+        Target::start(Command::new("unshare").args(["--fork", "--pid", "--mount-proc", "--kill-child"]).arg(leaky()));
     let leaky_pid = only_child(target.pid());
     let (child, stderr) = common::start_psleak(
         Command::new("nsenter")

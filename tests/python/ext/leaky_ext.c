@@ -290,7 +290,58 @@ static PyObject *churn(PyObject *self, PyObject *noarg)
 	Py_RETURN_NONE;
 }
 
+/* The allocation-heavy pair: a linked list of n nodes (n mallocs) built, walked and freed in
+ * every call; the leaky twin frees all of it but one node. Inlined, so that malloc's caller is
+ * the function a test expects named (full native stacks are issue 16's). */
+struct node {
+	struct node *next;
+	long value;
+};
+
+static inline __attribute__((always_inline)) long walk_list(long n, int keep_one)
+{
+	struct node *head = NULL;
+	long sum = 0;
+	for (long i = 0; i < n; i++) {
+		struct node *node = malloc(sizeof *node);
+		if (!node)
+			break;
+		node->next = head;
+		node->value = i;
+		head = node;
+	}
+	if (keep_one && head) {
+		sink = head;
+		head = head->next;
+	}
+	while (head) {
+		struct node *next = head->next;
+		sum += head->value;
+		free(head);
+		head = next;
+	}
+	return sum;
+}
+
+static PyObject *build_and_free_list(PyObject *self, PyObject *arg)
+{
+	long n = PyLong_AsLong(arg);
+	if (n < 0 && PyErr_Occurred())
+		return NULL;
+	return PyLong_FromLong(walk_list(n, 0));
+}
+
+static PyObject *forget_free_of_a_node(PyObject *self, PyObject *arg)
+{
+	long n = PyLong_AsLong(arg);
+	if (n < 0 && PyErr_Occurred())
+		return NULL;
+	return PyLong_FromLong(walk_list(n, 1));
+}
+
 static PyMethodDef methods[] = {
+	{"build_and_free_list", build_and_free_list, METH_O, NULL},
+	{"forget_free_of_a_node", forget_free_of_a_node, METH_O, NULL},
 	{"forget_free", forget_free, METH_O, NULL},
 	{"malloc_and_free", malloc_and_free, METH_O, NULL},
 	{"forget_munmap", forget_munmap, METH_O, NULL},

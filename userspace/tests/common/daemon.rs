@@ -239,7 +239,8 @@ impl UserClient {
 
     /// The client run by `command` (python3 -c USER_CLIENT SOCKET, maybe wrapped).
     pub fn start_with(command: &mut Command, user: (u32, u32)) -> Self {
-        let mut child = as_user(command, user).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3 runs");
+        let mut child =
+            as_user(command, user).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3 runs");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Self { child, stdin, stdout }
