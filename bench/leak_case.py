@@ -52,6 +52,8 @@ CASES = [
     ("open_and_close", "open_and_close", (), "pass", None),
     ("control: cache fills once", "fill_cache_once", (), "pass", None),
     ("control: allocates and frees a lot", "churn", (), "pass", None),
+    ("list: build and free 20000 nodes", "build_and_free_list", (20_000,), "pass", None),
+    ("list: forget a node of 20000", "forget_free_of_a_node", (20_000,), "MemoryLeakError", None),
 ]
 
 # pytest-memray can only judge memory: fds and threads are not what it sees.

@@ -54,6 +54,49 @@ impl MemoryReading {
 /// as growth (a dict and five ints, ~700 bytes per batch).
 static MEMORY_MARK: Mutex<Option<MemoryReading>> = Mutex::new(None);
 
+/// The other threads' time on a CPU at the mark: the counters are this thread's alone only if
+/// none of them ran meanwhile.
+static OTHERS_MARK: Mutex<Option<Vec<(u32, u64)>>> = Mutex::new(None);
+
+/// (tid, nanoseconds on a CPU) of every thread of this process but the calling one, sorted;
+/// None where the system does not tell (the counters are then taken as this thread's).
+#[cfg(target_os = "linux")]
+fn others_cpu() -> Option<Vec<(u32, u64)>> {
+    // "/proc/thread-self" links to "PID/task/TID" of the calling thread.
+    let own: u32 = std::fs::read_link("/proc/thread-self").ok()?.file_name()?.to_str()?.parse().ok()?;
+    let mut times = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let Some(tid) = entry.ok().and_then(|e| e.file_name().to_str()?.parse::<u32>().ok()) else { continue };
+        if tid == own {
+            continue;
+        }
+        // A thread that ended since the listing ran meanwhile: u64::MAX never matches.
+        let ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(u64::MAX);
+        times.push((tid, ns));
+    }
+    times.sort_unstable();
+    Some(times)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn others_cpu() -> Option<Vec<(u32, u64)>> {
+    None
+}
+
+/// Whether every thread there was at the mark is still there and has not run since. Threads
+/// that started since are the calls' own: what they did is the calls'.
+fn others_idle(mark: &Option<Vec<(u32, u64)>>, now: &Option<Vec<(u32, u64)>>) -> bool {
+    match (mark, now) {
+        (Some(mark), Some(now)) => {
+            mark.iter().all(|(tid, ns)| now.binary_search_by_key(tid, |&(t, _)| t).is_ok_and(|i| now[i].1 == *ns))
+        }
+        _ => true,
+    }
+}
+
 /// heap, mmap, uss, rss and vms of this process, in bytes (psleak's memory metrics).
 #[pyfunction]
 fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -67,16 +110,19 @@ fn memory(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// Takes the reading that `memory_since_mark` compares with.
 #[pyfunction]
 fn mark_memory(py: Python<'_>) -> PyResult<()> {
+    *OTHERS_MARK.lock().unwrap_or_else(|e| e.into_inner()) = others_cpu();
     let reading = MemoryReading::now(py)?;
     *MEMORY_MARK.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
     Ok(())
 }
 
-/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes; and CPython's
-/// allocated blocks, in blocks.
+/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes; CPython's
+/// allocated blocks, in blocks; and whether no other thread ran meanwhile (the counters are
+/// this thread's alone).
 #[pyfunction]
-fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, i64)> {
+fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, i64, bool)> {
     let now = MemoryReading::now(py)?;
+    let alone = others_idle(&OTHERS_MARK.lock().unwrap_or_else(|e| e.into_inner()), &others_cpu());
     let mark = MEMORY_MARK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -85,7 +131,7 @@ fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, i64)> {
     for ((name, after), (_, before)) in now.fields().into_iter().zip(mark.fields()) {
         d.set_item(name, after - before)?;
     }
-    Ok((d, (now.py_blocks - mark.py_blocks) as i64))
+    Ok((d, (now.py_blocks - mark.py_blocks) as i64, alone))
 }
 
 /// One `execute()`'s memory verdict (psleak::verdict::Judge), fed a batch at a time.
@@ -94,6 +140,15 @@ struct Judge(verdict::Judge);
 
 fn metric(name: &str) -> PyResult<verdict::Metric> {
     verdict::Metric::named(name).ok_or_else(|| PyValueError::new_err(format!("no metric {name:?}")))
+}
+
+fn verdict_named(name: &str) -> PyResult<verdict::Verdict> {
+    match name {
+        "leak" => Ok(verdict::Verdict::Leak),
+        "clean" => Ok(verdict::Verdict::Clean),
+        "undecided" => Ok(verdict::Verdict::Undecided),
+        _ => Err(PyValueError::new_err(format!("no verdict {name:?}"))),
+    }
 }
 
 #[pymethods]
@@ -106,16 +161,20 @@ impl Judge {
     }
 
     /// Judges a batch of `calls` from each metric's growth (`exact`: read by psleak around
-    /// the batch alone). Returns the verdict ("leak", "clean", "undecided"), the exact
-    /// counters that grew, and whether the batches ran out.
+    /// the batch alone) and, for a traced batch, the tracer's verdict on its sites. Returns the
+    /// verdict ("leak", "clean", "undecided"), the exact counters that grew, and whether the
+    /// batches ran out.
+    #[pyo3(signature = (calls, growth, exact, sites=None))]
     fn batch(
         &mut self,
         calls: u64,
         growth: HashMap<String, i64>,
         exact: bool,
+        sites: Option<&str>,
     ) -> PyResult<(&'static str, Vec<&'static str>, bool)> {
         let growth = growth.iter().map(|(name, g)| Ok((metric(name)?, *g))).collect::<PyResult<_>>()?;
-        let judged = self.0.batch(&verdict::Readings { calls, growth, exact });
+        let sites = sites.map(verdict_named).transpose()?;
+        let judged = self.0.batch(&verdict::Readings { calls, growth, exact, sites });
         let verdict = match judged.verdict {
             verdict::Verdict::Leak => "leak",
             verdict::Verdict::Clean => "clean",

@@ -41,8 +41,10 @@ def memory_is_checked(backend):
     return backend == "trace" or not PYMALLOC
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _stop_leaked_threads():
+    # Left spinning, they would make every later test one with other threads running, which
+    # psleak judges by tracing.
     yield
     ext.stop_leaked_threads()
 

@@ -191,6 +191,11 @@ pub struct Readings {
     pub calls: u64,
     pub growth: Vec<(Metric, i64)>,
     pub exact: bool,
+    /// The tracer's verdict on the batch's sites (`Measurement`), when the batch ran traced
+    /// because other threads share the counters: their allocations and frees are in every
+    /// process-wide figure (a thread freeing as fast as the call leaks hides the leak), never
+    /// in the sites of the calls.
+    pub sites: Option<Verdict>,
 }
 
 /// The outcome of one batch.
@@ -203,6 +208,15 @@ pub struct Judged {
     pub exhausted: bool,
 }
 
+/// How an exact counter has grown: batches in a row in which it grew (and did not fade), the
+/// least it grew per call in any of them, and batches in a row in which its growth faded.
+#[derive(Debug, Default, Clone, Copy)]
+struct CounterGrowth {
+    streak: u32,
+    least_per_call: Option<f64>,
+    fades: u32,
+}
+
 /// One `execute()`'s memory check: its batches, judged on counters.
 #[derive(Debug)]
 pub struct Judge {
@@ -210,8 +224,8 @@ pub struct Judge {
     retries: u32,
     confirm: u32,
     batches: u32,
-    /// Consecutive batches each exact counter grew in, and its growth per call in the last.
-    streaks: HashMap<Metric, (u32, f64)>,
+    /// Each exact counter's growth so far.
+    counters: HashMap<Metric, CounterGrowth>,
     /// psleak 0.1.6's state: growth per call in the last batch, and fading batches in a row.
     last_per_call: HashMap<Metric, f64>,
     fading_streak: u32,
@@ -229,7 +243,7 @@ impl Judge {
             retries: retries.max(1),
             confirm: confirm.max(1),
             batches: 0,
-            streaks: HashMap::new(),
+            counters: HashMap::new(),
             last_per_call: HashMap::new(),
             fading_streak: 0,
         }
@@ -242,30 +256,46 @@ impl Judge {
     pub fn batch(&mut self, readings: &Readings) -> Judged {
         self.batches += 1;
         let calls = readings.calls.max(1);
-        // Without exact readings, everything is judged as 0.1.6 judged it.
+        // Without exact readings, everything is judged as 0.1.6 judged it; with the sites, the
+        // exact counters are not judged at all (other threads move them).
+        let traced = readings.sites.is_some();
         let (exact, inexact): (Vec<_>, Vec<_>) =
             readings.growth.iter().copied().partition(|(m, _)| readings.exact && m.is_exact());
+        let exact = if traced { Vec::new() } else { exact };
         let inexact: Vec<_> = inexact.into_iter().filter(|(m, _)| readings.exact || *m != Metric::PyBlocks).collect();
 
         let mut grown = Vec::new();
-        let mut streaks = HashMap::new();
+        let mut settled = true;
         for (metric, growth) in exact {
-            let per_call = growth as f64 / calls as f64;
-            let (streak, last) = self.streaks.get(&metric).copied().unwrap_or((0, 0.0));
             let keeps_up = if metric == Metric::PyBlocks { growth * 2 >= calls as i64 } else { growth >= calls as i64 };
-            let fading = streak > 0 && per_call < last * FADE_RATIO;
-            if growth > self.tolerance(metric) && keeps_up && !fading {
-                grown.push(metric);
-                streaks.insert(metric, (streak + 1, per_call));
+            let counter = self.counters.entry(metric).or_default();
+            if growth <= self.tolerance.get(&metric).map_or(0, |&t| t.min(i64::MAX as u64) as i64) || !keeps_up {
+                *counter = CounterGrowth::default();
+                continue;
             }
+            let per_call = growth as f64 / calls as f64;
+            // Against the least it grew per call so far: a batch that others' noise swelled
+            // must not make the next one look faded.
+            if counter.least_per_call.is_some_and(|least| per_call < least * FADE_RATIO) {
+                counter.streak = 0;
+                counter.fades += 1;
+            } else {
+                counter.streak += 1;
+                counter.fades = 0;
+                grown.push(metric);
+            }
+            counter.least_per_call = Some(counter.least_per_call.map_or(per_call, |least| least.min(per_call)));
+            // Growth that fades, batch after batch, is noise spread over more calls (0.1.6's rule).
+            settled &= counter.fades >= 2;
         }
-        self.streaks = streaks;
         let stable = self.stable(&inexact, calls);
-        let confirmed = self.streaks.values().any(|&(streak, _)| streak >= self.confirm);
+        let confirmed =
+            self.counters.values().any(|c| c.streak >= self.confirm) || readings.sites == Some(Verdict::Leak);
+        let grown_sites = readings.sites.is_some_and(|v| v != Verdict::Clean);
 
         let verdict = if confirmed {
             Verdict::Leak
-        } else if grown.is_empty() && stable {
+        } else if settled && !grown_sites && stable {
             Verdict::Clean
         } else if self.batches >= self.retries {
             return Judged { verdict: Verdict::Leak, grown, exhausted: true };
@@ -399,7 +429,7 @@ mod judge_tests {
         batches
             .iter()
             .map(|growth| {
-                let readings = Readings { calls, growth: growth.to_vec(), exact };
+                let readings = Readings { calls, growth: growth.to_vec(), exact, sites: None };
                 calls = calls * 3 / 2;
                 judge.batch(&readings).verdict
             })
@@ -444,9 +474,9 @@ mod judge_tests {
     #[test]
     fn a_bounded_cache_is_clean_once_full() {
         // 128 entries of 1 KiB: 50 fill in the first batch, 75 in the second, the last 3 in the
-        // third, whose growth per call has faded: clean there, and after.
+        // third (faded, not yet settled), none in the fourth.
         let v = judge(&[&[(Heap, 50 * 1024)], &[(Heap, 75 * 1024)], &[(Heap, 3 * 1024)], &[(Heap, 0)]], true);
-        assert_eq!(v, [Undecided, Undecided, Clean, Clean]);
+        assert_eq!(v, [Undecided, Undecided, Undecided, Clean]);
     }
 
     #[test]
@@ -457,6 +487,14 @@ mod judge_tests {
         // A kilobyte per batch keeps up with 50 calls, but its growth per call fades.
         let v = judge(&[&[(Heap, 1024)], &[(Heap, 1024)], &[(Heap, 1024)], &[(Heap, 1024)]], true);
         assert!(!v.contains(&Leak), "{v:?}");
+    }
+
+    #[test]
+    fn a_leak_with_noise_on_top_is_not_taken_for_fading() {
+        // 32 B a call, and once a few hundred bytes more (another allocation in that batch):
+        // the next batch's 34 B a call is not a fade from 45.
+        let v = judge(&[&[(Heap, 50 * 39)], &[(Heap, 75 * 45)], &[(Heap, 112 * 34)]], true);
+        assert_eq!(v, [Undecided, Undecided, Leak]);
     }
 
     #[test]
@@ -499,7 +537,14 @@ mod judge_tests {
         let mut steady_judge = Judge::new(HashMap::new(), 5, 3);
         let verdicts: Vec<Judged> = [50, 75, 112, 168, 252]
             .iter()
-            .map(|&calls| steady_judge.batch(&Readings { calls, growth: steady(calls as i64).to_vec(), exact: false }))
+            .map(|&calls| {
+                steady_judge.batch(&Readings {
+                    calls,
+                    growth: steady(calls as i64).to_vec(),
+                    exact: false,
+                    sites: None,
+                })
+            })
             .collect();
         assert_eq!(
             verdicts.iter().map(|j| j.verdict).collect::<Vec<_>>(),
@@ -517,6 +562,22 @@ mod judge_tests {
         let noisy = |_| [(Uss, 1 << 20)];
         let v = judge_with(&[&noisy(0), &noisy(1)], true, HashMap::new(), 2);
         assert_eq!(v, [Undecided, Leak]);
+    }
+
+    #[test]
+    fn with_other_threads_the_sites_judge_and_the_counters_are_ignored() {
+        let mut judge = Judge::new(HashMap::new(), 10, 3);
+        let batch = |judge: &mut Judge, heap: i64, sites| {
+            judge
+                .batch(&Readings { calls: 50, growth: vec![(Heap, heap), (Uss, 0)], exact: true, sites: Some(sites) })
+                .verdict
+        };
+        // A thread freeing as the calls leak: the heap fell, the site grew, three times.
+        let v: Vec<_> = [Undecided, Undecided, Leak].map(|sites| batch(&mut judge, -4096, sites)).to_vec();
+        assert_eq!(v, [Undecided, Undecided, Leak]);
+        // A thread allocating beside clean calls: the heap grew, no site did.
+        let mut judge = Judge::new(HashMap::new(), 10, 3);
+        assert_eq!(batch(&mut judge, 1 << 20, Clean), Clean);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::{build_c, build_release, python_with_psleak, root, run, Guard, Result
 
 const REPETITIONS: usize = 5;
 const MEMRAY_PACKAGES: &[&str] = &[super::PYTEST, "pytest-memray==1.11.0", "matplotlib==3.11.2"];
-const OLD_PSLEAK_PACKAGES: &[&str] = &["psleak==0.1.6"];
+pub const OLD_PSLEAK_PACKAGES: &[&str] = &["psleak==0.1.6", super::PYTEST];
 /// Per-call leak sizes tried for "smallest leak caught": 1 B, 2 B, 4 B ... 64 KiB.
 const LEAK_SIZES: std::ops::RangeInclusive<u32> = 0..=16;
 
@@ -48,13 +48,7 @@ pub fn bench() -> Result {
     let old = venv(&dir.join("venv-psleak-0.1.6"), OLD_PSLEAK_PACKAGES)?;
     let memray = venv(&dir.join("venv-memray"), MEMRAY_PACKAGES)?;
     let ext = dir.join("ext");
-    run(Command::new(&ours)
-        .args(["setup.py", "-q", "build_ext", "--build-lib"])
-        .arg(&ext)
-        .arg("--build-temp")
-        .arg(ext.join("tmp"))
-        .current_dir(root().join("tests/python/ext"))
-        .stdout(Stdio::null()))?;
+    build_leaky_ext(&ours, &ext)?;
     let with_malloc = |backend| vec![("PSLEAK_BACKEND", backend), ("PYTHONMALLOC", "malloc")];
     let contenders = vec![
         Contender { name: "psleak trace", python: ours.clone(), runner: "psleak", env: with_malloc("trace") },
@@ -129,8 +123,11 @@ pub fn bench() -> Result {
     };
     let bench_dir = root().join("bench");
     let markdown = report.markdown(&machine(&ours, &old, &memray));
-    // The soak's section is its own task's: kept as it was.
-    let markdown = markdown + &crate::soak::kept_section(&bench_dir.join("RESULTS.md")).unwrap_or_default();
+    // The soak's and the tracing cost's sections are their own tasks': kept as they were.
+    let results = bench_dir.join("RESULTS.md");
+    let markdown = markdown
+        + &crate::cost::SECTION.kept(&results).unwrap_or_default()
+        + &crate::soak::SECTION.kept(&results).unwrap_or_default();
     std::fs::write(bench_dir.join("RESULTS.md"), &markdown).map_err(|e| e.to_string())?;
     let json = bench_dir.join("results.json");
     std::fs::write(&json, report.json().to_string()).map_err(|e| e.to_string())?;
@@ -140,8 +137,19 @@ pub fn bench() -> Result {
     Ok(())
 }
 
+/// Builds tests/python/ext (leaky_ext) with `python` into `ext`.
+pub fn build_leaky_ext(python: &Path, ext: &Path) -> Result {
+    run(Command::new(python)
+        .args(["setup.py", "-q", "build_ext", "--build-lib"])
+        .arg(ext)
+        .arg("--build-temp")
+        .arg(ext.join("tmp"))
+        .current_dir(root().join("tests/python/ext"))
+        .stdout(Stdio::null()))
+}
+
 /// A virtualenv of its own under target/bench with `packages` from PyPI.
-fn venv(dir: &Path, packages: &[&str]) -> Result<PathBuf> {
+pub fn venv(dir: &Path, packages: &[&str]) -> Result<PathBuf> {
     let python = dir.join("bin/python");
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(dir))?;
@@ -414,7 +422,7 @@ fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
     Ok((number(&report["events"])?, number(&report["lost"]["ring_full"])?))
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -6,6 +6,8 @@
 //!   cargo xtask test    the whole test suite: Rust, then Python (package built by maturin),
 //!                       also as an unprivileged user through `psleak daemon`
 //!   cargo xtask bench   psleak against psleak 0.1.6 and pytest-memray: bench/RESULTS.md
+//!   cargo xtask bench-cost  what tracing costs the code around a leak test: its section of
+//!                       bench/RESULTS.md
 //!   cargo xtask soak    the daemon under 10,000 sessions and ten minutes of hostile clients
 //!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
 //!   cargo xtask wine    run the Windows build under Wine (also in `test`)
@@ -16,6 +18,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Instant;
 
 mod bench;
+mod cost;
 mod soak;
 mod targets;
 mod unprivileged;
@@ -53,13 +56,14 @@ fn main() -> ExitCode {
         "demo" => setup().and_then(|()| demo()),
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench::bench()),
+        "bench-cost" => setup().and_then(|()| cost::bench_cost()),
         "soak" => setup().and_then(|()| soak::soak()),
         "check-targets" => targets::check(),
         "wine" => setup().and_then(|()| wine::smoke()).and_then(|(_, failed)| match failed {
             0 => Ok(()),
             n => Err(format!("{n} checks failed")),
         }),
-        _ => Err("usage: cargo xtask setup|demo|test|bench|soak|check-targets|wine".into()),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|bench-cost|soak|check-targets|wine".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,6 +76,34 @@ fn main() -> ExitCode {
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A section of bench/RESULTS.md that one task writes between its two markers, and that the
+/// others keep when they rewrite the rest.
+pub struct Section {
+    pub start: &'static str,
+    pub end: &'static str,
+}
+
+impl Section {
+    /// Puts `section` (with its markers) into `results`, in place of the one there if any.
+    pub fn write(&self, results: &Path, section: &str) -> Result {
+        let text = std::fs::read_to_string(results).unwrap_or_default();
+        let text = match (text.find(self.start), text.find(self.end)) {
+            (Some(start), Some(end)) if start < end => {
+                format!("{}{section}{}", &text[..start], &text[end + self.end.len()..].trim_start_matches('\n'))
+            }
+            _ => format!("{}\n{section}", text.trim_end()),
+        };
+        std::fs::write(results, text).map_err(|e| e.to_string())
+    }
+
+    /// The section in `results`, to be kept when the rest is rewritten.
+    pub fn kept(&self, results: &Path) -> Option<String> {
+        let text = std::fs::read_to_string(results).ok()?;
+        let (start, end) = (text.find(self.start)?, text.find(self.end)?);
+        (start < end).then(|| text[start..end + self.end.len()].to_string() + "\n")
+    }
 }
 
 fn run(command: &mut Command) -> Result {

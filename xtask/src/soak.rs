@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{build_c, build_release, root, unprivileged::create_user, Guard, Result};
+use super::{build_c, build_release, root, unprivileged::create_user, Guard, Result, Section};
 
 const SESSIONS: u32 = 10_000;
 const CHURN_CLIENTS: u32 = 8;
@@ -24,6 +24,7 @@ const HOSTILE_CLIENTS: u32 = 4;
 /// The markers of the soak's section in bench/RESULTS.md.
 pub const SECTION_START: &str = "<!-- soak: written by cargo xtask soak -->";
 pub const SECTION_END: &str = "<!-- /soak -->";
+pub const SECTION: Section = Section { start: SECTION_START, end: SECTION_END };
 
 pub fn soak() -> Result {
     let psleak = build_release()?;
@@ -119,7 +120,7 @@ pub fn soak() -> Result {
         after.sessions,
     );
     print!("{section}");
-    write_section(&root().join("bench/RESULTS.md"), &section)?;
+    SECTION.write(&root().join("bench/RESULTS.md"), &section)?;
     println!("xtask: wrote the soak's section of bench/RESULTS.md");
     Ok(())
 }
@@ -175,23 +176,4 @@ fn totals(clients: Vec<Guard>) -> Result<serde_json::Value> {
         let _ = client.0.wait();
     }
     Ok(sum.into())
-}
-
-/// Puts `section` (with its markers) into `results`, in place of the one there if any.
-pub fn write_section(results: &Path, section: &str) -> Result {
-    let text = std::fs::read_to_string(results).unwrap_or_default();
-    let text = match (text.find(SECTION_START), text.find(SECTION_END)) {
-        (Some(start), Some(end)) if start < end => {
-            format!("{}{section}{}", &text[..start], &text[end + SECTION_END.len()..].trim_start_matches('\n'))
-        }
-        _ => format!("{}\n{section}", text.trim_end()),
-    };
-    std::fs::write(results, text).map_err(|e| e.to_string())
-}
-
-/// The soak's section of `results`, to be kept when the rest is rewritten.
-pub fn kept_section(results: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(results).ok()?;
-    let (start, end) = (text.find(SECTION_START)?, text.find(SECTION_END)?);
-    (start < end).then(|| text[start..end + SECTION_END.len()].to_string() + "\n")
 }

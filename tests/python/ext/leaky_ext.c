@@ -178,10 +178,14 @@ static PyObject *pyobject_malloc_and_free(PyObject *self, PyObject *arg)
 
 static int stop_threads;
 
+/* Leaked threads not yet stopped: counted before each starts, so that a stop sees them all. */
+static int spinning;
+
 static void *spin(void *arg)
 {
 	while (!__atomic_load_n(&stop_threads, __ATOMIC_RELAXED))
 		usleep(1000);
+	__atomic_sub_fetch(&spinning, 1, __ATOMIC_RELAXED);
 	return NULL;
 }
 
@@ -193,8 +197,11 @@ static void *quick(void *arg)
 static PyObject *forget_pthread_join(PyObject *self, PyObject *noarg)
 {
 	pthread_t t;
-	if (pthread_create(&t, NULL, spin, NULL) != 0)
+	__atomic_add_fetch(&spinning, 1, __ATOMIC_RELAXED);
+	if (pthread_create(&t, NULL, spin, NULL) != 0) {
+		__atomic_sub_fetch(&spinning, 1, __ATOMIC_RELAXED);
 		return PyErr_Format(PyExc_OSError, "pthread_create failed");
+	}
 	pthread_detach(t);
 	Py_RETURN_NONE;
 }
@@ -209,9 +216,16 @@ static PyObject *pthread_create_and_join(PyObject *self, PyObject *noarg)
 }
 
 /* Lets the threads left running end, once a test is done with them. */
+/* Stops the threads forget_pthread_join left, waits for them to end their loops, and lets later
+ * calls leak again: a test after a leak test finds the process as it was. */
 static PyObject *stop_leaked_threads(PyObject *self, PyObject *noarg)
 {
+	Py_BEGIN_ALLOW_THREADS
 	__atomic_store_n(&stop_threads, 1, __ATOMIC_RELAXED);
+	while (__atomic_load_n(&spinning, __ATOMIC_RELAXED) > 0)
+		usleep(1000);
+	__atomic_store_n(&stop_threads, 0, __ATOMIC_RELAXED);
+	Py_END_ALLOW_THREADS
 	Py_RETURN_NONE;
 }
 
