@@ -6,7 +6,7 @@
                                                 writes each ordinary test's own time to OUT.json
 
 The ordinary tests are what a user's suite is mostly made of: code that never asked to be
-traced (here, building 20,000 small dicts). The leak tests are leaky_ext's: two leaks, three
+traced (here, building 100,000 small dicts). The leak tests are leaky_ext's: two leaks, three
 clean functions, one of them allocation-heavy.
 """
 
@@ -26,8 +26,8 @@ SESSION = """
 
     def ordinary():
         started = time.perf_counter()
-        rows = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(20_000)]
-        assert len(rows) == 20_000
+        rows = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(100_000)]
+        assert len(rows) == 100_000
         return time.perf_counter() - started
 
     LEAK_TESTS = [

@@ -9,16 +9,19 @@ def mark_memory() -> None:
     """Take the reading that memory_since_mark() compares with (kept natively, so that
     nothing made after it counts as growth)."""
 
-def memory_since_mark() -> tuple[dict[str, int], int]:
-    """How much each of memory()'s metrics grew since mark_memory(), in bytes, and how many
-    blocks CPython's allocator handed out and kept meanwhile."""
+def memory_since_mark() -> tuple[dict[str, int], int, bool]:
+    """How much each of memory()'s metrics grew since mark_memory(), in bytes; how many blocks
+    CPython's allocator handed out and kept meanwhile; and whether no other thread ran."""
 
 class Judge:
     """One execute()'s memory verdict (psleak::verdict::Judge), fed a batch at a time."""
 
     def __init__(self, tolerance: dict[str, int], retries: int, confirm: int) -> None: ...
-    def batch(self, calls: int, growth: dict[str, int], exact: bool) -> tuple[str, list[str], bool]:
-        """("leak" | "clean" | "undecided", the exact counters that grew, whether the batches ran out)."""
+    def batch(
+        self, calls: int, growth: dict[str, int], exact: bool, sites: str | None = None
+    ) -> tuple[str, list[str], bool]:
+        """("leak" | "clean" | "undecided", the exact counters that grew, whether the batches ran
+        out). ``sites``: the tracer's verdict on a traced batch's sites, which then judges."""
 
 def unnamed(grown: list[str]) -> str:
     """What to say when the tracer saw no site grow while these counters did."""

@@ -17,12 +17,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::collections::HashMap;
 
-extern "C" {
-    /// CPython's count of the blocks its allocator has handed out and not taken back
-    /// (`sys.getallocatedblocks()`, without the int object that would make).
-    fn _Py_GetAllocatedBlocks() -> isize;
-}
-
 /// psleak's memory metrics of this process (heap, mmap, uss, rss, vms), and CPython's
 /// allocated blocks. The heap is read last (`own_heap` makes the reading independent of what
 /// the reader allocated and freed).
@@ -34,9 +28,10 @@ struct MemoryReading {
 }
 
 impl MemoryReading {
-    fn now(_gil: Python<'_>) -> PyResult<Self> {
-        // SAFETY: a plain read of the allocator's counter, with the GIL held.
-        let py_blocks = unsafe { _Py_GetAllocatedBlocks() };
+    fn now(py: Python<'_>) -> PyResult<Self> {
+        // `sys.getallocatedblocks()` counts before it makes its int, which is gone again when
+        // read: both readings see the same of it. (CPython 3.12 stopped exporting the C function.)
+        let py_blocks: isize = py.import("sys")?.getattr("getallocatedblocks")?.call0()?.extract()?;
         let memory = MemoryUse::own().map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok(Self { heap: poll::own_heap(), memory, py_blocks })
     }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::{python_with_psleak, root, run, Result, Section};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECTION_START: &str = "<!-- tracing cost: cargo xtask bench-cost -->";
 const SECTION_END: &str = "<!-- end of tracing cost -->";
 pub const SECTION: Section = Section { start: SECTION_START, end: SECTION_END };
@@ -66,7 +66,7 @@ pub fn bench_cost() -> Result {
     let mut md = format!(
         "{SECTION_START}\n## 8. What tracing costs the code around a leak test (median of {ROUNDS}, interleaved)\n\n"
     );
-    md += "A pytest session of 20 ordinary tests (each builds 20,000 small dicts) with 5 leak tests of leaky_ext \
+    md += "A pytest session of 20 ordinary tests (each builds 100,000 small dicts) with 5 leak tests of leaky_ext \
            among them (two leaks, three clean functions, one pair allocation-heavy: 20,000 mallocs a call), \
            all with PYTHONMALLOC=malloc; and the allocation-heavy pair alone, each in a fresh interpreter \
            (bench/tracing_cost.py, bench/leak_case.py).\n\n";
