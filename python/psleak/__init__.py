@@ -578,10 +578,8 @@ class MemoryLeakTestCase(unittest.TestCase):
         before = self._get_counters(checkers)
         self.call(fun)
         after = self._get_counters(checkers)
-        grown = [what for what, (count, _) in before.items() if after[what][0] != count]
-        named = {what: extras for what, (_, extras) in after.items() if what != "py_threads" and extras != before[what][1]}
         # Counters judge, untraced; the tracer only names what one call more leaves.
-        created = self._traced_replay(fun) if grown or named else None
+        created = self._traced_replay(fun) if self._changed(before, after) else None
 
         for what, (count_before, extras_before) in before.items():
             count_after, extras_after = after[what]
@@ -623,6 +621,15 @@ class MemoryLeakTestCase(unittest.TestCase):
 
     # These helpers keep comprehensions out of _check_counters: a comprehension that reads a
     # local turns it into a cell, and the cell would show up as the call's GC garbage.
+    @staticmethod
+    def _changed(before, after):
+        """Whether a count moved, or an fd, thread or handle was replaced by another (Python
+        threads are named by threading itself)."""
+        return any(
+            after[what][0] != count or (what != "py_threads" and after[what][1] != extras)
+            for what, (count, extras) in before.items()
+        )
+
     @staticmethod
     def _new_py_threads(before, after):
         return [t for t in after if t not in before]

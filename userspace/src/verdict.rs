@@ -268,8 +268,9 @@ impl Judge {
         let mut settled = true;
         for (metric, growth) in exact {
             let keeps_up = if metric == Metric::PyBlocks { growth * 2 >= calls as i64 } else { growth >= calls as i64 };
+            let tolerated = growth <= self.tolerance(metric);
             let counter = self.counters.entry(metric).or_default();
-            if growth <= self.tolerance.get(&metric).map_or(0, |&t| t.min(i64::MAX as u64) as i64) || !keeps_up {
+            if tolerated || !keeps_up {
                 *counter = CounterGrowth::default();
                 continue;
             }

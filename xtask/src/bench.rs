@@ -19,12 +19,12 @@ pub const OLD_PSLEAK_PACKAGES: &[&str] = &["psleak==0.1.6", super::PYTEST];
 /// Per-call leak sizes tried for "smallest leak caught": 1 B, 2 B, 4 B ... 64 KiB.
 const LEAK_SIZES: std::ops::RangeInclusive<u32> = 0..=16;
 
-struct Contender {
-    name: &'static str,
-    python: PathBuf,
+pub struct Contender {
+    pub name: &'static str,
+    pub python: PathBuf,
     /// `psleak` or `memray`: how leak_case.py drives the case.
-    runner: &'static str,
-    env: Vec<(&'static str, &'static str)>,
+    pub runner: &'static str,
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 struct Case {
@@ -34,11 +34,11 @@ struct Case {
 }
 
 #[derive(Clone)]
-struct Run {
-    verdict: String,
-    right: bool,
-    calls: u64,
-    seconds: f64,
+pub struct Run {
+    pub verdict: String,
+    pub right: bool,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 pub fn bench() -> Result {
@@ -180,7 +180,12 @@ fn list_cases(python: &Path) -> Result<Vec<Case>> {
 fn leak_case_command(contender: &Contender, case: &str, ext: &Path) -> Result<Command> {
     let path = std::env::join_paths([ext.to_path_buf(), root().join("bench")]).map_err(|e| e.to_string())?;
     let mut command = Command::new(&contender.python);
-    command.arg(leak_case()).args([contender.runner, case]).env("PYTHONPATH", path).env_remove("PYTHONMALLOC");
+    command
+        .arg(leak_case())
+        .args([contender.runner, case])
+        .env("PYTHONPATH", path)
+        .env_remove("PYTHONMALLOC")
+        .env_remove("PSLEAK_BACKEND");
     command.envs(contender.env.iter().copied());
     Ok(command)
 }
@@ -202,7 +207,7 @@ fn crashed(stderr: &[u8], seconds: f64) -> Run {
 }
 
 /// One case in a fresh process; the time is the whole process's, as a user waits for it.
-fn run_case(contender: &Contender, case: &str, ext: &Path) -> Result<Run> {
+pub fn run_case(contender: &Contender, case: &str, ext: &Path) -> Result<Run> {
     let started = Instant::now();
     let output = leak_case_command(contender, case, ext)?.output().map_err(|e| e.to_string())?;
     let seconds = started.elapsed().as_secs_f64();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use super::bench::{run_case, Contender};
 use super::{python_with_psleak, root, run, Result, Section};
 
 const ROUNDS: usize = 5;
@@ -20,12 +21,6 @@ pub const SECTION: Section = Section { start: SECTION_START, end: SECTION_END };
 /// leak_case.py's allocation-heavy cases.
 const HEAVY_CASES: &[&str] = &["list: build and free 20000 nodes", "list: forget a node of 20000"];
 
-struct Contender {
-    name: String,
-    python: PathBuf,
-    env: Vec<(&'static str, &'static str)>,
-}
-
 pub fn bench_cost() -> Result {
     let ours = python_with_psleak()?;
     let dir = root().join("target/bench");
@@ -34,13 +29,28 @@ pub fn bench_cost() -> Result {
     super::bench::build_leaky_ext(&ours, &ext)?;
     let malloc = ("PYTHONMALLOC", "malloc");
     let mut contenders = vec![
-        Contender { name: "psleak, default backend (trace)".into(), python: ours.clone(), env: vec![malloc] },
-        Contender { name: "psleak poll".into(), python: ours.clone(), env: vec![("PSLEAK_BACKEND", "poll"), malloc] },
-        Contender { name: "psleak 0.1.6".into(), python: old, env: vec![malloc] },
+        Contender {
+            name: "psleak, default backend (trace)",
+            python: ours.clone(),
+            runner: "psleak",
+            env: vec![malloc],
+        },
+        Contender {
+            name: "psleak poll",
+            python: ours.clone(),
+            runner: "psleak",
+            env: vec![("PSLEAK_BACKEND", "poll"), malloc],
+        },
+        Contender { name: "psleak 0.1.6", python: old, runner: "psleak", env: vec![malloc] },
     ];
     if let Some(before) = std::env::var_os("PSLEAK_BENCH_BEFORE") {
         let python = PathBuf::from(before);
-        contenders.push(Contender { name: format!("psleak before ({})", python.display()), python, env: vec![malloc] });
+        contenders.push(Contender {
+            name: "psleak before (PSLEAK_BENCH_BEFORE)",
+            python,
+            runner: "psleak",
+            env: vec![malloc],
+        });
     }
 
     let names: Vec<String> = std::iter::once("ordinary tests' time in the session (s)".to_string())
@@ -55,9 +65,9 @@ pub fn bench_cost() -> Result {
             values[0][j].push(ordinary);
             values[1][j].push(whole);
             for (k, case) in HEAVY_CASES.iter().enumerate() {
-                let (verdict, seconds) = heavy_case(contender, case, &ext)?;
-                values[2 + k][j].push(seconds);
-                verdicts[k][j] = verdict;
+                let run = run_case(contender, case, &ext)?;
+                values[2 + k][j].push(run.seconds);
+                verdicts[k][j] = format!("{}{}", run.verdict, if run.right { "" } else { " (wrong)" });
             }
             println!("  [{}/{ROUNDS}] {}: ordinary {ordinary:.2} s, session {whole:.2} s", round + 1, contender.name);
         }
@@ -72,7 +82,7 @@ pub fn bench_cost() -> Result {
            (bench/tracing_cost.py, bench/leak_case.py).\n\n";
     md += &format!(
         "| | {} |\n|---|{}\n",
-        contenders.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(" | "),
+        contenders.iter().map(|c| c.name).collect::<Vec<_>>().join(" | "),
         "---:|".repeat(contenders.len())
     );
     for (i, name) in names.iter().enumerate() {
@@ -112,29 +122,4 @@ fn session(contender: &Contender, ext: &Path) -> Result<(f64, f64)> {
     let times: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&out).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     Ok((times.values().filter_map(serde_json::Value::as_f64).sum(), whole))
-}
-
-/// (verdict, wall seconds) of one leak_case.py case in a fresh interpreter.
-fn heavy_case(contender: &Contender, case: &str, ext: &Path) -> Result<(String, f64)> {
-    let path = std::env::join_paths([ext.to_path_buf(), root().join("bench")]).map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    let output = Command::new(&contender.python)
-        .arg(root().join("bench/leak_case.py"))
-        .args(["psleak", case])
-        .env("PYTHONPATH", path)
-        .env_remove("PSLEAK_BACKEND")
-        .envs(contender.env.iter().copied())
-        .output()
-        .map_err(|e| e.to_string())?;
-    let seconds = started.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let verdict = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| {
-            format!("{}{}", v["verdict"].as_str().unwrap_or("?"), if v["right"] == true { "" } else { " (wrong)" })
-        })
-        .unwrap_or_else(|| "crashed".into());
-    Ok((verdict, seconds))
 }
