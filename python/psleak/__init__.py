@@ -715,12 +715,17 @@ class MemoryLeakTestCase(unittest.TestCase):
         batch: its allocations and frees are in every process-wide counter (one that frees as
         fast as the calls leak hides the leak), never in the calls' own sites."""
         session = self._sessions.enter_context(_backends.current().session())
-        fields = {
+        self._judging_tracer = (session, self._begin_measurement(session, tolerances, min(CONFIRM_BATCHES, retries)))
+
+    @staticmethod
+    def _begin_measurement(session, tolerances, confirm):
+        """Begins a measurement in a tracer session: the fields of its batch requests (the
+        session's end ends it)."""
+        return {
             "measurement": session.request("begin")["measurement"],
             "tolerance": {"heap": tolerances.get("heap", 0), "mmap": tolerances.get("mmap", 0)},
-            "confirm": min(CONFIRM_BATCHES, retries),
+            "confirm": confirm,
         }
-        self._judging_tracer = (session, fields)
 
     def _judge_batches(self, fun, times, retries, tolerances):
         self.last_run["calls"] = self.last_run.get("calls", 0) + self._warmup_calls
@@ -773,15 +778,9 @@ class MemoryLeakTestCase(unittest.TestCase):
         backend = _backends.current()
         if not backend.exact:
             return ""
-        calls = 0
         try:
             with backend.session() as session:
-                measurement = session.request("begin")["measurement"]
-                fields = {
-                    "measurement": measurement,
-                    "tolerance": {"heap": tolerances.get("heap", 0), "mmap": tolerances.get("mmap", 0)},
-                    "confirm": NAMING_BATCHES,
-                }
+                fields = self._begin_measurement(session, tolerances, NAMING_BATCHES)
                 lost_before = session.request("mark").get("lost", {})
                 started = time.perf_counter()
                 for _ in range(PACE_CALLS):
@@ -791,7 +790,6 @@ class MemoryLeakTestCase(unittest.TestCase):
                 for _ in range(NAMING_BATCHES):
                     self._measure_batch(fun, calls, (session, fields))
                 batch = self._traced
-                session.request("end", measurement=measurement)
         except BackendError as err:
             return f"\n\nThe tracer could not name the leak: {err}"
         missed = _missed_events(lost_before, batch.get("lost", {}), fun)
