@@ -22,8 +22,11 @@ use skel::{PsleakSkel, PsleakSkelBuilder};
 use types::{alloc_op, event_flag, loss_kind};
 
 mod elf;
-pub use elf::{exports, fd_path, open_mapped};
+mod placement;
+pub use elf::{exports, fd_path, open_mapped, Place};
 pub use libbpf_rs::OpenObject;
+pub use placement::Instruction;
+use placement::Registers;
 
 /// What to probe: one process, its libc, and the object exporting CPython's allocator API.
 #[derive(Debug, Clone)]
@@ -44,8 +47,11 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Kernel BTF to relocate against, for kernels that do not expose /sys/kernel/btf/vmlinux.
     pub btf: Option<PathBuf>,
-    /// Probe `free` at its first instruction rather than past its NULL check (to measure the gain).
-    pub free_probe_at_entry: bool,
+    /// Which allocator families to probe (the kernel-side probes are always attached).
+    pub allocators: Allocators,
+    /// Probe every function at its first instruction rather than where the kernel emulates
+    /// the probed instruction (see `placement`): the placement to measure the gain against.
+    pub probes_at_entry: bool,
     /// Attach every probe with programs that return at once: the floor of the tracing cost.
     pub empty_programs: bool,
     /// Attach the allocators' entry probes before their return probes (to test that calls under
@@ -58,9 +64,39 @@ impl Default for Options {
         Self {
             ring_bytes: 32 << 20,
             btf: None,
-            free_probe_at_entry: false,
+            allocators: Allocators::All,
+            probes_at_entry: false,
             empty_programs: false,
             entry_probes_first: false,
+        }
+    }
+}
+
+/// The allocator families probed. An attached uprobe costs its trap at every call whether or
+/// not its events can matter, so a question about Python's allocations alone leaves libc's
+/// malloc family out, and one about fds and threads leaves every allocator out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allocators {
+    /// libc's malloc family and CPython's allocator API.
+    #[default]
+    All,
+    /// CPython's allocator API only (and pthread_create, whose thread stacks must not count as
+    /// the caller's mappings).
+    Python,
+    /// None (pthread_create still, as above).
+    None,
+}
+
+impl std::str::FromStr for Allocators {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "python" => Ok(Self::Python),
+            "none" => Ok(Self::None),
+            _ => Err(format!("allocators must be all, python or none (got {s:?})")),
         }
     }
 }
@@ -133,19 +169,21 @@ pub struct Losses {
     pub untracked_calls: u64,
 }
 
-const LIBC_ALLOCATORS: &[(&str, alloc_op, bool)] = &[
-    // (function, how to read it, required)
-    ("malloc", alloc_op::ALLOC_OP_SIZE_ARG1, true),
-    ("calloc", alloc_op::ALLOC_OP_CALLOC, true),
-    ("realloc", alloc_op::ALLOC_OP_REALLOC, true),
-    ("posix_memalign", alloc_op::ALLOC_OP_POSIX_MEMALIGN, true),
-    ("aligned_alloc", alloc_op::ALLOC_OP_SIZE_ARG2, false),
-    ("memalign", alloc_op::ALLOC_OP_SIZE_ARG2, false),
-    ("valloc", alloc_op::ALLOC_OP_SIZE_ARG1, false),
-    ("pvalloc", alloc_op::ALLOC_OP_SIZE_ARG1, false),
-    ("reallocarray", alloc_op::ALLOC_OP_REALLOCARRAY, false),
-    ("pthread_create", alloc_op::ALLOC_OP_SPAWN, true),
+/// libc's allocation functions: (function, how its program reads it).
+const LIBC_ALLOCATORS: &[(&str, alloc_op)] = &[
+    ("malloc", alloc_op::ALLOC_OP_SIZE_ARG1),
+    ("calloc", alloc_op::ALLOC_OP_CALLOC),
+    ("realloc", alloc_op::ALLOC_OP_REALLOC),
+    ("posix_memalign", alloc_op::ALLOC_OP_POSIX_MEMALIGN),
+    ("aligned_alloc", alloc_op::ALLOC_OP_SIZE_ARG2),
+    ("memalign", alloc_op::ALLOC_OP_SIZE_ARG2),
+    ("valloc", alloc_op::ALLOC_OP_SIZE_ARG1),
+    ("pvalloc", alloc_op::ALLOC_OP_SIZE_ARG1),
+    ("reallocarray", alloc_op::ALLOC_OP_REALLOCARRAY),
 ];
+
+/// The libc functions a glibc-compatible libc must have.
+const LIBC_REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "posix_memalign", "free", "pthread_create"];
 
 /// CPython's allocator families: (prefix, domain). Each has Malloc, Calloc, Realloc and Free.
 const PYTHON_FAMILIES: &[(&str, types::alloc_domain)] = &[
@@ -153,6 +191,93 @@ const PYTHON_FAMILIES: &[(&str, types::alloc_domain)] = &[
     ("PyMem_", types::alloc_domain::DOMAIN_PYMEM),
     ("PyObject_", types::alloc_domain::DOMAIN_PYOBJECT),
 ];
+
+const PYTHON_ALLOCATORS: &[(&str, alloc_op)] = &[
+    ("Malloc", alloc_op::ALLOC_OP_SIZE_ARG1),
+    ("Calloc", alloc_op::ALLOC_OP_CALLOC),
+    ("Realloc", alloc_op::ALLOC_OP_REALLOC),
+];
+
+/// The argument registers the entry program reads for `op` (see alloc_enter).
+fn registers_read(op: alloc_op) -> Registers {
+    match op {
+        alloc_op::ALLOC_OP_SIZE_ARG1 => Registers::RDI,
+        alloc_op::ALLOC_OP_CALLOC | alloc_op::ALLOC_OP_REALLOC => Registers::RDI.and(Registers::RSI),
+        alloc_op::ALLOC_OP_REALLOCARRAY => Registers::RDI.and(Registers::RSI).and(Registers::RDX),
+        alloc_op::ALLOC_OP_POSIX_MEMALIGN => Registers::RDI.and(Registers::RDX),
+        alloc_op::ALLOC_OP_SIZE_ARG2 => Registers::RSI,
+        _ => Registers::NONE,
+    }
+}
+
+/// Which program a probed function gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// alloc_enter and alloc_exit, at the same place.
+    Allocator,
+    /// free_enter.
+    Free,
+}
+
+/// One function psleak probes in a target, and where.
+#[derive(Debug, Clone)]
+pub struct Probed {
+    pub binary: PathBuf,
+    pub function: String,
+    pub role: Role,
+    pub place: Place,
+    cookie: u64,
+}
+
+fn unreadable(path: &Path, source: io::Error) -> AttachError {
+    AttachError::Read { path: path.to_path_buf(), source }
+}
+
+/// Every function psleak probes in `target` under `options`, and where each probe goes.
+pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed>, AttachError> {
+    let mut plan = Vec::new();
+    let libc = &target.libc;
+    let mut probe = |binary: &elf::Binary, function: String, role, reads, cookie| -> Result<bool, AttachError> {
+        let free = role == Role::Free;
+        let place = binary
+            .probe_place(&function, reads, free, options.probes_at_entry)
+            .map_err(|source| unreadable(binary.path(), source))?;
+        if let Some(place) = place {
+            plan.push(Probed { binary: binary.path().to_path_buf(), function, role, place, cookie });
+        }
+        Ok(place.is_some())
+    };
+    let python = target.python.as_deref().map(|p| elf::Binary::open(p).map_err(|e| unreadable(p, e))).transpose()?;
+    let libc = &elf::Binary::open(libc).map_err(|e| unreadable(libc, e))?;
+    let missing = |symbol: &'static str| AttachError::MissingSymbol { path: target.libc.clone(), symbol };
+    let libc_domain = types::alloc_domain::DOMAIN_LIBC;
+    let spawn = allocator_cookie(alloc_op::ALLOC_OP_SPAWN, libc_domain);
+    if !probe(libc, "pthread_create".into(), Role::Allocator, Registers::NONE, spawn)? {
+        return Err(missing("pthread_create"));
+    }
+    if options.allocators == Allocators::All {
+        for &(func, op) in LIBC_ALLOCATORS {
+            let cookie = allocator_cookie(op, libc_domain);
+            if !probe(libc, func.into(), Role::Allocator, registers_read(op), cookie)? && LIBC_REQUIRED.contains(&func)
+            {
+                return Err(missing(func));
+            }
+        }
+        if !probe(libc, "free".into(), Role::Free, Registers::RDI, free_cookie(libc_domain))? {
+            return Err(missing("free"));
+        }
+    }
+    if let (Some(python), Allocators::All | Allocators::Python) = (&python, options.allocators) {
+        for &(prefix, domain) in PYTHON_FAMILIES {
+            for &(suffix, op) in PYTHON_ALLOCATORS {
+                let cookie = allocator_cookie(op, domain);
+                probe(python, format!("{prefix}{suffix}"), Role::Allocator, registers_read(op), cookie)?;
+            }
+            probe(python, format!("{prefix}Free"), Role::Free, Registers::RDI, free_cookie(domain))?;
+        }
+    }
+    Ok(plan)
+}
 
 /// The loaded and attached probes of one target. Dropping it detaches and unloads everything.
 pub struct Probes<'obj> {
@@ -203,9 +328,14 @@ impl<'obj> Probes<'obj> {
         probes.attach_kernel_side()?;
         // Allocator probes go in after their return probes: a call whose entry is seen then
         // always has its return seen too (alloc.bpf.h copes with the reverse, and counts it).
-        probes.attach_libc(target, options)?;
-        if let Some(python) = &target.python {
-            probes.attach_python(target.pid, python, options)?;
+        let plan = probed_functions(target, options)?;
+        for binary in [Some(&target.libc), target.python.as_ref()].into_iter().flatten() {
+            let (mut allocators, mut frees) = (Places::default(), Places::default());
+            for probed in plan.iter().filter(|p| &p.binary == binary) {
+                let places = if probed.role == Role::Free { &mut frees } else { &mut allocators };
+                places.add(probed.place.offset, probed.cookie);
+            }
+            probes.attach_places(target.pid, binary, &allocators, &frees, options)?;
         }
         Ok(probes)
     }
@@ -220,48 +350,8 @@ impl<'obj> Probes<'obj> {
         Ok(())
     }
 
-    fn attach_libc(&mut self, target: &Target, options: &Options) -> Result<(), AttachError> {
-        let (libc, domain) = (&target.libc, types::alloc_domain::DOMAIN_LIBC);
-        let (mut allocators, mut frees) = (Places::default(), Places::default());
-        let unreadable = |source| AttachError::Read { path: libc.clone(), source };
-        for &(func, op, required) in LIBC_ALLOCATORS {
-            match elf::file_offset(libc, func).map_err(unreadable)? {
-                Some(offset) => allocators.add(offset, allocator_cookie(op, domain)),
-                None if required => return Err(AttachError::MissingSymbol { path: libc.clone(), symbol: func }),
-                None => {}
-            }
-        }
-        let free = elf::free_probe_file_offset(libc, "free", !options.free_probe_at_entry)
-            .map_err(unreadable)?
-            .ok_or(AttachError::MissingSymbol { path: libc.clone(), symbol: "free" })?;
-        frees.add(free, free_cookie(domain));
-        self.attach_places(target.pid, libc, &allocators, &frees, options)
-    }
-
-    fn attach_python(&mut self, pid: u32, python: &Path, options: &Options) -> Result<(), AttachError> {
-        let (mut allocators, mut frees) = (Places::default(), Places::default());
-        let offset = |symbol: String| {
-            elf::file_offset(python, &symbol).map_err(|source| AttachError::Read { path: python.to_path_buf(), source })
-        };
-        for &(prefix, domain) in PYTHON_FAMILIES {
-            for (suffix, op) in [
-                ("Malloc", alloc_op::ALLOC_OP_SIZE_ARG1),
-                ("Calloc", alloc_op::ALLOC_OP_CALLOC),
-                ("Realloc", alloc_op::ALLOC_OP_REALLOC),
-            ] {
-                if let Some(offset) = offset(format!("{prefix}{suffix}"))? {
-                    allocators.add(offset, allocator_cookie(op, domain));
-                }
-            }
-            if let Some(offset) = offset(format!("{prefix}Free"))? {
-                frees.add(offset, free_cookie(domain));
-            }
-        }
-        self.attach_places(pid, python, &allocators, &frees, options)
-    }
-
     /// The allocators' returns, the frees and the allocators' entries of one binary, in that
-    /// order (see `attach`): three links.
+    /// order (see `attach`): a link for each that has places.
     fn attach_places(
         &mut self,
         pid: u32,
@@ -280,7 +370,7 @@ impl<'obj> Probes<'obj> {
             order.reverse();
         }
         let mut links = Vec::new();
-        for (prog, places, retprobe) in order {
+        for (prog, places, retprobe) in order.into_iter().filter(|(_, places, _)| !places.offsets.is_empty()) {
             links.push(attach_multi(prog, pid, binary, places, retprobe)?);
         }
         links.into_iter().for_each(|link| self.keep(link));
@@ -464,6 +554,68 @@ mod tests {
         assert_eq!(io_errno(&err), Some(libc::EMFILE));
         let shown = AttachError::Kernel { what: "load the probes".into(), source: err }.to_string();
         assert!(shown.starts_with("cannot load the probes: too many open files (raise the limit"), "{shown}");
+    }
+
+    /// The CPythons of this machine kind: Debian's (its allocator API in the executable) and
+    /// pyenv's (in libpython). Their allocator functions differ by version and build.
+    fn this_machines_pythons() -> Vec<PathBuf> {
+        let mut found = vec![PathBuf::from("/usr/bin/python3.11")];
+        let pyenv = std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+        for version in ["3.9", "3.10", "3.11", "3.12", "3.13"] {
+            let libs = std::fs::read_dir(pyenv.join("versions")).into_iter().flatten().flatten();
+            found.extend(
+                libs.filter(|v| v.file_name().to_string_lossy().starts_with(&format!("{version}.")))
+                    .map(|v| v.path().join(format!("lib/libpython{version}.so.1.0")))
+                    .filter(|lib| lib.exists()),
+            );
+        }
+        found
+    }
+
+    #[test]
+    fn every_probe_sits_on_an_instruction_the_kernel_emulates_where_the_function_allows() {
+        let libc = PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let pythons = this_machines_pythons();
+        assert!(pythons.len() >= 6, "Debian's python3.11 and pyenv's 3.9-3.13 are on this machine kind: {pythons:?}");
+        for python in pythons {
+            let target = Target { pid: 0, libc: libc.clone(), python: Some(python.clone()), python_code: 0..0 };
+            let plan = probed_functions(&target, &Options::default()).unwrap();
+            assert_eq!(plan.len(), 11 + 12, "{}: {plan:?}", python.display());
+            for probed in plan {
+                // These have no emulated instruction before their argument is overwritten or
+                // they branch: reallocarray multiplies into its third argument's register at
+                // once; pyenv's builds of the Free functions are `mov %rdi,%rsi; mov ctx,%rdi;
+                // jmp *free` (and, from 3.12, a load into rax first).
+                let stepped = probed.function == "reallocarray"
+                    || (probed.function.ends_with("Free") && python.starts_with("/root/.pyenv"));
+                let on = probed.place.on;
+                let what = format!(
+                    "{} in {}: {on:?} at +{}",
+                    probed.function,
+                    probed.binary.display(),
+                    probed.place.offset - probed.place.entry
+                );
+                assert_eq!(on == Instruction::Stepped, stepped, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_question_about_python_or_no_allocations_leaves_the_other_allocators_unprobed() {
+        let target = Target {
+            pid: 0,
+            libc: PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            python: Some(PathBuf::from("/usr/bin/python3.11")),
+            python_code: 0..0,
+        };
+        let functions = |allocators| {
+            let plan = probed_functions(&target, &Options { allocators, ..Options::default() }).unwrap();
+            plan.into_iter().map(|p| p.function).collect::<Vec<_>>()
+        };
+        let python = functions(Allocators::Python);
+        assert_eq!(python.len(), 13, "{python:?}");
+        assert!(python.contains(&"pthread_create".to_string()) && !python.contains(&"malloc".to_string()));
+        assert_eq!(functions(Allocators::None), ["pthread_create"]);
     }
 
     #[test]

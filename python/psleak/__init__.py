@@ -50,14 +50,14 @@ __all__ = [
 # An exact counter must grow in this many batches in a row to be a leak (psleak::verdict).
 CONFIRM_BATCHES = 3
 
-# Naming a leak the counters found: a few traced calls set the pace (every allocation is a
-# probe hit), then two traced batches of as many calls as NAMING_BUDGET seconds allow at that
-# pace, at most a quarter of the first judged batch (naming needs no more). A site that grew in
-# both is named first (one that grew once may be a free list filling).
-PACE_CALLS = 2
+# Naming a leak the counters found: a traced call sets the pace (every allocation is a probe
+# hit), then two traced batches of as many calls as NAMING_BUDGET seconds allow at that pace
+# (one call each at least), at most a quarter of the first judged batch (naming needs no more).
+# A site that grew in both is named first (one that grew once may be a free list filling).
+PACE_CALLS = 1
 NAMING_BATCHES = 2
 NAMING_SHARE = 4
-NAMING_BUDGET = 0.5
+NAMING_BUDGET = 0.25
 
 POSIX = os.name == "posix"
 WINDOWS = os.name == "nt"
@@ -607,7 +607,8 @@ class MemoryLeakTestCase(unittest.TestCase):
         if not backend.exact:
             return None
         try:
-            with backend.session() as tracer:
+            # Fds and threads are the question: no allocator needs probing.
+            with backend.session(allocators="none") as tracer:
                 marked = tracer.request("mark")
                 self.call(fun)
                 created = tracer.request("created", since=marked["mark"])
@@ -778,15 +779,17 @@ class MemoryLeakTestCase(unittest.TestCase):
         backend = _backends.current()
         if not backend.exact:
             return ""
+        # Only CPython's blocks grew: libc's malloc family need not be probed.
+        allocators = "python" if grown and set(grown) <= {"py_blocks"} else "all"
         try:
-            with backend.session() as session:
+            with backend.session(allocators) as session:
                 fields = self._begin_measurement(session, tolerances, NAMING_BATCHES)
                 lost_before = session.request("mark").get("lost", {})
                 started = time.perf_counter()
                 for _ in range(PACE_CALLS):
                     self.call(fun)
                 pace = (time.perf_counter() - started) / PACE_CALLS
-                calls = max(2, min(most_calls, int(NAMING_BUDGET / NAMING_BATCHES / max(pace, 1e-6))))
+                calls = max(1, min(most_calls, int(NAMING_BUDGET / NAMING_BATCHES / max(pace, 1e-6))))
                 for _ in range(NAMING_BATCHES):
                     self._measure_batch(fun, calls, (session, fields))
                 batch = self._traced

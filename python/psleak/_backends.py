@@ -3,7 +3,9 @@ figures, CPython's blocks, the fd table, the task list), read without any probe.
 brings in, only once those counters have grown, a collector that follows this process with
 eBPF probes (ETW on Windows) and names the site of every block, fd or thread a replay of the
 calls leaves: a ``TraceSession``, begun for that and ended with it, so that no probe is attached
-while anything else runs. ``PollBackend`` names nothing: it only has the counters."""
+while anything else runs, and probing no allocator whose events cannot matter to its question
+(an attached uprobe costs its trap at every call). ``PollBackend`` names nothing: it only has
+the counters."""
 
 import contextlib
 import json
@@ -51,8 +53,10 @@ class Tracer:
         return f"trace ({kind} probes, attached by {where} only to name what the counters found)"
 
     @contextlib.contextmanager
-    def session(self):
-        session = TraceSession(self.daemon)
+    def session(self, allocators="all"):
+        """A session whose probes follow the ``allocators`` families: "all" (libc's malloc
+        family and CPython's API), "python" (CPython's only), "none" (fds and threads only)."""
+        session = TraceSession(self.daemon, allocators)
         try:
             yield session
         finally:
@@ -63,14 +67,14 @@ class TraceSession:
     """A session with a collector that follows this process: a private one, started for this
     session and ended with it (``daemon=None``), or a ``psleak daemon`` reached at that socket."""
 
-    def __init__(self, daemon=None):
+    def __init__(self, daemon=None, allocators="all"):
         self._process = None
         self.daemon = daemon
         if daemon is None:
             # A Unix socket pair; on Windows, a loopback TCP pair.
             ours, theirs = socket.socketpair()
             with theirs:
-                self._process = _start_collector(theirs)
+                self._process = _start_collector(theirs, allocators)
         else:
             ours = _connect(daemon)
         self._sock = ours
@@ -79,7 +83,8 @@ class TraceSession:
         self._sock.settimeout(READY_TIMEOUT)
         try:
             if daemon is not None:
-                self._sock.sendall(self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION))
+                attach = self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION, allocators=allocators)
+                self._sock.sendall(attach)
             self.ready = self._reply()
         except BackendError:
             self.close()
@@ -167,20 +172,22 @@ def _connect(daemon):
     return ours
 
 
-def _start_collector(theirs):
+def _start_collector(theirs, allocators):
     """The private collector, given the other end of our socket pair: as an inherited fd, or
     on Windows, where a child inherits no socket, as ``socket.share()`` data on its stdin."""
-    command = [sys.executable, "-m", "psleak._collector"]
+    # Isolated (-I: no PYTHON* variables, no user site; -S: no site): it needs nothing but
+    # psleak._native, which it loads from beside itself (see _collector).
+    command = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_collector.py")]
     if sys.platform != "win32":
         return subprocess.Popen(
-            [*command, str(theirs.fileno()), str(os.getpid())],
+            [*command, str(theirs.fileno()), str(os.getpid()), allocators],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
     process = subprocess.Popen(
-        [*command, "-", str(os.getpid())],
+        [*command, "-", str(os.getpid()), allocators],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -46,9 +46,10 @@ def tracer_unavailable() -> str | None:
     """Why this process cannot trace itself (eBPF probes; ETW sessions on Windows), or None."""
 
 if sys.platform in ("linux", "win32"):
-    def serve_collector(fd: int, pid: int) -> None:
+    def serve_collector(fd: int, pid: int, allocators: str) -> None:
         """Run a private collector for `pid` on the connected socket `fd` (a Unix socket; on
-        Windows a loopback socket's handle) until hang-up."""
+        Windows a loopback socket's handle) until hang-up, probing the `allocators` families
+        ("all", "python" or "none"; not looked at on Windows)."""
 
     def cli(argv: list[str]) -> int:
         """Run the `psleak` command line (`argv[0]` is the program name); return its exit status."""

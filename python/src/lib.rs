@@ -247,10 +247,13 @@ fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
 }
 
 /// Runs a private collector for `pid` over the connected Unix socket `fd` (taken over), until
-/// the client hangs up or `pid` exits. `PSLEAK_MAX_LIVE` bounds its ledger (blocks and mappings).
+/// the client hangs up or `pid` exits, probing the `allocators` families ("all", "python" or
+/// "none"). `PSLEAK_MAX_LIVE` bounds its ledger (blocks and mappings).
 #[cfg(target_os = "linux")]
 #[pyfunction]
-fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
+fn serve_collector(py: Python<'_>, fd: i32, pid: u32, allocators: &str) -> PyResult<()> {
+    let allocators = allocators.parse().map_err(PyValueError::new_err)?;
+    let options = psleak_ebpf::Options { allocators, ..psleak_ebpf::Options::default() };
     // SAFETY: the caller hands over an open socket fd that nothing else will use.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
     let room = match std::env::var("PSLEAK_MAX_LIVE") {
@@ -259,15 +262,16 @@ fn serve_collector(py: Python<'_>, fd: i32, pid: u32) -> PyResult<()> {
             PyRuntimeError::new_err(format!("PSLEAK_MAX_LIVE must be a number of blocks (got {value:?})"))
         })?,
     };
-    py.detach(|| session::serve(stream, pid, &psleak_ebpf::Options::default(), room))
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    py.detach(|| session::serve(stream, pid, &options, room)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 /// Runs a private collector for `pid` over the connected loopback socket `socket` (taken over;
-/// shared by the test process), until the client hangs up or `pid` exits.
+/// shared by the test process), until the client hangs up or `pid` exits. ETW's providers are
+/// the same for every question: `allocators` is not looked at.
 #[cfg(windows)]
 #[pyfunction]
-fn serve_collector(py: Python<'_>, socket: u64, pid: u32) -> PyResult<()> {
+fn serve_collector(py: Python<'_>, socket: u64, pid: u32, allocators: &str) -> PyResult<()> {
+    let _ = allocators;
     use std::os::windows::io::FromRawSocket;
     // SAFETY: the caller hands over an open socket that nothing else will use.
     let stream = unsafe { std::net::TcpStream::from_raw_socket(socket) };

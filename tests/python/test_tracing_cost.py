@@ -11,6 +11,7 @@ import time
 import leaky_ext as ext
 import pytest
 
+import psleak._backends
 from psleak import MemoryLeakError
 from psleak import UnclosedFdError
 
@@ -96,6 +97,33 @@ def test_after_a_leak_is_named_no_probe_is_left_attached(traced):
         attached_after_naming = attached_programs()
     assert attached_after_naming == []
     assert "syscall_exit" in watch.seen, "the fd was named by a traced call"
+
+
+def test_each_question_probes_only_the_allocators_it_can_need(traced, monkeypatch):
+    # An attached uprobe costs its trap at every call: an fd's replay probes no allocator, a
+    # leak of CPython's blocks alone none of libc's malloc family.
+    opened = []
+
+    class Recorded(psleak._backends.TraceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append((self.ready["allocators"], self.ready["probes"]))
+
+    monkeypatch.setattr(psleak._backends, "TraceSession", Recorded)
+    with pytest.raises(UnclosedFdError) as fd:
+        traced.execute(ext.forget_close)
+    assert "forget_close (leaky_ext.c:" in str(fd.value)
+    with pytest.raises(MemoryLeakError) as blocks:
+        traced.execute(ext.forget_decref_list)
+    assert "forget_decref_list (leaky_ext.c:" in str(blocks.value)
+    with pytest.raises(MemoryLeakError) as heap:
+        traced.execute(ext.forget_free, 1)
+    assert "forget_free (leaky_ext.c:" in str(heap.value)
+    # Under PYTHONMALLOC=malloc CPython's blocks are libc's.
+    pymalloc = os.environ.get("PYTHONMALLOC", "") in ("", "pymalloc")
+    assert [allocators for allocators, _ in opened] == ["none", "python" if pymalloc else "all", "all"]
+    probes = dict(opened)
+    assert probes["none"] < probes.get("python", probes["all"]) <= probes["all"], opened
 
 
 def busy(stop):

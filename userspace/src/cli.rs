@@ -36,6 +36,21 @@ enum Command {
     /// Each client may trace only its own uid's processes.
     #[cfg(target_os = "linux")]
     Daemon(DaemonCli),
+    /// Show where psleak's uprobes go in a process and whether the kernel emulates the
+    /// instruction each sits on (a single-stepped one costs several times more a hit).
+    #[cfg(target_os = "linux")]
+    Probes(ProbesCli),
+}
+
+#[cfg(target_os = "linux")]
+#[derive(clap::Args)]
+struct ProbesCli {
+    /// The process whose libc and Python would be probed.
+    #[arg(long, short)]
+    pid: u32,
+    /// One JSON object per probed function, one per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[cfg(target_os = "linux")]
@@ -125,10 +140,10 @@ struct TraceCli {
     #[cfg(target_os = "linux")]
     #[arg(long, default_value_t = 32, value_parser = ring_mib)]
     ring_mib: u32,
-    /// Probe free() at its entry instead of past its NULL check (for `cargo xtask bench`).
+    /// Probe every function at its entry instead of on an emulated instruction (for `cargo xtask bench`).
     #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
-    free_probe_at_entry: bool,
+    probes_at_entry: bool,
     /// Attach the probes with programs that do nothing (the floor, for `cargo xtask bench`).
     #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
@@ -188,6 +203,8 @@ pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
         Command::Trace(t) => run_trace(&t),
         #[cfg(target_os = "linux")]
         Command::Daemon(d) => run_daemon(d),
+        #[cfg(target_os = "linux")]
+        Command::Probes(p) => exit_status(crate::tracer::print_probe_places(p.pid, p.json)),
     }
 }
 
@@ -224,7 +241,8 @@ fn run_trace(t: &TraceCli) -> u8 {
         options: Options {
             btf: t.btf.clone(),
             ring_bytes: t.ring_mib << 20,
-            free_probe_at_entry: t.free_probe_at_entry,
+            probes_at_entry: t.probes_at_entry,
+            allocators: psleak_ebpf::Allocators::All,
             empty_programs: t.empty_probes,
             entry_probes_first: t.entry_probes_first,
         },

@@ -243,8 +243,9 @@ impl Daemon {
                 Ok(Ok(Opening::Attach { version, .. })) if version != VERSION => {
                     failure(format!("protocol version {version} is not served (this daemon speaks {VERSION})"))
                 }
-                Ok(Ok(Opening::Attach { pid, .. })) => match self.admit_off_the_loop(peer, pid).await {
-                    Ok(admitted) => {
+                Ok(Ok(Opening::Attach { pid, allocators, .. })) => match self.admit_off_the_loop(peer, pid).await {
+                    Ok(mut admitted) => {
+                        admitted.options.allocators = allocators;
                         self.start_session(stream, requests, admitted, held);
                         return;
                     }
@@ -309,7 +310,7 @@ impl Daemon {
         };
         state.sessions.insert(id, session);
         say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
-        Ok(Admitted { id, process, pid, client, control })
+        Ok(Admitted { id, process, pid, client, control, options: self.args.options.clone() })
     }
 
     /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
@@ -330,7 +331,7 @@ impl Daemon {
                 .and_then(|stream| Client::new(stream, requests))
                 .and_then(|client| {
                     let config = SessionConfig {
-                        options: &self.args.options,
+                        options: &a.options,
                         control: &a.control,
                         client: a.client,
                         ledger_room: self.args.ledger_room,
@@ -424,6 +425,8 @@ struct Admitted {
     pid: u32,
     client: Credentials,
     control: Arc<Control>,
+    /// The daemon's options, with the allocators the client asked to be probed.
+    options: Options,
 }
 
 /// The next request line of a connection that has not attached; `None` when it hung up.

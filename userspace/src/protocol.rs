@@ -3,7 +3,8 @@
 //!
 //! A private collector (started by the test process on a socketpair) attaches at once and
 //! sends its ready line first. A `psleak daemon` connection starts with an [`Opening`]:
-//! `{"op":"attach","pid":P,"version":1}`, answered by the same ready line (or a refusal), or
+//! `{"op":"attach","pid":P,"version":1}` (with `"allocators":"python"` or `"none"` to leave
+//! allocator families unprobed whose events the client does not need), answered by the same ready line (or a refusal), or
 //! `{"op":"status"}`. From the ready line on both speak [`Request`]: `hello` (the version
 //! handshake), `mark`, `created` (fds and threads since a mark), `begin`/`window`/`batch`/`end`
 //! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
@@ -21,11 +22,17 @@ pub const VERSION: u32 = 1;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The first request on a daemon connection.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Opening {
     /// Trace `pid` for the rest of the connection.
-    Attach { pid: u32, version: u32 },
+    Attach {
+        pid: u32,
+        version: u32,
+        #[serde(default)]
+        allocators: psleak_ebpf::Allocators,
+    },
     /// The sessions this client may see, and the daemon's own state.
     Status,
 }

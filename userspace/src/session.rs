@@ -153,6 +153,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         "pid": pid,
         "backend": "eBPF",
         "probes": live.probes.attachments(),
+        "allocators": config.options.allocators,
         "libc": live.target.libc,
         "python": live.target.python,
     });

@@ -67,6 +67,31 @@ pub fn target_of(process: &mut Process) -> Result<Target, Error> {
     Ok(Target { pid: process.pid(), libc, python, python_code })
 }
 
+/// Prints where each of psleak's uprobes goes in `pid` (`psleak probes`): nothing is attached.
+pub fn print_probe_places(pid: u32, json: bool) -> Result<(), Error> {
+    use std::io::Write;
+    let target = target_of(&mut Process::open(pid)?)?;
+    let plan = psleak_ebpf::probed_functions(&target, &Options::default())?;
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| writeln!(out, "{line}").map_err(|_| Error::OutputClosed);
+    if !json {
+        say(format!("{:<18} {:>6}  {:<15} binary", "function", "at", "instruction"))?;
+    }
+    for probed in plan {
+        let at = probed.place.offset - probed.place.entry;
+        let (function, binary, instruction) = (&probed.function, probed.binary.display(), probed.place.on.name());
+        say(if json {
+            let emulated = probed.place.on != psleak_ebpf::Instruction::Stepped;
+            serde_json::json!({"function": function, "binary": binary.to_string(), "offset": at,
+                "instruction": instruction, "emulated": emulated})
+            .to_string()
+        } else {
+            format!("{function:<18} {:>6}  {instruction:<15} {binary}", format!("+{at}"))
+        })?;
+    }
+    Ok(())
+}
+
 /// Loads and attaches the probes to `process`; fails if it died meanwhile.
 pub fn attach<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,

@@ -65,6 +65,24 @@ fn a_session_through_the_daemon_measures_exactly_and_detaches() {
 }
 
 #[test]
+fn a_session_that_asks_for_no_allocator_probes_gets_none() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start(&[]);
+    let mut target = Target::leaky();
+    let mut client = daemon.connect();
+    let ask = |allocators| json!({"op": "attach", "pid": target.pid(), "version": 1, "allocators": allocators});
+    let ready = client.request(ask("none"));
+    assert_eq!(ready["allocators"], "none", "{ready}");
+    let mut all = daemon.connect();
+    let all_ready = all.request(ask("all"));
+    assert!(ready["probes"].as_u64() < all_ready["probes"].as_u64(), "{ready} {all_ready}");
+    drop(all);
+    client.request(json!({"op": "hello", "version": 1}));
+    let batch = measure(&mut client, &mut target, "malloc 5 100", 5);
+    assert!(batch["sites"].as_array().unwrap().is_empty(), "no malloc is seen: {batch}");
+}
+
+#[test]
 fn garbage_and_oversized_messages_get_errors_while_another_session_goes_on() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let daemon = Daemon::start(&[]);
@@ -105,6 +123,7 @@ fn garbage_and_oversized_messages_get_errors_while_another_session_goes_on() {
                 assert_error(&bad.ask(r#"{"op":"batch","measurement":1,"calls":1,"confirm":1}"#), "starts with attach");
                 assert_error(&bad.ask(r#"{"op":"attach","pid":1}"#), "missing field `version`");
                 assert_error(&bad.ask(r#"{"op":"attach","pid":1,"version":99}"#), "protocol version 99");
+                assert_error(&bad.ask(r#"{"op":"attach","pid":1,"version":1,"allocators":"heap"}"#), "unknown variant");
                 assert_error(&bad.ask(r#"{"op":"attach","pid":4194304,"version":1}"#), "no process with pid");
                 assert_eq!(bad.ask(r#"{"op":"status"}"#)["ok"], true, "the connection is still served");
                 // Half a line, then gone.

@@ -28,11 +28,13 @@ fn a_pid_that_does_not_exist() {
     let pid = unused_pid().to_string();
     assert_refused(&["trace", "--pid", &pid], &format!("no process with pid {pid}"));
     assert_refused(&["trace", "--pid", "0"], "no process with pid 0");
+    assert_refused(&["probes", "--pid", &pid], &format!("no process with pid {pid}"));
 }
 
 #[test]
 fn a_kernel_thread() {
     assert_refused(&["trace", "--pid", "2"], "cannot trace pid 2: it is a kernel thread");
+    assert_refused(&["probes", "--pid", "2"], "cannot trace pid 2: it is a kernel thread");
 }
 
 #[test]

@@ -371,13 +371,13 @@ fn resident_bytes(pid: u32) -> Result<u64> {
 }
 
 /// A benchmark target that waits for a line on stdin before it starts.
-struct Waiting {
+pub struct Waiting {
     child: Guard,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Waiting {
-    fn start(command: &mut Command) -> Result<Self> {
+    pub fn start(command: &mut Command) -> Result<Self> {
         let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -385,21 +385,27 @@ impl Waiting {
         Ok(Self { child: Guard(child), stdout })
     }
 
-    fn pid(&self) -> String {
+    pub fn pid(&self) -> String {
         self.child.0.id().to_string()
     }
 
     /// Lets it run and returns the number it prints.
     fn go(&mut self) -> Result<f64> {
+        let line = self.go_line()?;
+        line.trim().parse().map_err(|_| format!("benchmark target printed {line:?}"))
+    }
+
+    /// Lets it run and returns the line it prints.
+    pub fn go_line(&mut self) -> Result<String> {
         writeln!(self.child.0.stdin.as_mut().unwrap(), "go").map_err(|e| e.to_string())?;
         let mut line = String::new();
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        line.trim().parse().map_err(|_| format!("benchmark target printed {line:?}"))
+        Ok(line)
     }
 }
 
 /// psleak attached to a waiting target; returns (tracer, seconds to attach).
-fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> {
+pub fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> {
     let started = Instant::now();
     let mut child = Command::new(psleak)
         .args(["trace", "--json", "--interval", "3600", "--ring-mib", "64", "--pid", pid])
@@ -417,7 +423,7 @@ fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> {
 }
 
 /// Stops the tracer and returns (events, events lost).
-fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
+pub fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
     run(Command::new("kill").args(["-INT", &tracer.0.id().to_string()]))?;
     let mut out = String::new();
     tracer.0.stdout.as_mut().unwrap().read_to_string(&mut out).map_err(|e| e.to_string())?;

@@ -3,6 +3,9 @@
 //! with leak tests among them, and the allocation-heavy pair of leaky_ext. Its tables go in
 //! their own section of bench/RESULTS.md, which `cargo xtask bench` keeps.
 //!
+//! Then what a probe hit costs, per probed function, with the probes where psleak puts them
+//! and with all of them at their function's entry (the placement before), in the same rounds.
+//!
 //! `PSLEAK_BENCH_BEFORE=/path/to/python` adds a contender: another build of psleak installed
 //! in that interpreter (the one before a change, to measure the change).
 
@@ -10,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use super::bench::{run_case, Contender};
-use super::{python_with_psleak, root, run, Result, Section};
+use super::bench::{attach, median, run_case, stop, Contender, Waiting};
+use super::{build_release, python_with_psleak, root, run, Result, Section};
 
 const ROUNDS: usize = 5;
 const SECTION_START: &str = "<!-- tracing cost: cargo xtask bench-cost -->";
@@ -98,6 +101,8 @@ pub fn bench_cost() -> Result {
             .collect();
         md += &format!("| {name} | {} |\n", cells.join(" | "));
     }
+    println!("\nxtask: what a probe hit costs, per probed function");
+    md += &probe_costs(&build_release()?, &ours, &ext)?;
     md += SECTION_END;
     md += "\n";
     println!("\n{md}");
@@ -122,4 +127,104 @@ fn session(contender: &Contender, ext: &Path) -> Result<(f64, f64)> {
     let times: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&out).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     Ok((times.values().filter_map(serde_json::Value::as_f64).sum(), whole))
+}
+
+/// How each probed function is timed by bench/probe_cost.py, untraced and traced two ways.
+const PLACEMENTS: [(&str, &[&str]); 3] =
+    [("untraced", &[]), ("probes at function entry", &["--probes-at-entry"]), ("probes placed", &[])];
+
+/// The probe cost table: for each allocation function, what an alloc/free pair costs more
+/// traced (its entry and return probes' hit and its family's free's), probes at their
+/// function's entry against where psleak places them; and the Python small-call ratio.
+fn probe_costs(psleak: &Path, python: &Path, ext: &Path) -> Result<String> {
+    let script = root().join("bench/probe_cost.py");
+    let target = || {
+        let mut command = Command::new(python);
+        command.arg(&script).env("PYTHONPATH", ext).env_remove("PYTHONMALLOC");
+        command
+    };
+    // name -> placement -> ns per pair, over the rounds
+    let mut ns: Vec<(String, [Vec<f64>; 3])> = Vec::new();
+    for round in 0..ROUNDS {
+        for (k, (placement, flags)) in PLACEMENTS.iter().enumerate() {
+            let mut waiting = Waiting::start(&mut target())?;
+            let tracer = if k == 0 { None } else { Some(attach(psleak, &waiting.pid(), flags)?.0) };
+            let line = waiting.go_line()?;
+            if let Some(tracer) = tracer {
+                stop(tracer)?;
+            }
+            let times: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&line).map_err(|e| format!("probe_cost.py printed {line:?}: {e}"))?;
+            for (name, value) in times {
+                let at = match ns.iter().position(|(n, _)| *n == name) {
+                    Some(at) => at,
+                    None => {
+                        ns.push((name, Default::default()));
+                        ns.len() - 1
+                    }
+                };
+                ns[at].1[k].push(value.as_f64().unwrap_or(f64::NAN));
+            }
+            println!("  [{}/{ROUNDS}] {placement}", round + 1);
+        }
+    }
+    let sits_on = placements(psleak, python, ext)?;
+    let mut md = format!(
+        "\n### What a probe hit costs (median of {ROUNDS}, interleaved; `psleak probes --pid PID` shows the placement)\n\n\
+         Each row: an allocation of 64 bytes by that function, freed at once by its family's free, 20,000 times in \
+         leaky_ext (bench/probe_cost.py, default allocator); traced by `psleak trace`. The extra time is the \
+         function's probe hit (its entry and return probes share one place) and its free's.\n\n\
+         | function | probe sits on | untraced (ns) | extra, probes at entry (ns) | extra, probes placed (ns) | placed / at entry |\n\
+         |---|---|---:|---:|---:|---:|\n"
+    );
+    for (name, by_placement) in &ns {
+        let [untraced, at_entry, placed] = by_placement.clone().map(|v| median(v).unwrap_or(f64::NAN));
+        let (extra_entry, extra_placed) = (at_entry - untraced, placed - untraced);
+        let on = sits_on.iter().find(|(f, _)| f == name).map_or("", |(_, on)| on.as_str());
+        if name == SMALL_CALL {
+            md += &format!(
+                "| {name} (untraced, at entry, placed: ×untraced) | | {untraced:.0} | ×{:.0} | ×{:.0} | {:.2} |\n",
+                at_entry / untraced,
+                placed / untraced,
+                placed / at_entry
+            );
+        } else {
+            md += &format!(
+                "| {name} | {on} | {untraced:.0} | {extra_entry:.0} | {extra_placed:.0} | {:.2} |\n",
+                extra_placed / extra_entry
+            );
+        }
+    }
+    let frees: Vec<String> = sits_on
+        .iter()
+        .filter(|(f, _)| f.ends_with("free") || f.ends_with("Free"))
+        .map(|(f, on)| format!("{f}: {on}"))
+        .collect();
+    md += &format!("\nThe frees' probes: {}.\n", frees.join("; "));
+    Ok(md)
+}
+
+/// bench/probe_cost.py's small-call row.
+const SMALL_CALL: &str = "Python call of a small function";
+
+/// (function, what its probe sits on: "push at +7", "single-stepped"...) in the bench target.
+fn placements(psleak: &Path, python: &Path, ext: &Path) -> Result<Vec<(String, String)>> {
+    let waiting = Waiting::start(Command::new(python).arg(root().join("bench/probe_cost.py")).env("PYTHONPATH", ext))?;
+    let out = Command::new(psleak)
+        .args(["probes", "--json", "--pid", &waiting.pid()])
+        .output()
+        .map_err(|e| format!("cannot run psleak probes: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("psleak probes failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let probe: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("psleak probes: {e}"))?;
+        let (function, offset) =
+            (probe["function"].as_str().unwrap_or_default(), probe["offset"].as_u64().unwrap_or(0));
+        let instruction = probe["instruction"].as_str().unwrap_or_default();
+        let on = if offset == 0 { format!("{instruction} at entry") } else { format!("{instruction} at +{offset}") };
+        found.push((function.to_string(), on));
+    }
+    Ok(found)
 }

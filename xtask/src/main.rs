@@ -421,7 +421,7 @@ fn result_counts(line: &str) -> Option<(u64, u64)> {
     Some((count("passed")?, count("failed")?))
 }
 
-fn build_release() -> Result<PathBuf> {
+pub fn build_release() -> Result<PathBuf> {
     run(Command::new("cargo").args(["build", "--release", "--locked", "-p", "psleak"]).current_dir(root()))?;
     Ok(root().join("target/release/psleak"))
 }

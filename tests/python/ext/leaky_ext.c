@@ -7,8 +7,11 @@
 #include <Python.h>
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -353,7 +356,74 @@ static PyObject *forget_free_of_a_node(PyObject *self, PyObject *arg)
 	return PyLong_FromLong(walk_list(n, 1));
 }
 
+/*
+ * For the bench's table of probe costs (bench/probe_cost.py): N calls of the allocation
+ * function NAME, each block freed by its family's free at once; nanoseconds per pair.
+ */
+static void *posix_memalign_64(void)
+{
+	void *p = NULL;
+	return posix_memalign(&p, 64, 64) ? NULL : p;
+}
+
+#define PAIRS(n, allocation, release)                                                              \
+	for (long i = 0; i < (n); i++) {                                                           \
+		sink = (allocation);                                                               \
+		release(sink);                                                                     \
+	}
+
+static PyObject *time_allocator(PyObject *self, PyObject *args)
+{
+	const char *name;
+	long n;
+	if (!PyArg_ParseTuple(args, "sl", &name, &n))
+		return NULL;
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	if (!strcmp(name, "malloc"))
+		PAIRS(n, malloc(64), free)
+	else if (!strcmp(name, "calloc"))
+		PAIRS(n, calloc(1, 64), free)
+	else if (!strcmp(name, "realloc"))
+		PAIRS(n, realloc(NULL, 64), free)
+	else if (!strcmp(name, "posix_memalign"))
+		PAIRS(n, posix_memalign_64(), free)
+	else if (!strcmp(name, "aligned_alloc"))
+		PAIRS(n, aligned_alloc(64, 64), free)
+	else if (!strcmp(name, "memalign"))
+		PAIRS(n, memalign(64, 64), free)
+	else if (!strcmp(name, "valloc"))
+		PAIRS(n, valloc(64), free)
+	else if (!strcmp(name, "pvalloc"))
+		PAIRS(n, pvalloc(64), free)
+	else if (!strcmp(name, "reallocarray"))
+		PAIRS(n, reallocarray(NULL, 8, 8), free)
+	else if (!strcmp(name, "PyMem_RawMalloc"))
+		PAIRS(n, PyMem_RawMalloc(64), PyMem_RawFree)
+	else if (!strcmp(name, "PyMem_RawCalloc"))
+		PAIRS(n, PyMem_RawCalloc(1, 64), PyMem_RawFree)
+	else if (!strcmp(name, "PyMem_RawRealloc"))
+		PAIRS(n, PyMem_RawRealloc(NULL, 64), PyMem_RawFree)
+	else if (!strcmp(name, "PyMem_Malloc"))
+		PAIRS(n, PyMem_Malloc(64), PyMem_Free)
+	else if (!strcmp(name, "PyMem_Calloc"))
+		PAIRS(n, PyMem_Calloc(1, 64), PyMem_Free)
+	else if (!strcmp(name, "PyMem_Realloc"))
+		PAIRS(n, PyMem_Realloc(NULL, 64), PyMem_Free)
+	else if (!strcmp(name, "PyObject_Malloc"))
+		PAIRS(n, PyObject_Malloc(64), PyObject_Free)
+	else if (!strcmp(name, "PyObject_Calloc"))
+		PAIRS(n, PyObject_Calloc(1, 64), PyObject_Free)
+	else if (!strcmp(name, "PyObject_Realloc"))
+		PAIRS(n, PyObject_Realloc(NULL, 64), PyObject_Free)
+	else
+		return PyErr_Format(PyExc_ValueError, "no allocation function %s", name);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	return PyFloat_FromDouble(((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+}
+
 static PyMethodDef methods[] = {
+	{"time_allocator", time_allocator, METH_VARARGS, NULL},
 	{"build_and_free_list", build_and_free_list, METH_O, NULL},
 	{"forget_free_of_a_node", forget_free_of_a_node, METH_O, NULL},
 	{"forget_free", forget_free, METH_O, NULL},
