@@ -1,7 +1,7 @@
 """Target of the probe cost table of `cargo xtask bench-cost`. Waits for a line on stdin (so that
 a tracer can attach first), then times alloc/free pairs of each allocation function psleak
 probes (leaky_ext.time_allocator) and Python calls of a small function, and prints the
-nanoseconds per pair or call as one JSON object. Waits for another line before it exits."""
+nanoseconds per pair or call as one JSON list of [name, ns]. Waits for another line before it exits."""
 
 import json
 import sys
@@ -23,11 +23,11 @@ def small(i):
 def main():
     print("ready", flush=True)
     sys.stdin.readline()
-    ns = {name: leaky_ext.time_allocator(name, PAIRS) for name in LIBC + PYTHON}
+    ns = [[name, leaky_ext.time_allocator(name, PAIRS)] for name in LIBC + PYTHON]
     started = time.perf_counter_ns()
     for i in range(CALLS):
         small(i)
-    ns[SMALL_CALL] = (time.perf_counter_ns() - started) / CALLS
+    ns.append([SMALL_CALL, (time.perf_counter_ns() - started) / CALLS])
     print(json.dumps(ns), flush=True)
     sys.stdin.readline()
 

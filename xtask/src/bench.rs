@@ -295,7 +295,7 @@ fn overhead(psleak: &Path) -> Result<Overhead> {
         "malloc/free pair, untraced (ns)",
         "malloc/free pair, floor: same probes, empty programs (ns)",
         "malloc/free pair, traced by psleak (ns)",
-        "malloc/free pair, traced, free probed at entry (ns)",
+        "malloc/free pair, traced, probes at function entry (ns)",
         "Python call of a small function, untraced (ns)",
         "Python call of a small function, floor (ns)",
         "Python call of a small function, traced by psleak (ns)",
@@ -308,7 +308,7 @@ fn overhead(psleak: &Path) -> Result<Overhead> {
     let mut values: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
         values[0].push(Waiting::start(&mut alloc_cmd(&pairs, "free"))?.go()?);
-        for (row, extra) in [(1, &["--empty-probes"][..]), (2, &[][..]), (3, &["--free-probe-at-entry"][..])] {
+        for (row, extra) in [(1, &["--empty-probes"][..]), (2, &[][..]), (3, &["--probes-at-entry"][..])] {
             let mut target = Waiting::start(&mut alloc_cmd(&pairs, "free"))?;
             let (tracer, attach_s) = attach(psleak, &target.pid(), extra)?;
             let ns = target.go()?;

@@ -102,7 +102,14 @@ pub fn bench_cost() -> Result {
         md += &format!("| {name} | {} |\n", cells.join(" | "));
     }
     println!("\nxtask: what a probe hit costs, per probed function");
-    md += &probe_costs(&build_release()?, &ours, &ext)?;
+    let psleak = build_release()?;
+    let venv_python = std::fs::canonicalize(&ours).map_err(|e| e.to_string())?;
+    md += &probe_costs(&psleak, &format!("the test venv's CPython ({})", venv_python.display()), &ours, &ext)?;
+    // Debian's own CPython is built with LTO: its allocator functions differ (see `psleak probes`).
+    let debian = Path::new(DEBIAN_PYTHON);
+    let debian_ext = dir.join("ext-debian");
+    super::bench::build_leaky_ext(debian, &debian_ext)?;
+    md += &probe_costs(&psleak, &format!("Debian's CPython ({DEBIAN_PYTHON}, LTO)"), debian, &debian_ext)?;
     md += SECTION_END;
     md += "\n";
     println!("\n{md}");
@@ -129,6 +136,9 @@ fn session(contender: &Contender, ext: &Path) -> Result<(f64, f64)> {
     Ok((times.values().filter_map(serde_json::Value::as_f64).sum(), whole))
 }
 
+/// The system's CPython, beside the test venv's (pyenv's on this machine kind).
+const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
+
 /// How each probed function is timed by bench/probe_cost.py, untraced and traced two ways.
 const PLACEMENTS: [(&str, &[&str]); 3] =
     [("untraced", &[]), ("probes at function entry", &["--probes-at-entry"]), ("probes placed", &[])];
@@ -136,7 +146,7 @@ const PLACEMENTS: [(&str, &[&str]); 3] =
 /// The probe cost table: for each allocation function, what an alloc/free pair costs more
 /// traced (its entry and return probes' hit and its family's free's), probes at their
 /// function's entry against where psleak places them; and the Python small-call ratio.
-fn probe_costs(psleak: &Path, python: &Path, ext: &Path) -> Result<String> {
+fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<String> {
     let script = root().join("bench/probe_cost.py");
     let target = || {
         let mut command = Command::new(python);
@@ -153,7 +163,7 @@ fn probe_costs(psleak: &Path, python: &Path, ext: &Path) -> Result<String> {
             if let Some(tracer) = tracer {
                 stop(tracer)?;
             }
-            let times: serde_json::Map<String, serde_json::Value> =
+            let times: Vec<(String, f64)> =
                 serde_json::from_str(&line).map_err(|e| format!("probe_cost.py printed {line:?}: {e}"))?;
             for (name, value) in times {
                 let at = match ns.iter().position(|(n, _)| *n == name) {
@@ -163,14 +173,14 @@ fn probe_costs(psleak: &Path, python: &Path, ext: &Path) -> Result<String> {
                         ns.len() - 1
                     }
                 };
-                ns[at].1[k].push(value.as_f64().unwrap_or(f64::NAN));
+                ns[at].1[k].push(value);
             }
-            println!("  [{}/{ROUNDS}] {placement}", round + 1);
+            println!("  [{}/{ROUNDS}] {label}: {placement}", round + 1);
         }
     }
     let sits_on = placements(psleak, python, ext)?;
     let mut md = format!(
-        "\n### What a probe hit costs (median of {ROUNDS}, interleaved; `psleak probes --pid PID` shows the placement)\n\n\
+        "\n### What a probe hit costs in {label} (median of {ROUNDS}, interleaved; `psleak probes --pid PID` shows the placement)\n\n\
          Each row: an allocation of 64 bytes by that function, freed at once by its family's free, 20,000 times in \
          leaky_ext (bench/probe_cost.py, default allocator); traced by `psleak trace`. The extra time is the \
          function's probe hit (its entry and return probes share one place) and its free's.\n\n\
