@@ -17,7 +17,7 @@ use crate::placement::{self, Instruction, Registers};
 
 /// Whether `binary` defines `symbol` in its own symbol tables (false if it cannot be read).
 pub fn exports(binary: &Path, symbol: &str) -> bool {
-    Binary::open(binary).is_ok_and(|binary| binary.symbol_file_offset(symbol).is_some())
+    Binary::open(binary).is_ok_and(|binary| binary.symbol(symbol).is_some())
 }
 
 /// Where a probe of `func` goes (see `placement`): its file offset, and what sits there.
@@ -52,8 +52,9 @@ impl Binary {
         pass_null_check: bool,
         at_entry: bool,
     ) -> io::Result<Option<Place>> {
-        let Some(entry) = self.symbol_file_offset(func) else { return Ok(None) };
-        let mut code = vec![0u8; PROLOGUE_BYTES];
+        let Some((entry, size)) = self.symbol(func) else { return Ok(None) };
+        // The walk stays inside the function: past its end is another's code.
+        let mut code = vec![0u8; size.filter(|&size| size > 0).map_or(PROLOGUE_BYTES, |size| size.min(PROLOGUE_BYTES))];
         let read = self.file.read_at(&mut code, entry)?;
         code.truncate(read);
         let (past, on) = if at_entry {
@@ -64,12 +65,14 @@ impl Binary {
         Ok(Some(Place { entry: entry as usize, offset: entry as usize + past, on }))
     }
 
-    fn symbol_file_offset(&self, func: &str) -> Option<u64> {
+    /// Where `func` starts, as a file offset, and its size when the symbol table gives one.
+    fn symbol(&self, func: &str) -> Option<(u64, Option<usize>)> {
         // The binary's own symbol tables: a separate debug file knows no file offsets.
         let mut elf = Elf::new(fd_path(&self.file));
         elf.debug_syms = false;
         let found = self.inspector.lookup(&Source::Elf(elf), &[func]).ok()?;
-        found.first().and_then(|symbols| symbols.first()).and_then(|symbol| symbol.file_offset)
+        let symbol = found.first().and_then(|symbols| symbols.first())?;
+        Some((symbol.file_offset?, symbol.size))
     }
 
     pub fn path(&self) -> &Path {

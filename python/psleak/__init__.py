@@ -52,7 +52,8 @@ CONFIRM_BATCHES = 3
 
 # Naming a leak the counters found: a traced call sets the pace (every allocation is a probe
 # hit), then two traced batches of as many calls as NAMING_BUDGET seconds allow at that pace
-# (one call each at least), at most a quarter of the first judged batch (naming needs no more).
+# (two calls each at least: a leak may be of a block every other call), at most a quarter of
+# the first judged batch (naming needs no more).
 # A site that grew in both is named first (one that grew once may be a free list filling).
 PACE_CALLS = 1
 NAMING_BATCHES = 2
@@ -789,7 +790,7 @@ class MemoryLeakTestCase(unittest.TestCase):
                 for _ in range(PACE_CALLS):
                     self.call(fun)
                 pace = (time.perf_counter() - started) / PACE_CALLS
-                calls = max(1, min(most_calls, int(NAMING_BUDGET / NAMING_BATCHES / max(pace, 1e-6))))
+                calls = max(2, min(most_calls, int(NAMING_BUDGET / NAMING_BATCHES / max(pace, 1e-6))))
                 for _ in range(NAMING_BATCHES):
                     self._measure_batch(fun, calls, (session, fields))
                 batch = self._traced

@@ -83,14 +83,27 @@ class TraceSession:
         self._sock.settimeout(READY_TIMEOUT)
         try:
             if daemon is not None:
-                attach = self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION, allocators=allocators)
-                self._sock.sendall(attach)
-            self.ready = self._reply()
+                self.ready = self._attach(allocators)
+            else:
+                self.ready = self._reply()
         except BackendError:
             self.close()
             raise
         self._sock.settimeout(REPLY_TIMEOUT)
         self.request("hello", version=PROTOCOL_VERSION)
+
+    def _attach(self, allocators):
+        """Attaches the daemon's session. A daemon older than the allocator choice refuses the
+        field: its session probes every allocator then, which costs more but answers the same."""
+        fields = {} if allocators == "all" else {"allocators": allocators}
+        self._sock.sendall(self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION, **fields))
+        try:
+            return self._reply()
+        except BackendError as err:
+            if "unknown field `allocators`" not in str(err):
+                raise
+        self._sock.sendall(self.encode("attach", pid=os.getpid(), version=PROTOCOL_VERSION))
+        return self._reply()
 
     def describe(self):
         where = f"daemon at {self.daemon}" if self.daemon else f"collector pid {self._process.pid}"

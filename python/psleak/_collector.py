@@ -33,8 +33,8 @@ def main():
     sock = socket.fromshare(sys.stdin.buffer.read()).detach() if where == "-" else int(where)
     try:
         load_native().serve_collector(sock, pid, allocators)
-    except (RuntimeError, ValueError) as err:
-        # The client already got the reason as the attach reply; this is for the logs.
+    except (ImportError, RuntimeError, ValueError) as err:
+        # Said in one line: the client reads it as the reason when no ready line came.
         print(f"psleak collector: {err}", file=sys.stderr)
         sys.exit(2)
 

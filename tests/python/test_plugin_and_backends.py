@@ -188,3 +188,48 @@ def test_a_python_that_inlines_its_allocator_is_judged_by_its_block_count():
         for pythonmalloc in (None, "malloc"):
             outcome = run_leaky_script(python, pythonmalloc)
             assert outcome.startswith("leak: memory kept increasing"), (python, pythonmalloc, outcome)
+
+
+def test_a_daemon_older_than_the_allocator_choice_still_serves(tmp_path):
+    # A psleak daemon built before sessions could leave allocators unprobed refuses the field
+    # (its Opening denies unknown fields, keeping the connection): the client attaches again
+    # without it. The server speaks that daemon's replies verbatim; no daemon of that build is
+    # installed here.
+    import socket
+    import threading
+
+    import psleak._backends as backends
+
+    path = str(tmp_path / "old.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    asked = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as stream:
+            for line in stream:
+                request = json.loads(line)
+                asked.append(request)
+                if request["op"] == "attach" and "allocators" in request:
+                    reply = {"ok": False, "error": "bad request: unknown field `allocators`, expected `pid` or "
+                             "`version` at line 1 column 60 (a connection starts with attach or status)"}
+                elif request["op"] == "attach":
+                    reply = {"ok": True, "version": 1, "pid": request["pid"], "backend": "eBPF", "probes": 46}
+                else:
+                    reply = {"ok": True}
+                stream.write(json.dumps(reply).encode() + b"\n")
+                stream.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    session = backends.TraceSession(path, "none")
+    try:
+        assert session.ready["probes"] == 46
+    finally:
+        session.close()
+    thread.join(timeout=10)
+    server.close()
+    assert [r["op"] for r in asked] == ["attach", "attach", "hello"]
+    assert asked[0]["allocators"] == "none" and "allocators" not in asked[1]

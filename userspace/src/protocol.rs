@@ -4,8 +4,8 @@
 //! A private collector (started by the test process on a socketpair) attaches at once and
 //! sends its ready line first. A `psleak daemon` connection starts with an [`Opening`]:
 //! `{"op":"attach","pid":P,"version":1}` (with `"allocators":"python"` or `"none"` to leave
-//! allocator families unprobed whose events the client does not need), answered by the same ready line (or a refusal), or
-//! `{"op":"status"}`. From the ready line on both speak [`Request`]: `hello` (the version
+//! allocator families unprobed whose events the client does not need), answered by the same
+//! ready line (or a refusal), or `{"op":"status"}`. From the ready line on both speak [`Request`]: `hello` (the version
 //! handshake), `mark`, `created` (fds and threads since a mark), `begin`/`window`/`batch`/`end`
 //! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
 

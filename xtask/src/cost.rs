@@ -219,7 +219,8 @@ const SMALL_CALL: &str = "Python call of a small function";
 
 /// (function, what its probe sits on: "push at +7", "single-stepped"...) in the bench target.
 fn placements(psleak: &Path, python: &Path, ext: &Path) -> Result<Vec<(String, String)>> {
-    let waiting = Waiting::start(Command::new(python).arg(root().join("bench/probe_cost.py")).env("PYTHONPATH", ext))?;
+    let script = root().join("bench/probe_cost.py");
+    let waiting = Waiting::start(Command::new(python).arg(script).env("PYTHONPATH", ext).env_remove("PYTHONMALLOC"))?;
     let out = Command::new(psleak)
         .args(["probes", "--json", "--pid", &waiting.pid()])
         .output()

@@ -30,8 +30,8 @@ struct alloc_call {
 	__u64 old_addr;
 	__u64 out_ptr; /* posix_memalign's result slot */
 	__u64 caller;
-	__u64 entry_ip; /* the probed function: where the stack words' unwinding starts */
-	__u64 entry_sp; /* the stack pointer at its entry, the callers' frames above it */
+	__u64 entry_ip; /* the probe's instruction: where the stack words' unwinding starts */
+	__u64 entry_sp; /* the stack pointer there, still the entry's: the callers' frames above it */
 	__s32 stack_id;
 	__u8 op;
 	__u8 domain;
@@ -54,8 +54,8 @@ static __always_inline void *calls_of(__u8 domain)
 }
 
 /*
- * Whether `call` is under way for a probe at a function entry (stack pointer `sp`, return
- * address `ret`), i.e. the function was called from inside it. Below the call's entry stack
+ * Whether `call` is under way for a probe in a function's prologue (stack pointer `sp`, still
+ * the entry's: placement.rs; return address `ret`), i.e. the function was called from inside it. Below the call's entry stack
  * pointer it is. At the same height an allocator may have been tail-called from the call
  * (glibc's reallocarray jumps to realloc; a CPython built with PYTHONMALLOC=malloc jumps to
  * malloc): then the return slot holds the return probe's trampoline, which the call itself saw

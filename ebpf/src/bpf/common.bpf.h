@@ -90,8 +90,9 @@ static __always_inline __u32 task_tid(struct task_struct *task)
 	return 0;
 }
 
-/* The word at the user stack pointer: at a function's first instruction (or in a leaf
- * syscall wrapper) it is the return address, i.e. the caller, frame pointers or not. */
+/* The word at the user stack pointer: where a probe sits in a function's prologue, before it
+ * moves the stack pointer (or in a leaf syscall wrapper), it is the return address, i.e. the
+ * caller, frame pointers or not. */
 static __always_inline __u64 return_address_at(__u64 user_sp)
 {
 	__u64 ret = 0;
