@@ -30,6 +30,13 @@ pub struct Place {
     pub on: Instruction,
 }
 
+impl Place {
+    /// How far past the function's entry the probe sits.
+    pub fn past_entry(&self) -> usize {
+        self.offset - self.entry
+    }
+}
+
 /// A binary whose functions are being placed: opened once, its symbol tables parsed once
 /// (blazesym's inspector keeps them) for all its functions.
 pub struct Binary {

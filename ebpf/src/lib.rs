@@ -88,16 +88,14 @@ pub enum Allocators {
     None,
 }
 
+/// By the names the protocol gives them (serde's, so that they are written once).
 impl std::str::FromStr for Allocators {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "all" => Ok(Self::All),
-            "python" => Ok(Self::Python),
-            "none" => Ok(Self::None),
-            _ => Err(format!("allocators must be all, python or none (got {s:?})")),
-        }
+        use serde::de::{value, IntoDeserializer};
+        serde::Deserialize::deserialize(IntoDeserializer::<value::Error>::into_deserializer(s))
+            .map_err(|e| format!("allocators: {e}"))
     }
 }
 
@@ -236,7 +234,6 @@ fn unreadable(path: &Path, source: io::Error) -> AttachError {
 /// Every function psleak probes in `target` under `options`, and where each probe goes.
 pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed>, AttachError> {
     let mut plan = Vec::new();
-    let libc = &target.libc;
     let mut probe = |binary: &elf::Binary, function: String, role, reads, cookie| -> Result<bool, AttachError> {
         let free = role == Role::Free;
         let place = binary
@@ -254,7 +251,7 @@ pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed
         (Some(p), Allocators::All | Allocators::Python) => Some(elf::Binary::open(p).map_err(|e| unreadable(p, e))?),
         _ => None,
     };
-    let libc = &elf::Binary::open(libc).map_err(|e| unreadable(libc, e))?;
+    let libc = &elf::Binary::open(&target.libc).map_err(|e| unreadable(&target.libc, e))?;
     let missing = |symbol: &'static str| AttachError::MissingSymbol { path: target.libc.clone(), symbol };
     let libc_domain = types::alloc_domain::DOMAIN_LIBC;
     let spawn = allocator_cookie(alloc_op::ALLOC_OP_SPAWN, libc_domain);
@@ -600,7 +597,7 @@ mod tests {
                     "{} in {}: {on:?} at +{}",
                     probed.function,
                     probed.binary.display(),
-                    probed.place.offset - probed.place.entry
+                    probed.place.past_entry()
                 );
                 assert_eq!(on == Instruction::Stepped, stepped, "{what}");
             }
@@ -623,6 +620,14 @@ mod tests {
         assert_eq!(python.len(), 13, "{python:?}");
         assert!(python.contains(&"pthread_create".to_string()) && !python.contains(&"malloc".to_string()));
         assert_eq!(functions(Allocators::None), ["pthread_create"]);
+    }
+
+    #[test]
+    fn allocators_are_named_as_the_protocol_names_them() {
+        assert_eq!("python".parse(), Ok(Allocators::Python));
+        assert_eq!("none".parse(), Ok(Allocators::None));
+        let refused = "heap".parse::<Allocators>().unwrap_err();
+        assert!(refused.contains("unknown variant `heap`"), "{refused}");
     }
 
     #[test]

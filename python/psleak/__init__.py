@@ -53,8 +53,8 @@ CONFIRM_BATCHES = 3
 # Naming a leak the counters found: a traced call sets the pace (every allocation is a probe
 # hit), then two traced batches of as many calls as NAMING_BUDGET seconds allow at that pace
 # (two calls each at least: a leak may be of a block every other call), at most a quarter of
-# the first judged batch (naming needs no more).
-# A site that grew in both is named first (one that grew once may be a free list filling).
+# the first judged batch (naming needs no more). A site that grew in both is named first (one
+# that grew once may be a free list filling).
 PACE_CALLS = 1
 NAMING_BATCHES = 2
 NAMING_SHARE = 4

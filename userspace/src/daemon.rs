@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use psleak_ebpf::{is_out_of_fds, Options, FD_ADVICE};
+use psleak_ebpf::{is_out_of_fds, Allocators, Options, FD_ADVICE};
 use serde_json::{json, Value};
 
 use crate::answer::{self, failure};
@@ -245,7 +245,7 @@ impl Daemon {
                 }
                 Ok(Ok(Opening::Attach { pid, allocators, .. })) => match self.admit_off_the_loop(peer, pid).await {
                     Ok(mut admitted) => {
-                        admitted.options.allocators = allocators;
+                        admitted.allocators = allocators;
                         self.start_session(stream, requests, admitted, held);
                         return;
                     }
@@ -310,7 +310,7 @@ impl Daemon {
         };
         state.sessions.insert(id, session);
         say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
-        Ok(Admitted { id, process, pid, client, control, options: self.args.options.clone() })
+        Ok(Admitted { id, process, pid, client, control, allocators: Allocators::default() })
     }
 
     /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
@@ -330,8 +330,9 @@ impl Daemon {
                 .map_err(|e| Error::Io("the client went away".into(), e))
                 .and_then(|stream| Client::new(stream, requests))
                 .and_then(|client| {
+                    let options = Options { allocators: a.allocators, ..self.args.options.clone() };
                     let config = SessionConfig {
-                        options: &a.options,
+                        options: &options,
                         control: &a.control,
                         client: a.client,
                         ledger_room: self.args.ledger_room,
@@ -425,8 +426,8 @@ struct Admitted {
     pid: u32,
     client: Credentials,
     control: Arc<Control>,
-    /// The daemon's options, with the allocators the client asked to be probed.
-    options: Options,
+    /// The allocator families the client asked to be probed.
+    allocators: Allocators,
 }
 
 /// The next request line of a connection that has not attached; `None` when it hung up.

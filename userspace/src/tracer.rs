@@ -78,7 +78,7 @@ pub fn print_probe_places(pid: u32, json: bool) -> Result<(), Error> {
         say(format!("{:<18} {:>6}  {:<15} binary", "function", "at", "instruction"))?;
     }
     for probed in plan {
-        let at = probed.place.offset - probed.place.entry;
+        let at = probed.place.past_entry();
         let (function, binary, instruction) = (&probed.function, probed.binary.display(), probed.place.on.name());
         say(if json {
             let emulated = probed.place.on != psleak_ebpf::Instruction::Stepped;

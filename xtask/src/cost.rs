@@ -178,7 +178,7 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
             println!("  [{}/{ROUNDS}] {label}: {placement}", round + 1);
         }
     }
-    let sits_on = placements(psleak, python, ext)?;
+    let sits_on = placements(psleak, &mut target())?;
     let mut md = format!(
         "\n### What a probe hit costs in {label} (median of {ROUNDS}, interleaved; `psleak probes --pid PID` shows the placement)\n\n\
          Each row: an allocation of 64 bytes by that function, freed at once by its family's free, 20,000 times in \
@@ -219,9 +219,8 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
 const SMALL_CALL: &str = "Python call of a small function";
 
 /// (function, what its probe sits on: "push at +7", "single-stepped"...) in the bench target.
-fn placements(psleak: &Path, python: &Path, ext: &Path) -> Result<Vec<(String, String)>> {
-    let script = root().join("bench/probe_cost.py");
-    let waiting = Waiting::start(Command::new(python).arg(script).env("PYTHONPATH", ext).env_remove("PYTHONMALLOC"))?;
+fn placements(psleak: &Path, target: &mut Command) -> Result<Vec<(String, String)>> {
+    let waiting = Waiting::start(target)?;
     let out = Command::new(psleak)
         .args(["probes", "--json", "--pid", &waiting.pid()])
         .output()

@@ -366,11 +366,15 @@ static void *posix_memalign_64(void)
 	return posix_memalign(&p, 64, 64) ? NULL : p;
 }
 
-#define PAIRS(n, allocation, release)                                                              \
-	for (long i = 0; i < (n); i++) {                                                           \
-		sink = (allocation);                                                               \
-		release(sink);                                                                     \
-	}
+/* One arm of time_allocator's choice: when NAME is FUNCTION, N pairs of ALLOCATION (a call
+ * of FUNCTION) and RELEASE; the arms chain through the trailing else. */
+#define PAIRS_OF(function, allocation, release)                                                    \
+	if (!strcmp(name, #function)) {                                                            \
+		for (long i = 0; i < n; i++) {                                                     \
+			sink = (allocation);                                                       \
+			release(sink);                                                             \
+		}                                                                                  \
+	} else
 
 static PyObject *time_allocator(PyObject *self, PyObject *args)
 {
@@ -380,43 +384,24 @@ static PyObject *time_allocator(PyObject *self, PyObject *args)
 		return NULL;
 	struct timespec a, b;
 	clock_gettime(CLOCK_MONOTONIC, &a);
-	if (!strcmp(name, "malloc"))
-		PAIRS(n, malloc(64), free)
-	else if (!strcmp(name, "calloc"))
-		PAIRS(n, calloc(1, 64), free)
-	else if (!strcmp(name, "realloc"))
-		PAIRS(n, realloc(NULL, 64), free)
-	else if (!strcmp(name, "posix_memalign"))
-		PAIRS(n, posix_memalign_64(), free)
-	else if (!strcmp(name, "aligned_alloc"))
-		PAIRS(n, aligned_alloc(64, 64), free)
-	else if (!strcmp(name, "memalign"))
-		PAIRS(n, memalign(64, 64), free)
-	else if (!strcmp(name, "valloc"))
-		PAIRS(n, valloc(64), free)
-	else if (!strcmp(name, "pvalloc"))
-		PAIRS(n, pvalloc(64), free)
-	else if (!strcmp(name, "reallocarray"))
-		PAIRS(n, reallocarray(NULL, 8, 8), free)
-	else if (!strcmp(name, "PyMem_RawMalloc"))
-		PAIRS(n, PyMem_RawMalloc(64), PyMem_RawFree)
-	else if (!strcmp(name, "PyMem_RawCalloc"))
-		PAIRS(n, PyMem_RawCalloc(1, 64), PyMem_RawFree)
-	else if (!strcmp(name, "PyMem_RawRealloc"))
-		PAIRS(n, PyMem_RawRealloc(NULL, 64), PyMem_RawFree)
-	else if (!strcmp(name, "PyMem_Malloc"))
-		PAIRS(n, PyMem_Malloc(64), PyMem_Free)
-	else if (!strcmp(name, "PyMem_Calloc"))
-		PAIRS(n, PyMem_Calloc(1, 64), PyMem_Free)
-	else if (!strcmp(name, "PyMem_Realloc"))
-		PAIRS(n, PyMem_Realloc(NULL, 64), PyMem_Free)
-	else if (!strcmp(name, "PyObject_Malloc"))
-		PAIRS(n, PyObject_Malloc(64), PyObject_Free)
-	else if (!strcmp(name, "PyObject_Calloc"))
-		PAIRS(n, PyObject_Calloc(1, 64), PyObject_Free)
-	else if (!strcmp(name, "PyObject_Realloc"))
-		PAIRS(n, PyObject_Realloc(NULL, 64), PyObject_Free)
-	else
+	PAIRS_OF(malloc, malloc(64), free)
+	PAIRS_OF(calloc, calloc(1, 64), free)
+	PAIRS_OF(realloc, realloc(NULL, 64), free)
+	PAIRS_OF(posix_memalign, posix_memalign_64(), free)
+	PAIRS_OF(aligned_alloc, aligned_alloc(64, 64), free)
+	PAIRS_OF(memalign, memalign(64, 64), free)
+	PAIRS_OF(valloc, valloc(64), free)
+	PAIRS_OF(pvalloc, pvalloc(64), free)
+	PAIRS_OF(reallocarray, reallocarray(NULL, 8, 8), free)
+	PAIRS_OF(PyMem_RawMalloc, PyMem_RawMalloc(64), PyMem_RawFree)
+	PAIRS_OF(PyMem_RawCalloc, PyMem_RawCalloc(1, 64), PyMem_RawFree)
+	PAIRS_OF(PyMem_RawRealloc, PyMem_RawRealloc(NULL, 64), PyMem_RawFree)
+	PAIRS_OF(PyMem_Malloc, PyMem_Malloc(64), PyMem_Free)
+	PAIRS_OF(PyMem_Calloc, PyMem_Calloc(1, 64), PyMem_Free)
+	PAIRS_OF(PyMem_Realloc, PyMem_Realloc(NULL, 64), PyMem_Free)
+	PAIRS_OF(PyObject_Malloc, PyObject_Malloc(64), PyObject_Free)
+	PAIRS_OF(PyObject_Calloc, PyObject_Calloc(1, 64), PyObject_Free)
+	PAIRS_OF(PyObject_Realloc, PyObject_Realloc(NULL, 64), PyObject_Free)
 		return PyErr_Format(PyExc_ValueError, "no allocation function %s", name);
 	clock_gettime(CLOCK_MONOTONIC, &b);
 	return PyFloat_FromDouble(((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
