@@ -671,16 +671,17 @@ class MemoryLeakTestCase(unittest.TestCase):
         ]
 
     def _call_ntimes(self, fun, times):
-        """Memory samples before and after calling fun repeatedly, as a dict of diffs. CPython's
-        allocated blocks, read with them, are kept in ``_blocks``: the judge trusts the readings
-        as exact only when they are psleak's own (a subclass may return others), and only when
-        no other thread ran during the batch (``_alone``)."""
-        diffs, self._blocks, self._alone = self._measure_batch(fun, times, self._judging_tracer)
+        """Memory samples before and after calling fun repeatedly, as a dict of diffs. The
+        counters only psleak reads (CPython's blocks, the mappings outside the allocator), read
+        with them, are kept in ``_exact``: the judge trusts the readings as exact only when they
+        are psleak's own (a subclass may return others), and only when no other thread ran
+        during the batch (``_alone``)."""
+        diffs, self._exact, self._alone = self._measure_batch(fun, times, self._judging_tracer)
         return diffs
 
     def _measure_batch(self, fun, times, tracer=None):
-        """(growth of each memory metric, growth of CPython's blocks, whether no other thread
-        ran) over a batch of calls; with ``tracer`` (a session and its batch's fields), its
+        """(growth of each memory metric, growth of the counters only psleak reads, whether no
+        other thread ran) over a batch of calls; with ``tracer`` (a session and its batch's fields), its
         reply to the batch in ``_traced``."""
         self._trim_mem()
         if tracer is not None:
@@ -737,11 +738,11 @@ class MemoryLeakTestCase(unittest.TestCase):
         first_times = times
         calls = idx = 0
         while idx < retries:
-            self._blocks = self._traced = None
+            self._exact = self._traced = None
             self._alone = True
             diffs = self._call_ntimes(fun, times)
             self.last_run.update(calls=self.last_run["calls"] + times)
-            exact = self._blocks is not None
+            exact = self._exact is not None
             traced = self._traced
             if exact and not self._alone and traced is None and can_trace:
                 self._log(f"another thread ran during the batch: the tracer judges {qualname(fun)!r} now", 1)
@@ -755,11 +756,12 @@ class MemoryLeakTestCase(unittest.TestCase):
                 if missed:
                     raise Error(missed.replace("the sites it names may be incomplete", "its verdict cannot be trusted"))
             exact = exact and self._alone
-            growth = dict(diffs, py_blocks=self._blocks) if exact else diffs
+            growth = dict(diffs, **self._exact) if exact else diffs
             verdict, grown, _ = judge.batch(times, growth, exact, traced and traced["verdict"])
             leaks = {k: v for k, v in diffs.items() if v > 0}
-            if leaks or (exact and self._blocks > 0):
-                line = format_run_line(idx, leaks, times, self._blocks if exact else 0)
+            blocks = self._exact["py_blocks"] if exact else 0
+            if leaks or blocks > 0:
+                line = format_run_line(idx, leaks, times, blocks)
                 messages.append(line)
                 self._log(line, 1)
             if verdict == "leak":

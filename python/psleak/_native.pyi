@@ -9,9 +9,10 @@ def mark_memory() -> None:
     """Take the reading that memory_since_mark() compares with (kept natively, so that
     nothing made after it counts as growth)."""
 
-def memory_since_mark() -> tuple[dict[str, int], int, bool]:
-    """How much each of memory()'s metrics grew since mark_memory(), in bytes; how many blocks
-    CPython's allocator handed out and kept meanwhile; and whether no other thread ran."""
+def memory_since_mark() -> tuple[dict[str, int], dict[str, int], bool]:
+    """How much each of memory()'s metrics grew since mark_memory(), in bytes; how much the
+    counters only psleak reads grew (``py_blocks``: blocks CPython's allocator handed out and
+    kept; ``mapped``: bytes of mappings outside the allocator); and whether no other thread ran."""
 
 class Judge:
     """One execute()'s memory verdict (psleak::verdict::Judge), fed a batch at a time."""

@@ -18,8 +18,9 @@ use pyo3::types::PyDict;
 use std::collections::HashMap;
 
 /// psleak's memory metrics of this process (heap, mmap, uss, rss, vms), and CPython's
-/// allocated blocks. The heap is read last (`own_heap` makes the reading independent of what
-/// the reader allocated and freed).
+/// allocated blocks. `own_heap` makes its reading independent of what the reader allocated and
+/// freed before; vms is read right after it, which may have moved the heap's top (`mapped`
+/// subtracts one from the other: both must see the same top).
 #[derive(Clone, Copy)]
 struct MemoryReading {
     heap: poll::HeapUse,
@@ -32,15 +33,23 @@ impl MemoryReading {
         // `sys.getallocatedblocks()` counts before it makes its int, which is gone again when
         // read: both readings see the same of it. (CPython 3.12 stopped exporting the C function.)
         let py_blocks: isize = py.import("sys")?.getattr("getallocatedblocks")?.call0()?.extract()?;
+        let heap = poll::own_heap();
         let memory = MemoryUse::own().map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(Self { heap: poll::own_heap(), memory, py_blocks })
+        Ok(Self { heap, memory, py_blocks })
     }
 
     fn fields(&self) -> [(&'static str, i64); 5] {
         let MemoryUse { rss, vms, uss } = self.memory;
-        let poll::HeapUse { heap_used, mmap_used } = self.heap;
+        let poll::HeapUse { heap_used, mmap_used, .. } = self.heap;
         [("heap", heap_used), ("mmap", mmap_used), ("uss", uss), ("rss", rss), ("vms", vms)]
             .map(|(name, bytes)| (name, bytes as i64))
+    }
+
+    /// The counters only psleak's own readings have (psleak 0.1.6 had none of them): CPython's
+    /// blocks, and the mappings outside the allocator (vms less all it holds from the system).
+    fn exact_only(&self) -> [(&'static str, i64); 2] {
+        let mapped = self.memory.vms as i64 - self.heap.from_system as i64;
+        [("py_blocks", self.py_blocks as i64), ("mapped", mapped)]
     }
 }
 
@@ -111,22 +120,25 @@ fn mark_memory(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes; CPython's
-/// allocated blocks, in blocks; and whether no other thread ran meanwhile (the counters are
-/// this thread's alone).
+/// How much each of `memory()`'s metrics grew since `mark_memory()`, in bytes; how much the
+/// counters only psleak reads grew (`py_blocks`, in blocks; `mapped`, in bytes); and whether
+/// no other thread ran meanwhile (the counters are this thread's alone).
 #[pyfunction]
-fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, i64, bool)> {
+fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, Bound<'_, PyDict>, bool)> {
     let now = MemoryReading::now(py)?;
     let alone = others_idle(&OTHERS_MARK.lock().unwrap_or_else(|e| e.into_inner()), &others_cpu());
     let mark = MEMORY_MARK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .ok_or_else(|| PyRuntimeError::new_err("memory_since_mark() needs mark_memory() first"))?;
-    let d = PyDict::new(py);
-    for ((name, after), (_, before)) in now.fields().into_iter().zip(mark.fields()) {
-        d.set_item(name, after - before)?;
-    }
-    Ok((d, (now.py_blocks - mark.py_blocks) as i64, alone))
+    let growth = |after: &[(&'static str, i64)], before: &[(&'static str, i64)]| -> PyResult<Bound<'_, PyDict>> {
+        let d = PyDict::new(py);
+        for ((name, after), (_, before)) in after.iter().zip(before) {
+            d.set_item(name, after - before)?;
+        }
+        Ok(d)
+    };
+    Ok((growth(&now.fields(), &mark.fields())?, growth(&now.exact_only(), &mark.exact_only())?, alone))
 }
 
 /// One `execute()`'s memory verdict (psleak::verdict::Judge), fed a batch at a time.

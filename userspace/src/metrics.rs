@@ -13,18 +13,26 @@ pub struct Metrics {
     pub rss: u64,
     /// Virtual memory size.
     pub vms: u64,
-    /// Unique set size: private pages, what the process would give back if it ended.
-    pub uss: u64,
+    /// Unique set size: private pages, what the process would give back if it ended. None
+    /// when it could not be read in time (Linux: its memory map stayed locked).
+    pub uss: Option<u64>,
     pub fds: u64,
     pub threads: u64,
 }
+
+/// Why a uss is None, to say where it is shown.
+pub const USS_UNKNOWN: &str = if cfg!(target_os = "freebsd") {
+    "FreeBSD does not tell"
+} else {
+    "not read in time: its memory map stayed locked"
+};
 
 /// How much each metric changed (negative when it shrank).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MetricsChange {
     pub rss: i64,
     pub vms: i64,
-    pub uss: i64,
+    pub uss: Option<i64>,
     pub fds: i64,
     pub threads: i64,
 }
@@ -41,7 +49,7 @@ impl Metrics {
         MetricsChange {
             rss: d(self.rss, before.rss),
             vms: d(self.vms, before.vms),
-            uss: d(self.uss, before.uss),
+            uss: self.uss.zip(before.uss).map(|(now, then)| d(now, then)),
             fds: d(self.fds, before.fds),
             threads: d(self.threads, before.threads),
         }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::event::Origin;
 use crate::ledger::{Filter, Ledger, Mark, Memory, SiteId};
-use crate::metrics::{Metrics, MetricsChange};
+use crate::metrics::{Metrics, MetricsChange, USS_UNKNOWN};
 
 /// One frame of a site's stack, named as far as the symbols allow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -430,8 +430,8 @@ impl Report {
                 "  process: rss {} ({}), uss {} ({}), vms {} ({}), {} {fds} ({:+}), {} threads ({:+}) since attach",
                 human_bytes(now.rss),
                 human_change(d.rss),
-                human_bytes(now.uss),
-                human_change(d.uss),
+                now.uss.map_or("unknown".into(), human_bytes),
+                d.uss.map_or(USS_UNKNOWN.into(), human_change),
                 human_bytes(now.vms),
                 human_change(d.vms),
                 now.fds,
@@ -603,6 +603,26 @@ mod tests {
         let first = text.lines().next().unwrap();
         assert!(first.ends_with("(LOST: 3 events dropped in a full ring (raise --ring-mib), 2 blocks past the ledger's limit (raise --max-live))"), "{first}");
         assert!(text.contains("the target exec'd (2 times)"), "{text}");
+        // A uss that could not be read in time is said to be unknown, never shown as a figure.
+        let now = Metrics { rss: 4096, vms: 8192, uss: None, fds: 3, threads: 1 };
+        let process = Some(ProcessMetrics { now, since_attach: now.since(&Metrics { uss: Some(0), ..now }) });
+        let report = Report {
+            pid: 1,
+            elapsed_s: 1.0,
+            is_final: false,
+            stopped_by: None,
+            untraced: None,
+            events: 0,
+            lost: Lost::default(),
+            execs: 0,
+            untracked_releases: 0,
+            live: LiveTotals::default(),
+            process,
+            suspects: vec![],
+            resources: Resources { fds: vec![], threads: vec![], handles: vec![], heaps: vec![] },
+        };
+        let text = report.to_text();
+        assert!(text.contains(&format!("rss 4.0K (+0B), uss unknown ({USS_UNKNOWN}), vms 8.0K")), "{text}");
     }
 
     #[test]

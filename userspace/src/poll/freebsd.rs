@@ -25,7 +25,7 @@ pub fn own_heap() -> HeapUse {
         );
         libc::mallctl(c"stats.allocated".as_ptr(), (&raw mut allocated).cast(), &mut len, std::ptr::null_mut(), 0);
     }
-    HeapUse { heap_used: allocated as u64, mmap_used: 0 }
+    HeapUse { heap_used: allocated as u64, mmap_used: 0, from_system: 0 }
 }
 
 /// Purges every arena's dirty pages (`arena.<MALLCTL_ARENAS_ALL>.purge`).
@@ -83,8 +83,9 @@ fn memory(info: &libc::kinfo_proc) -> MemoryUse {
 
 pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
     let info = kinfo_proc(pid)?;
-    let MemoryUse { rss, vms, uss } = memory(&info);
-    Ok(Metrics { rss, vms, uss, fds: open_fds(pid)?.len() as u64, threads: info.ki_numthreads as u64 })
+    // FreeBSD does not tell uss (psutil shows 0): unknown, never a figure that cannot grow.
+    let MemoryUse { rss, vms, .. } = memory(&info);
+    Ok(Metrics { rss, vms, uss: None, fds: open_fds(pid)?.len() as u64, threads: info.ki_numthreads as u64 })
 }
 
 pub(crate) fn own_memory() -> io::Result<MemoryUse> {

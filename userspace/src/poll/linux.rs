@@ -2,17 +2,22 @@
 
 use std::fs;
 use std::io;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
 use super::HeapUse;
 use crate::event::FdKind;
 use crate::metrics::{MemoryUse, Metrics};
 
-/// See [`HeapUse`]: the glibc allocator's (mallinfo2).
+/// See [`HeapUse`]: the glibc allocator's (mallinfo2). Its heaps' extent is `arena`: the main
+/// heap's, which brk moves and vms counts page for page, and the part of each thread heap in
+/// use (their reservations are in vms, whole, from their creation on).
 pub fn own_heap() -> HeapUse {
     fill_thread_cache();
     // SAFETY: mallinfo2 has no preconditions and returns a plain struct.
     let info = unsafe { libc::mallinfo2() };
-    HeapUse { heap_used: info.uordblks as u64, mmap_used: info.hblkhd as u64 }
+    let mmap_used = info.hblkhd as u64;
+    HeapUse { heap_used: info.uordblks as u64, mmap_used, from_system: (info.arena as u64).saturating_add(mmap_used) }
 }
 
 /// glibc counts the freed small blocks that it keeps in this thread's cache (tcache: up to 7
@@ -112,27 +117,70 @@ fn name_and_flags(stat: &str) -> Option<(&str, u64)> {
 /// The metrics of `pid`, from procfs.
 pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
     let proc = format!("/proc/{pid}");
-    let MemoryUse { rss, vms, uss } = memory_of(&proc)?;
+    let (vms, rss) = mapped_and_resident(&proc)?;
+    let uss = within(format!("{proc}/smaps_rollup"), USS_WAIT, |path| fs::read_to_string(path))?
+        .map(|rollup| private_bytes(&rollup));
     let fds = fs::read_dir(format!("{proc}/fd"))?.count() as u64;
     let threads = kib_fields(&fs::read_to_string(format!("{proc}/status"))?, &["Threads:"]);
     Ok(Metrics { rss, vms, uss, fds, threads })
 }
 
 pub(crate) fn own_memory() -> io::Result<MemoryUse> {
-    memory_of("/proc/self")
+    let (vms, rss) = mapped_and_resident("/proc/self")?;
+    Ok(MemoryUse { rss, vms, uss: private_bytes(&fs::read_to_string("/proc/self/smaps_rollup")?) })
 }
 
-/// From `proc`, the process's /proc directory.
-fn memory_of(proc: &str) -> io::Result<MemoryUse> {
+/// (vms, rss) in bytes, from `proc`'s statm (counters: no lock to wait for).
+fn mapped_and_resident(proc: &str) -> io::Result<(u64, u64)> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     let statm = fs::read_to_string(format!("{proc}/statm"))?;
     let mut pages = statm.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
     let vms = pages.next().unwrap_or(0) * page;
-    let rss = pages.next().unwrap_or(0) * page;
-    let rollup = fs::read_to_string(format!("{proc}/smaps_rollup"))?;
-    let uss = kib_fields(&rollup, &["Private_Clean:", "Private_Dirty:"]) * 1024;
-    Ok(MemoryUse { rss, vms, uss })
+    Ok((vms, pages.next().unwrap_or(0) * page))
+}
+
+fn private_bytes(rollup: &str) -> u64 {
+    kib_fields(rollup, &["Private_Clean:", "Private_Dirty:"]) * 1024
+}
+
+/// How long a report waits for another process's smaps_rollup. The kernel walks the whole
+/// memory map for it under the map's lock, which it yields to writers: a target whose 200
+/// threads kept mapping (their malloc arenas, on two cores) held the reader off for 11 to 80 s,
+/// and with it psleak trace's reports and its answer to SIGTERM.
+const USS_WAIT: Duration = Duration::from_millis(250);
+
+/// Reads still under way, by path, with where their answer will come.
+type UnderWay = Vec<(String, mpsc::Receiver<io::Result<String>>)>;
+
+/// `read(path)` on a thread of its own, waited for up to `wait`: None when it has not answered
+/// by then. A read still under way from an earlier call is waited for again (its answer is the
+/// freshest to be had), never started twice: a process that keeps its map locked must not
+/// collect a blocked thread per report.
+fn within(path: String, wait: Duration, read: fn(&str) -> io::Result<String>) -> io::Result<Option<String>> {
+    static UNDER_WAY: Mutex<UnderWay> = Mutex::new(Vec::new());
+    let under_way = || UNDER_WAY.lock().unwrap_or_else(|e| e.into_inner());
+    let earlier = {
+        let mut reads = under_way();
+        reads.iter().position(|(p, _)| *p == path).map(|i| reads.swap_remove(i).1)
+    };
+    let answer = match earlier {
+        Some(answer) => answer,
+        None => {
+            let (tx, answer) = mpsc::channel();
+            let reading = path.clone();
+            std::thread::Builder::new().name("psleak-read".into()).spawn(move || tx.send(read(&reading)))?;
+            answer
+        }
+    };
+    match answer.recv_timeout(wait) {
+        Ok(read) => read.map(Some),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            under_way().push((path, answer));
+            Ok(None)
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(format!("reading {path} failed"))),
+    }
 }
 
 /// The sum of the numbers after the given `Name:` labels ("Private_Dirty:   12 kB").
@@ -189,6 +237,31 @@ mod tests {
     }
 
     #[test]
+    fn a_read_that_does_not_answer_in_time_is_unknown_and_never_started_twice() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        static RELEASED: AtomicBool = AtomicBool::new(false);
+        // A map that stays locked until released.
+        fn held(path: &str) -> io::Result<String> {
+            STARTED.fetch_add(1, SeqCst);
+            while !RELEASED.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(format!("read {path}"))
+        }
+        let (path, short, long) = ("/proc/held".to_string(), Duration::from_millis(50), Duration::from_secs(10));
+        assert_eq!(within(path.clone(), short, held).unwrap(), None);
+        assert_eq!(within(path.clone(), short, held).unwrap(), None);
+        assert_eq!(STARTED.load(SeqCst), 1, "the second call waits for the first read");
+        RELEASED.store(true, SeqCst);
+        assert_eq!(within(path.clone(), long, held).unwrap().as_deref(), Some("read /proc/held"));
+        assert_eq!(within(path, long, held).unwrap().as_deref(), Some("read /proc/held"));
+        assert_eq!(STARTED.load(SeqCst), 2, "once answered, the next call reads anew");
+        let gone = within("/proc/0/smaps_rollup".into(), long, |path| fs::read_to_string(path));
+        assert_eq!(gone.unwrap_err().kind(), io::ErrorKind::NotFound, "an error is the caller's");
+    }
+
+    #[test]
     fn reads_name_and_flags_past_any_parenthesis_in_the_name() {
         let stat = "4242 (a) (b c)) R 1 4242 4242 0 -1 4194564 120 0 0 0 3 1 0 0 20 0 1 0";
         assert_eq!(name_and_flags(stat), Some(("a) (b c)", 4194564)));
@@ -216,7 +289,7 @@ mod tests {
         }
         assert_eq!(b.since(&a).fds, 3, "{a:?} {b:?}");
         assert_eq!((a.threads, b.threads), (1, 1));
-        assert!(a.rss > 0 && a.vms >= a.rss && a.uss <= a.rss, "{a:?}");
+        assert!(a.rss > 0 && a.vms >= a.rss && a.uss.unwrap() <= a.rss, "{a:?}");
     }
 
     #[test]
@@ -225,7 +298,7 @@ mod tests {
         let before = Metrics::of(me).unwrap();
         let touched = vec![1u8; 32 << 20];
         let change = Metrics::of(me).unwrap().since(&before);
-        assert!(change.rss >= 16 << 20 && change.uss >= 16 << 20, "32 MiB were touched: {change:?}");
+        assert!(change.rss >= 16 << 20 && change.uss.unwrap() >= 16 << 20, "32 MiB were touched: {change:?}");
         drop(touched);
     }
 }

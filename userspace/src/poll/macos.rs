@@ -15,7 +15,7 @@ pub fn own_heap() -> HeapUse {
         libc::malloc_zone_statistics(libc::malloc_default_zone(), stats.as_mut_ptr());
         stats.assume_init()
     };
-    HeapUse { heap_used: stats.size_in_use as u64, mmap_used: 0 }
+    HeapUse { heap_used: stats.size_in_use as u64, mmap_used: 0, from_system: 0 }
 }
 
 /// macOS's malloc returns freed memory by itself, lazily; nothing to ask for.
@@ -73,7 +73,7 @@ pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
     Ok(Metrics {
         rss: info.pti_resident_size,
         vms: info.pti_virtual_size,
-        uss: footprint(pid)?,
+        uss: Some(footprint(pid)?),
         fds: fd_infos(pid)?.len() as u64,
         threads: info.pti_threadnum as u64,
     })

@@ -14,12 +14,14 @@
 //! | FreeBSD | jemalloc `stats.allocated` | kinfo_proc | none (0, as psutil) | kinfo_file | kinfo_proc per thread |
 //! | Windows | HeapSummary over GetProcessHeaps | GetProcessMemoryInfo | private working set | GetProcessHandleCount | toolhelp snapshot |
 
-/// The allocator's totals for the calling process: bytes in blocks handed out, and bytes in
-/// blocks the allocator mapped on their own (0 where it does not tell them apart).
+/// The allocator's totals for the calling process: bytes in blocks handed out, bytes in
+/// blocks the allocator mapped on their own (0 where it does not tell them apart), and all it
+/// holds from the system: its heaps' extent and those mappings (0 where it does not tell).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeapUse {
     pub heap_used: u64,
     pub mmap_used: u64,
+    pub from_system: u64,
 }
 
 #[cfg(target_os = "linux")]

@@ -48,7 +48,7 @@ pub fn own_heap() -> HeapUse {
             }
         })
         .sum();
-    HeapUse { heap_used, mmap_used: 0 }
+    HeapUse { heap_used, mmap_used: 0, from_system: 0 }
 }
 
 /// Coalesces free blocks and decommits what it can, heap by heap.
@@ -119,7 +119,7 @@ impl Drop for Process {
 pub(crate) fn metrics(pid: u32) -> io::Result<Metrics> {
     let process = Process::open(pid)?;
     let MemoryUse { rss, vms, uss } = process.memory()?;
-    Ok(Metrics { rss, vms, uss, fds: process.handle_count()?, threads: threads(pid)?.len() as u64 })
+    Ok(Metrics { rss, vms, uss: Some(uss), fds: process.handle_count()?, threads: threads(pid)?.len() as u64 })
 }
 
 pub(crate) fn own_memory() -> io::Result<MemoryUse> {
