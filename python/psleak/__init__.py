@@ -681,8 +681,8 @@ class MemoryLeakTestCase(unittest.TestCase):
 
     def _measure_batch(self, fun, times, tracer=None):
         """(growth of each memory metric, growth of the counters only psleak reads, whether no
-        other thread ran) over a batch of calls; with ``tracer`` (a session and its batch's fields), its
-        reply to the batch in ``_traced``."""
+        other thread ran) over a batch of calls; with ``tracer`` (a session and its batch's
+        fields), its reply to the batch in ``_traced``."""
         self._trim_mem()
         if tracer is not None:
             session, fields = tracer
