@@ -577,11 +577,9 @@ mod tests {
         assert_eq!(plural(1, "fd"), "1 fd");
     }
 
-    #[test]
-    fn a_group_of_fds_shows_its_oldest_age() {
-        // fd 3 was closed and reopened later: the group is as old as fd 4.
-        let fd = |fd, age_s| FdReport { fd, kind: "pipe".into(), target: None, age_s, site: None, stack: vec![] };
-        let report = Report {
+    /// A report of nothing: no events, no process metrics, no resources.
+    fn empty_report() -> Report {
+        Report {
             pid: 1,
             elapsed_s: 9.0,
             is_final: false,
@@ -594,8 +592,17 @@ mod tests {
             live: LiveTotals::default(),
             process: None,
             suspects: vec![],
-            resources: Resources { fds: vec![fd(3, 1.0), fd(4, 5.0)], threads: vec![], handles: vec![], heaps: vec![] },
-        };
+            resources: Resources { fds: vec![], threads: vec![], handles: vec![], heaps: vec![] },
+        }
+    }
+
+    #[test]
+    fn a_group_of_fds_shows_its_oldest_age() {
+        // fd 3 was closed and reopened later: the group is as old as fd 4.
+        let fd = |fd, age_s| FdReport { fd, kind: "pipe".into(), target: None, age_s, site: None, stack: vec![] };
+        let resources =
+            Resources { fds: vec![fd(3, 1.0), fd(4, 5.0)], threads: vec![], handles: vec![], heaps: vec![] };
+        let report = Report { resources, ..empty_report() };
         let text = report.to_text();
         assert!(text.contains("2 fds (pipe) ? open for up to 5.0s, opened at an unknown site: fd 3, 4"), "{text}");
         let lost = Lost { ring_full: 3, ledger_full: 2, ..Lost::default() };
@@ -603,25 +610,13 @@ mod tests {
         let first = text.lines().next().unwrap();
         assert!(first.ends_with("(LOST: 3 events dropped in a full ring (raise --ring-mib), 2 blocks past the ledger's limit (raise --max-live))"), "{first}");
         assert!(text.contains("the target exec'd (2 times)"), "{text}");
-        // A uss that could not be read in time is said to be unknown, never shown as a figure.
+    }
+
+    #[test]
+    fn a_uss_not_read_in_time_is_said_to_be_unknown() {
         let now = Metrics { rss: 4096, vms: 8192, uss: None, fds: 3, threads: 1 };
         let process = Some(ProcessMetrics { now, since_attach: now.since(&Metrics { uss: Some(0), ..now }) });
-        let report = Report {
-            pid: 1,
-            elapsed_s: 1.0,
-            is_final: false,
-            stopped_by: None,
-            untraced: None,
-            events: 0,
-            lost: Lost::default(),
-            execs: 0,
-            untracked_releases: 0,
-            live: LiveTotals::default(),
-            process,
-            suspects: vec![],
-            resources: Resources { fds: vec![], threads: vec![], handles: vec![], heaps: vec![] },
-        };
-        let text = report.to_text();
+        let text = Report { process, ..empty_report() }.to_text();
         assert!(text.contains(&format!("rss 4.0K (+0B), uss unknown ({USS_UNKNOWN}), vms 8.0K")), "{text}");
     }
 
