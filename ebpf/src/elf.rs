@@ -6,18 +6,20 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use blazesym::inspect::{source::Elf, source::Source, Inspector};
+use blazesym::SymType;
 
 use crate::placement::{self, Instruction, Registers};
 
 /// Whether `binary` defines `symbol` in its own symbol tables (false if it cannot be read).
 pub fn exports(binary: &Path, symbol: &str) -> bool {
-    Binary::open(binary).is_ok_and(|binary| binary.symbol(symbol).is_some())
+    Binary::open(binary).is_ok_and(|binary| binary.function(symbol).is_ok_and(|f| f.is_some()))
 }
 
 /// Where a probe of `func` goes (see `placement`): its file offset, and what sits there.
@@ -34,6 +36,25 @@ impl Place {
     /// How far past the function's entry the probe sits.
     pub fn past_entry(&self) -> usize {
         self.offset - self.entry
+    }
+}
+
+/// A function of a binary: its file offset, and the first of its code.
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub entry: u64,
+    pub code: Vec<u8>,
+}
+
+impl Function {
+    /// Where to probe it (see `placement::place`); at its entry when `at_entry`.
+    pub fn probe_place(&self, reads: Registers, pass_null_check: bool, at_entry: bool) -> Place {
+        let (past, on) = if at_entry {
+            (0, placement::instruction_at(&self.code))
+        } else {
+            placement::place(&self.code, reads, pass_null_check)
+        };
+        Place { entry: self.entry as usize, offset: self.entry as usize + past, on }
     }
 }
 
@@ -59,27 +80,50 @@ impl Binary {
         pass_null_check: bool,
         at_entry: bool,
     ) -> io::Result<Option<Place>> {
-        let Some((entry, size)) = self.symbol(func) else { return Ok(None) };
+        let Some(function) = self.function(func)? else { return Ok(None) };
+        Ok(Some(function.probe_place(reads, pass_null_check, at_entry)))
+    }
+
+    /// The function `func`, if the binary defines it.
+    pub fn function(&self, func: &str) -> io::Result<Option<Function>> {
+        // The binary's own symbol tables: a separate debug file knows no file offsets.
+        let found = self.inspector.lookup(&self.own_symbols(), &[func]).ok();
+        let symbol = found.as_ref().and_then(|found| found.first()).and_then(|symbols| symbols.first());
+        match symbol.and_then(|s| Some((s.file_offset?, s.size))) {
+            Some((entry, size)) => self.read_function(entry, size).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The function that starts at file offset `entry`, and its name, if one does.
+    pub fn function_at(&self, entry: u64) -> io::Result<Option<(String, Function)>> {
+        let mut found = None;
+        let _ = self.inspector.for_each(&self.own_symbols(), |symbol| {
+            if symbol.sym_type == SymType::Function && symbol.file_offset == Some(entry) {
+                found = Some((symbol.name.to_string(), symbol.size));
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        match found {
+            Some((name, size)) => Ok(Some((name, self.read_function(entry, size)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn own_symbols(&self) -> Source {
+        let mut elf = Elf::new(fd_path(&self.file));
+        elf.debug_syms = false;
+        Source::Elf(elf)
+    }
+
+    /// The code of the function at `entry` of `size` bytes, as much of it as placement reads.
+    fn read_function(&self, entry: u64, size: Option<usize>) -> io::Result<Function> {
         // The walk stays inside the function: past its end is another's code.
         let mut code = vec![0u8; size.filter(|&size| size > 0).map_or(PROLOGUE_BYTES, |size| size.min(PROLOGUE_BYTES))];
         let read = self.file.read_at(&mut code, entry)?;
         code.truncate(read);
-        let (past, on) = if at_entry {
-            (0, placement::instruction_at(&code))
-        } else {
-            placement::place(&code, reads, pass_null_check)
-        };
-        Ok(Some(Place { entry: entry as usize, offset: entry as usize + past, on }))
-    }
-
-    /// Where `func` starts, as a file offset, and its size when the symbol table gives one.
-    fn symbol(&self, func: &str) -> Option<(u64, Option<usize>)> {
-        // The binary's own symbol tables: a separate debug file knows no file offsets.
-        let mut elf = Elf::new(fd_path(&self.file));
-        elf.debug_syms = false;
-        let found = self.inspector.lookup(&Source::Elf(elf), &[func]).ok()?;
-        let symbol = found.first().and_then(|symbols| symbols.first())?;
-        Some((symbol.file_offset?, symbol.size))
+        Ok(Function { entry, code })
     }
 
     pub fn path(&self) -> &Path {

@@ -19,8 +19,9 @@ mod skel {
 }
 pub use skel::types;
 use skel::{PsleakSkel, PsleakSkelBuilder};
-use types::{alloc_op, event_flag, loss_kind};
+use types::{alloc_op, event_flag, free_op, loss_kind};
 
+mod dispatch;
 mod elf;
 mod placement;
 pub use elf::{exports, fd_path, open_mapped, Place};
@@ -37,8 +38,50 @@ pub struct Target {
     /// The executable or libpython that exports `PyObject_Malloc`, when the process is Python.
     pub python: Option<PathBuf>,
     /// Where `python`'s code is mapped in the process: libc allocations called from there carry
-    /// stack words too, since CPython is often built without frame pointers.
-    pub python_code: std::ops::Range<u64>,
+    /// stack words too, since CPython is often built without frame pointers; and its Free
+    /// functions' dispatch is followed there (see `dispatch`).
+    pub python_code: Vec<Mapping>,
+}
+
+impl Target {
+    /// The addresses `python`'s code spans (empty when it has none).
+    pub fn python_code_span(&self) -> std::ops::Range<u64> {
+        let start = self.python_code.iter().map(|m| m.start).min().unwrap_or(0);
+        start..self.python_code.iter().map(|m| m.end).max().unwrap_or(0)
+    }
+
+    /// Where `python`'s byte at `file_offset` is mapped, if it is.
+    fn python_address(&self, file_offset: u64) -> Option<u64> {
+        let m = self
+            .python_code
+            .iter()
+            .find(|m| (m.file_offset..m.file_offset + (m.end - m.start)).contains(&file_offset))?;
+        Some(m.start + (file_offset - m.file_offset))
+    }
+
+    /// The offset in `python`'s file of an address in its code, if it is one.
+    fn python_file_offset(&self, addr: u64) -> Option<u64> {
+        let m = self.python_code.iter().find(|m| (m.start..m.end).contains(&addr))?;
+        Some(addr - m.start + m.file_offset)
+    }
+
+    /// A word of the process's memory.
+    fn read_word(&self, addr: u64) -> Option<u64> {
+        let mut word = [0u8; 8];
+        let local = libc::iovec { iov_base: word.as_mut_ptr().cast(), iov_len: word.len() };
+        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: word.len() };
+        // SAFETY: one local buffer of the length given; the remote one is only read, by the kernel.
+        let read = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        (read == word.len() as isize).then(|| u64::from_ne_bytes(word))
+    }
+}
+
+/// A file mapped executable in the process: its addresses, and the file offset of the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +265,9 @@ pub enum Role {
 pub struct Probed {
     pub binary: PathBuf,
     pub function: String,
+    /// The function the probe sits in when it is not `function`: the allocator's free a
+    /// Py*_Free hands its calls on to (see `dispatch`).
+    pub within: Option<String>,
     pub role: Role,
     pub place: Place,
     cookie: u64,
@@ -233,19 +279,19 @@ fn unreadable(path: &Path, source: io::Error) -> AttachError {
 
 /// Every function psleak probes in `target` under `options`, and where each probe goes.
 pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed>, AttachError> {
-    let mut plan = Vec::new();
-    let mut probe = |binary: &elf::Binary, function: String, role, reads, cookie| -> Result<bool, AttachError> {
-        let free = role == Role::Free;
-        let place = binary
-            .probe_place(&function, reads, free, options.probes_at_entry)
-            .map_err(|source| unreadable(binary.path(), source))?;
-        let Some(place) = place else { return Ok(false) };
-        // One function under two names (glibc's memalign and aligned_alloc) is probed once:
-        // twice, its entry program would take its own call for one that ended unseen.
-        if !plan.iter().any(|p: &Probed| p.place.offset == place.offset && p.binary == binary.path()) {
-            plan.push(Probed { binary: binary.path().to_path_buf(), function, role, place, cookie });
+    let mut plan: Vec<Probed> = Vec::new();
+    let mut add = |binary: &elf::Binary, function: String, within, role, place: Place, cookie| {
+        // One function under two names (glibc's memalign and aligned_alloc; pymalloc's free, to
+        // which PyMem_Free and PyObject_Free both jump) is probed once: twice, its entry program
+        // would take its own call for one that ended unseen.
+        if !plan.iter().any(|p| p.place.offset == place.offset && p.binary == binary.path()) {
+            plan.push(Probed { binary: binary.path().to_path_buf(), function, within, role, place, cookie });
         }
-        Ok(true)
+    };
+    let place = |binary: &elf::Binary, function: &str, reads, role| {
+        binary
+            .probe_place(function, reads, role == Role::Free, options.probes_at_entry)
+            .map_err(|source| unreadable(binary.path(), source))
     };
     let python = match (&target.python, options.allocators) {
         (Some(p), Allocators::All | Allocators::Python) => Some(elf::Binary::open(p).map_err(|e| unreadable(p, e))?),
@@ -255,31 +301,58 @@ pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed
     let missing = |symbol: &'static str| AttachError::MissingSymbol { path: target.libc.clone(), symbol };
     let libc_domain = types::alloc_domain::DOMAIN_LIBC;
     let spawn = allocator_cookie(alloc_op::ALLOC_OP_SPAWN, libc_domain);
-    if !probe(libc, "pthread_create".into(), Role::Allocator, Registers::NONE, spawn)? {
+    let Some(at) = place(libc, "pthread_create", Registers::NONE, Role::Allocator)? else {
         return Err(missing("pthread_create"));
-    }
+    };
+    add(libc, "pthread_create".into(), None, Role::Allocator, at, spawn);
     if options.allocators == Allocators::All {
         for &(func, op) in LIBC_ALLOCATORS {
-            let cookie = allocator_cookie(op, libc_domain);
-            if !probe(libc, func.into(), Role::Allocator, registers_read(op), cookie)? && LIBC_REQUIRED.contains(&func)
-            {
-                return Err(missing(func));
+            match place(libc, func, registers_read(op), Role::Allocator)? {
+                Some(at) => add(libc, func.into(), None, Role::Allocator, at, allocator_cookie(op, libc_domain)),
+                None if LIBC_REQUIRED.contains(&func) => return Err(missing(func)),
+                None => {}
             }
         }
-        if !probe(libc, "free".into(), Role::Free, Registers::RDI, free_cookie(libc_domain))? {
-            return Err(missing("free"));
-        }
+        let Some(at) = place(libc, "free", Registers::RDI, Role::Free)? else { return Err(missing("free")) };
+        add(libc, "free".into(), None, Role::Free, at, free_cookie(free_op::FREE_OP_PTR_ARG1, libc_domain));
     }
     if let Some(python) = &python {
         for &(prefix, domain) in PYTHON_FAMILIES {
             for &(suffix, op) in PYTHON_ALLOCATORS {
-                let cookie = allocator_cookie(op, domain);
-                probe(python, format!("{prefix}{suffix}"), Role::Allocator, registers_read(op), cookie)?;
+                let func = format!("{prefix}{suffix}");
+                if let Some(at) = place(python, &func, registers_read(op), Role::Allocator)? {
+                    add(python, func, None, Role::Allocator, at, allocator_cookie(op, domain));
+                }
             }
-            probe(python, format!("{prefix}Free"), Role::Free, Registers::RDI, free_cookie(domain))?;
+            let func = format!("{prefix}Free");
+            let Some(at) = place(python, &func, Registers::RDI, Role::Free)? else { continue };
+            let followed = if at.on == Instruction::Stepped && !options.probes_at_entry {
+                followed_free(python, &func, target).map_err(|source| unreadable(python.path(), source))?
+            } else {
+                None
+            };
+            match followed {
+                Some((within, at)) => {
+                    add(python, func, Some(within), Role::Free, at, free_cookie(free_op::FREE_OP_PTR_ARG2, domain))
+                }
+                None => add(python, func, None, Role::Free, at, free_cookie(free_op::FREE_OP_PTR_ARG1, domain)),
+            }
         }
     }
     Ok(plan)
+}
+
+/// Where to probe the Py*_Free `func`, whose own probe would be single-stepped, instead: in the
+/// function its dispatch jumps to in the running process, when that is one of `python`'s (see
+/// `dispatch`), with its name.
+fn followed_free(python: &elf::Binary, func: &str, target: &Target) -> io::Result<Option<(String, Place)>> {
+    let Some(free) = python.function(func)? else { return Ok(None) };
+    let jumps_to = target
+        .python_address(free.entry)
+        .and_then(|entry| dispatch::tail_target(&free.code, entry, |addr| target.read_word(addr)))
+        .and_then(|addr| target.python_file_offset(addr));
+    let Some(entry) = jumps_to else { return Ok(None) };
+    Ok(python.function_at(entry)?.map(|(name, function)| (name, function.probe_place(Registers::RSI, true, false))))
 }
 
 /// The loaded and attached probes of one target. Dropping it detaches and unloads everything.
@@ -316,8 +389,8 @@ impl<'obj> Probes<'obj> {
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the probes have read-only data");
         rodata.target_tgid = target.pid;
         rodata.empty_programs = options.empty_programs;
-        rodata.python_code_start = target.python_code.start;
-        rodata.python_code_end = target.python_code.end;
+        let python_code = target.python_code_span();
+        (rodata.python_code_start, rodata.python_code_end) = (python_code.start, python_code.end);
         // The pid given is a number of our pid namespace; the kernel's own are the initial one's.
         if let Some((dev, ino)) = own_pid_namespace()
             .map_err(|source| AttachError::Read { path: PathBuf::from(OWN_PID_NAMESPACE), source })?
@@ -518,8 +591,8 @@ fn allocator_cookie(op: alloc_op, domain: types::alloc_domain) -> u64 {
     u64::from(op.0) | (u64::from(domain.0) << 8)
 }
 
-fn free_cookie(domain: types::alloc_domain) -> u64 {
-    u64::from(domain.0) << 8
+fn free_cookie(op: free_op, domain: types::alloc_domain) -> u64 {
+    u64::from(op.0) | (u64::from(domain.0) << 8)
 }
 
 fn kernel_error(what: &str, source: libbpf_rs::Error) -> AttachError {
@@ -581,7 +654,7 @@ mod tests {
         let pythons = this_machines_pythons();
         assert!(pythons.len() >= 6, "Debian's python3.11 and pyenv's 3.9-3.13 are on this machine kind: {pythons:?}");
         for python in pythons {
-            let target = Target { pid: 0, libc: libc.clone(), python: Some(python.clone()), python_code: 0..0 };
+            let target = Target { pid: 0, libc: libc.clone(), python: Some(python.clone()), python_code: Vec::new() };
             let plan = probed_functions(&target, &Options::default()).unwrap();
             // glibc's memalign and aligned_alloc are one function, probed once.
             assert_eq!(plan.len(), 10 + 12, "{}: {plan:?}", python.display());
@@ -589,7 +662,8 @@ mod tests {
                 // These have no emulated instruction before their argument is overwritten or
                 // they branch: reallocarray multiplies into its third argument's register at
                 // once; pyenv's builds of the Free functions are `mov %rdi,%rsi; mov ctx,%rdi;
-                // jmp *free` (and, from 3.12, a load into rax first).
+                // jmp *free` (and, from 3.12, a load into rax first), and without a process
+                // there is no dispatch to follow (userspace/tests/probes.rs has them followed).
                 let stepped = probed.function == "reallocarray"
                     || (probed.function.ends_with("Free") && python.starts_with("/root/.pyenv"));
                 let on = probed.place.on;
@@ -610,7 +684,7 @@ mod tests {
             pid: 0,
             libc: PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
             python: Some(PathBuf::from("/usr/bin/python3.11")),
-            python_code: 0..0,
+            python_code: Vec::new(),
         };
         let functions = |allocators| {
             let plan = probed_functions(&target, &Options { allocators, ..Options::default() }).unwrap();

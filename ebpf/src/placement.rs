@@ -176,15 +176,15 @@ fn harmless(code: &[u8]) -> Option<(usize, Option<u8>)> {
 
 /// A ModRM operand (and its SIB and displacement): the two registers it names, REX-extended,
 /// and the length from the ModRM byte on.
-struct ModRm {
-    mode: u8,
-    reg: u8,
-    rm: u8,
-    len: usize,
+pub(crate) struct ModRm {
+    pub mode: u8,
+    pub reg: u8,
+    pub rm: u8,
+    pub len: usize,
 }
 
 impl ModRm {
-    fn decode(code: &[u8], at: usize, rex: u8) -> Option<Self> {
+    pub fn decode(code: &[u8], at: usize, rex: u8) -> Option<Self> {
         let byte = *code.get(at)?;
         let (mode, reg, rm) = (byte >> 6, (byte >> 3) & 7, byte & 7);
         let mut len = 1;
@@ -202,6 +202,17 @@ impl ModRm {
             _ => 0,
         };
         Some(Self { mode, reg: reg | (rex & 4) << 1, rm: rm | (rex & 1) << 3, len })
+    }
+
+    /// The signed displacement of a memory operand decoded at `at` in `code` (it ends the
+    /// operand), if it has one.
+    pub fn displacement(&self, code: &[u8], at: usize) -> Option<i64> {
+        let end = at + self.len;
+        match (self.mode, self.rm & 7) {
+            (0, 5) | (2, _) => Some(i64::from(i32::from_le_bytes(code.get(end - 4..end)?.try_into().ok()?))),
+            (1, _) => Some(i64::from(*code.get(end - 1)? as i8)),
+            _ => None,
+        }
     }
 
     /// The length when both operands are registers.

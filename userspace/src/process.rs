@@ -232,14 +232,13 @@ impl Process {
         }
     }
 
-    /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
-    /// The addresses spanned by the code `path` has mapped (empty when it has none).
-    pub fn code_range(&self, path: &Path) -> std::ops::Range<u64> {
+    /// Where the code of `path` is mapped.
+    pub fn code_of(&self, path: &Path) -> Vec<psleak_ebpf::Mapping> {
         let mapped = self.code.iter().filter(|m| m.path == path);
-        let start = mapped.clone().map(|m| m.start).min().unwrap_or(0);
-        start..mapped.map(|m| m.end).max().unwrap_or(0)
+        mapped.map(|m| psleak_ebpf::Mapping { start: m.start, end: m.end, file_offset: m.file_offset }).collect()
     }
 
+    /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
     pub fn in_code(&self, addr: u64) -> bool {
         self.code_at(addr).is_some()
     }

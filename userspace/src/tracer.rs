@@ -63,7 +63,7 @@ pub fn target_of(process: &mut Process) -> Result<Target, Error> {
         });
     };
     let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
-    let python_code = python.as_deref().map_or(0..0, |p| process.code_range(p));
+    let python_code = python.as_deref().map_or_else(Vec::new, |p| process.code_of(p));
     Ok(Target { pid: process.pid(), libc, python, python_code })
 }
 
@@ -75,18 +75,21 @@ pub fn print_probe_places(pid: u32, json: bool) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| writeln!(out, "{line}").map_err(|_| Error::OutputClosed);
     if !json {
-        say(format!("{:<18} {:>6}  {:<15} binary", "function", "at", "instruction"))?;
+        say(format!("{:<18} {:>22}  {:<15} binary", "function", "at", "instruction"))?;
     }
     for probed in plan {
         let at = probed.place.past_entry();
         let (function, binary, instruction) = (&probed.function, probed.binary.display(), probed.place.on.name());
+        // A Py*_Free probed in the free it jumps to: the offset is into that one.
+        let within = &probed.within;
         say(if json {
             let emulated = probed.place.on != psleak_ebpf::Instruction::Stepped;
-            serde_json::json!({"function": function, "binary": binary.to_string(), "offset": at,
+            serde_json::json!({"function": function, "within": within, "binary": binary.to_string(), "offset": at,
                 "instruction": instruction, "emulated": emulated})
             .to_string()
         } else {
-            format!("{function:<18} {:>6}  {instruction:<15} {binary}", format!("+{at}"))
+            let at = format!("{}+{at}", within.as_deref().unwrap_or_default());
+            format!("{function:<18} {at:>22}  {instruction:<15} {binary}")
         })?;
     }
     Ok(())

@@ -212,19 +212,28 @@ int BPF_URETPROBE(alloc_exit, __u64 ret)
  * free(ptr) and Py*_Free(ptr). The loader may attach this past the function's NULL check
  * (glibc's free starts with `test %rdi,%rdi; je`): the probe then sits on a `push`, which
  * the kernel emulates, instead of the `test`, which it must single-step at five times the cost.
+ * For the same reason a Py*_Free that only jumps on to the running allocator's free(ctx, ptr)
+ * is probed there instead, where the pointer is the second argument (FREE_OP_PTR_ARG2).
  */
 SEC("uprobe.multi")
 int BPF_UPROBE(free_enter)
 {
 	if (empty_programs)
 		return 0;
-	__u8 domain = (bpf_get_attach_cookie(ctx) >> 8) & 0xff;
-	__u64 addr = PT_REGS_PARM1(ctx);
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u8 op = cookie & 0xff, domain = (cookie >> 8) & 0xff;
+	/* Both read, and held in registers: a read of only the one asked for is compiled into one
+	 * at a computed offset into ctx, which the verifier refuses. */
+	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx);
+	barrier_var(a1);
+	barrier_var(a2);
+	__u64 addr = op == FREE_OP_PTR_ARG2 ? a2 : a1;
 	__u32 tid = current_tid();
 	if (!addr)
 		return 0;
 	/* free inside realloc, or PyObject_Free's own free: part of the outer call. The probe may
-	 * sit past a NULL check, which leaves the stack pointer as it was at entry. */
+	 * sit past a NULL check, or in the function a Py*_Free jumped to: either leaves the stack
+	 * pointer as it was at the entry. */
 	__u64 sp = PT_REGS_SP(ctx);
 	if (enclosing_call(&python_calls, tid, sp, 0, false))
 		return 0;

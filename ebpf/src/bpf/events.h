@@ -57,6 +57,16 @@ enum alloc_op {
 	ALLOC_OP_SPAWN = 7,          /* pthread_create(): allocates for a thread, reports nothing */
 };
 
+/*
+ * Where the free probe finds the pointer: the cookie is (op | domain << 8) there too. A free's
+ * own first argument, or the second of an allocator's free(ctx, ptr), probed in place of a
+ * Py*_Free that only hands its call on to it (dispatch.rs).
+ */
+enum free_op {
+	FREE_OP_PTR_ARG1 = 0,
+	FREE_OP_PTR_ARG2 = 1,
+};
+
 enum event_flag {
 	/* The mapping was made inside an allocator call: its bytes are already counted as heap. */
 	EVF_ALLOCATOR_INTERNAL = 1,

@@ -18,5 +18,6 @@ struct event_with_scan unused_event_with_scan = {};
 enum event_kind unused_event_kind = EV_ALLOC;
 enum alloc_domain unused_alloc_domain = DOMAIN_LIBC;
 enum alloc_op unused_alloc_op = ALLOC_OP_SIZE_ARG1;
+enum free_op unused_free_op = FREE_OP_PTR_ARG1;
 enum event_flag unused_event_flag = EVF_STACK_SCAN;
 enum loss_kind unused_loss_kind = LOSS_RING_FULL;

@@ -39,6 +39,24 @@ pub fn leaky() -> &'static Path {
     LEAKY.get_or_init(|| build_target("leaky", false))
 }
 
+/// This machine kind's CPythons: Debian's (LTO, its allocator API in the executable) and
+/// pyenv's 3.9-3.13 (in libpython, whose Free functions only jump on to the allocator's).
+pub fn this_machines_pythons() -> Vec<PathBuf> {
+    let pyenv = std::env::var_os("PYENV_ROOT").map_or_else(|| "/root/.pyenv".into(), PathBuf::from);
+    let mut found = vec![PathBuf::from("/usr/bin/python3.11")];
+    for minor in 9..=13 {
+        let versions = std::fs::read_dir(pyenv.join("versions")).into_iter().flatten().flatten();
+        let mut of_minor: Vec<_> = versions
+            .map(|v| v.path().join(format!("bin/python3.{minor}")))
+            .filter(|p| p.exists() && p.to_string_lossy().contains(&format!("/3.{minor}.")))
+            .collect();
+        of_minor.sort();
+        found.extend(of_minor.pop());
+    }
+    assert_eq!(found.len(), 6, "Debian's python3.11 and pyenv's 3.9-3.13 are on this machine kind: {found:?}");
+    found
+}
+
 /// A process driven line by line on stdin, answering each command on stdout.
 pub struct Target {
     pub child: Child,
