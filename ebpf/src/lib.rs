@@ -147,6 +147,8 @@ impl std::str::FromStr for Allocators {
 pub enum AttachError {
     /// Loading or attaching was refused for lack of privileges.
     Permission(String),
+    /// The kernel's verifier refused a program: this kernel does not take psleak's probes.
+    Rejected(libbpf_rs::Error),
     /// The target went away while probes were being attached.
     TargetGone,
     /// A required function is missing from the target's libc.
@@ -165,6 +167,9 @@ impl fmt::Display for AttachError {
                 "not allowed to {what}: run psleak as root, or give it CAP_SYS_ADMIN (the kernel refuses uprobes \
                  to CAP_BPF and CAP_PERFMON alone)"
             ),
+            Self::Rejected(source) => {
+                write!(f, "this kernel's BPF verifier refused psleak's probes ({source}); {LIBBPF_LOG}=1 shows its log")
+            }
             Self::TargetGone => write!(f, "the target process exited while psleak was attaching"),
             Self::MissingSymbol { path, symbol } => write!(
                 f,
@@ -181,6 +186,9 @@ impl fmt::Display for AttachError {
 }
 
 impl std::error::Error for AttachError {}
+
+/// The environment variable that has libbpf's own diagnostics printed to stderr.
+pub const LIBBPF_LOG: &str = "PSLEAK_LIBBPF_LOG";
 
 /// What to do when a process has run out of file descriptors.
 pub const FD_ADVICE: &str = " (raise the limit: `ulimit -n`, or LimitNOFILE= in a systemd unit)";
@@ -370,8 +378,12 @@ impl<'obj> Probes<'obj> {
         target: &Target,
         options: &Options,
     ) -> Result<Self, AttachError> {
-        // libbpf would print its own diagnostics to stderr; ours say it in one line.
-        libbpf_rs::set_print(None);
+        // libbpf would print its own diagnostics to stderr; ours say it in one line, unless its
+        // are asked for (a verifier's refusal is explained in them).
+        fn print(_: libbpf_rs::PrintLevel, text: String) {
+            eprint!("{text}");
+        }
+        libbpf_rs::set_print(std::env::var_os(LIBBPF_LOG).map(|_| (libbpf_rs::PrintLevel::Info, print as _)));
         let btf_path = match &options.btf {
             Some(path) => Some(CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
                 kernel_error("read the BTF path", libbpf_rs::Error::from(io::Error::from(io::ErrorKind::InvalidInput)))
@@ -398,7 +410,7 @@ impl<'obj> Probes<'obj> {
             (rodata.pidns_dev, rodata.pidns_ino) = (dev, ino);
         }
         open.maps.events.set_max_entries(options.ring_bytes).map_err(|e| kernel_error("size the event ring", e))?;
-        let skel = open.load().map_err(|e| classify("load the probes", e))?;
+        let skel = open.load().map_err(classify_load)?;
 
         let mut probes = Self { skel, links: Vec::new(), probe_count: 0 };
         probes.attach_kernel_side()?;
@@ -609,6 +621,15 @@ fn classify(what: &str, err: libbpf_rs::Error) -> AttachError {
     }
 }
 
+/// Sorts an error of loading the programs: EACCES is the verifier's answer (a lack of
+/// privilege is EPERM there).
+fn classify_load(err: libbpf_rs::Error) -> AttachError {
+    match io_errno(&err) {
+        Some(libc::EACCES) => AttachError::Rejected(err),
+        _ => classify("load the probes", err),
+    }
+}
+
 /// The OS error behind a libbpf error. libbpf-rs keeps it only in words ("... (os error 24)")
 /// when no context wraps it as a source, so those are read too.
 fn io_errno(err: &libbpf_rs::Error) -> Option<i32> {
@@ -630,6 +651,15 @@ mod tests {
         assert_eq!(io_errno(&err), Some(libc::EMFILE));
         let shown = AttachError::Kernel { what: "load the probes".into(), source: err }.to_string();
         assert!(shown.starts_with("cannot load the probes: too many open files (raise the limit"), "{shown}");
+    }
+
+    #[test]
+    fn a_program_the_verifier_refuses_is_not_called_a_lack_of_privilege() {
+        let refused = classify_load(libbpf_rs::Error::from_raw_os_error(libc::EACCES)).to_string();
+        assert!(refused.starts_with("this kernel's BPF verifier refused psleak's probes"), "{refused}");
+        assert!(refused.ends_with("PSLEAK_LIBBPF_LOG=1 shows its log"), "{refused}");
+        let denied = classify_load(libbpf_rs::Error::from_raw_os_error(libc::EPERM)).to_string();
+        assert!(denied.starts_with("not allowed to load the probes: run psleak as root"), "{denied}");
     }
 
     /// The CPythons of this machine kind: Debian's (its allocator API in the executable) and
