@@ -52,8 +52,6 @@ pub fn tail_target(code: &[u8], entry: u64, read: impl Fn(u64) -> Option<u64>) -
         if next > code.len() {
             return None;
         }
-        // A move that hands a pointer on is a 64-bit one (REX.W): a 32-bit one cuts it.
-        let wide = rex & 0x8 != 0;
         // The address a memory operand names, when the decoder can tell it.
         let address = || match m.mode {
             0 if m.rm & 7 == 5 => {
@@ -66,8 +64,9 @@ pub fn tail_target(code: &[u8], entry: u64, read: impl Fn(u64) -> Option<u64>) -
             _ => None,
         };
         match (opcode, m.mode) {
+            // A move that hands a pointer on is a 64-bit one (REX.W): a 32-bit one cuts it.
+            (0x89 | 0x8b, _) if rex & 0x8 == 0 => return None,
             // mov r/m, r and mov r, r/m between registers
-            (0x89 | 0x8b, _) if !wide => return None,
             (0x89, 3) => registers[m.rm as usize] = registers[m.reg as usize],
             (0x8b, 3) => registers[m.reg as usize] = registers[m.rm as usize],
             // mov r, [memory]
@@ -125,6 +124,12 @@ mod tests {
                 "the pointer not handed on in rsi (mov %rdi,%rdx)",
                 &[0x48, 0x89, 0xfa, 0xff, 0x25, 0, 0, 0, 0],
                 &[(ENTRY + 9, 0xabc0)],
+                None,
+            ),
+            (
+                "a 32-bit move cuts the pointer (mov %edi,%esi)",
+                &[0x89, 0xfe, 0xff, 0x25, 0, 0, 0, 0],
+                &[(ENTRY + 8, 0xabc0)],
                 None,
             ),
             (

@@ -206,10 +206,13 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
             );
         }
     }
-    let frees: Vec<String> = sits_on
+    // pymalloc's free serves PyMem_Free and PyObject_Free both, where their dispatch is followed.
+    let frees: Vec<String> = ["free", "PyMem_RawFree", "PyMem_Free", "PyObject_Free"]
         .iter()
-        .filter(|(f, _)| f.ends_with("free") || f.ends_with("Free"))
-        .map(|(f, on)| format!("{f}: {on}"))
+        .map(|&free| {
+            let on = sits_on.iter().find(|(f, _)| f == free).map_or("probed under another name", |(_, on)| on.as_str());
+            format!("{free}: {on}")
+        })
         .collect();
     md += &format!("\nThe frees' probes: {}.\n", frees.join("; "));
     Ok(md)
@@ -234,7 +237,11 @@ fn placements(psleak: &Path, target: &mut Command) -> Result<Vec<(String, String
         let (function, offset) =
             (probe["function"].as_str().unwrap_or_default(), probe["offset"].as_u64().unwrap_or(0));
         let instruction = probe["instruction"].as_str().unwrap_or_default();
-        let on = if offset == 0 { format!("{instruction} at entry") } else { format!("{instruction} at +{offset}") };
+        let on = match (probe["within"].as_str(), offset) {
+            (Some(within), _) => format!("{instruction} at {within}+{offset}"),
+            (None, 0) => format!("{instruction} at entry"),
+            (None, _) => format!("{instruction} at +{offset}"),
+        };
         found.push((function.to_string(), on));
     }
     Ok(found)
