@@ -9,7 +9,17 @@ import time
 
 import leaky_ext
 
-LIBC = ["malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign", "valloc", "pvalloc", "reallocarray"]
+LIBC = [
+    "malloc",
+    "calloc",
+    "realloc",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "reallocarray",
+]
 PYTHON = [f"{family}{op}" for family in ("PyMem_Raw", "PyMem_", "PyObject_") for op in ("Malloc", "Calloc", "Realloc")]
 PAIRS = 20_000
 CALLS = 20_000

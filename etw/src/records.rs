@@ -198,12 +198,18 @@ impl Reader<'_> {
         Ok(bytes)
     }
 
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let mut bytes = [0; N];
+        bytes.copy_from_slice(self.take(N, field)?);
+        Ok(bytes)
+    }
+
     fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.take(2, field)?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(self.array(field)?))
     }
 
     fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4, field)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(self.array(field)?))
     }
 
     fn ptr(&mut self, field: &'static str) -> Result<u64, DecodeError> {

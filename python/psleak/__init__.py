@@ -22,8 +22,7 @@ import unittest
 import warnings
 from dataclasses import dataclass
 
-from psleak import _backends
-from psleak import _native
+from psleak import _backends, _native
 from psleak._backends import BackendError
 
 __all__ = [
@@ -406,7 +405,7 @@ _warnings_emitted = False
 
 
 def _emit_warnings():
-    global _warnings_emitted  # noqa: PLW0603
+    global _warnings_emitted
 
     def warn(msg, suffix="memory leak detection may be less reliable"):
         if suffix:
@@ -432,9 +431,9 @@ _announced = False
 
 def _announce(backend, verbosity):
     """Says once which backend runs (not through _log: subclasses record what it logs)."""
-    global _announced  # noqa: PLW0603
+    global _announced
     if verbosity >= 1 and not _announced:
-        print(f"psleak backend: {backend.describe()}", file=sys.stderr)  # noqa: T201
+        print(f"psleak backend: {backend.describe()}", file=sys.stderr)
         _announced = True
 
 
@@ -517,7 +516,7 @@ class MemoryLeakTestCase(unittest.TestCase):
 
     def _log(self, msg, level):
         if level <= self.verbosity:
-            print(f"\x1b[33m{msg}\x1b[0m" if sys.stdout.isatty() else msg)  # noqa: T201
+            print(f"\x1b[33m{msg}\x1b[0m" if sys.stdout.isatty() else msg)
             sys.stdout.flush()
 
     def _trim_mem(self):
@@ -614,7 +613,9 @@ class MemoryLeakTestCase(unittest.TestCase):
                 self.call(fun)
                 created = tracer.request("created", since=marked["mark"])
         except BackendError as err:
-            warnings.warn(f"psleak: the tracer could not name what {qualname(fun)!r} left: {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"psleak: the tracer could not name what {qualname(fun)!r} left: {err}", RuntimeWarning, stacklevel=2
+            )
             return None
         missed = _missed_events(marked.get("lost", {}), created.get("lost", {}), fun)
         if missed:
@@ -640,7 +641,9 @@ class MemoryLeakTestCase(unittest.TestCase):
     def _new_fds(before, after, created):
         if created is not None and created["fds"]:
             return [
-                OpenFd(f["fd"], f["target"] or "?", f["kind"], format_site(f["site"]), tuple(map(format_site, f["stack"])))
+                OpenFd(
+                    f["fd"], f["target"] or "?", f["kind"], format_site(f["site"]), tuple(map(format_site, f["stack"]))
+                )
                 for f in created["fds"]
             ]
         # Never blame an fd that was open before, even if its number was reused.

@@ -1,11 +1,13 @@
 import unittest
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypedDict, Union
+from typing import Any, ClassVar, Literal, TypedDict
+
+from typing_extensions import Self, TypeAlias
 
 from psleak._backends import BackendError as BackendError
 
-Tolerance = Union[int, dict[Literal["heap", "mmap", "uss", "rss", "vms"], int]]
+Tolerance: TypeAlias = int | dict[Literal["heap", "mmap", "uss", "rss", "vms"], int]
 
 CONFIRM_BATCHES: int
 NAMING_BATCHES: int
@@ -75,7 +77,7 @@ class Checkers:
 class GCDebugger:
     before: list[Any]
     after: list[Any]
-    def __enter__(self) -> GCDebugger: ...
+    def __enter__(self) -> Self: ...
     def __exit__(self, *a: object, **k: object) -> None: ...
     def is_transient(self, obj: object, _seen: set[int] | None = ...) -> bool: ...
     def leaked_objects(self) -> list[Any]: ...

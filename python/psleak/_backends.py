@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 1
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0
 
+
 class BackendError(RuntimeError):
     """The backend that was asked for cannot work here."""
 
@@ -220,7 +221,7 @@ def current():
     """The backend of this process, chosen on first use: ``PSLEAK_BACKEND`` (auto, trace or
     poll) says which; auto takes the tracer when a psleak daemon answers (``PSLEAK_SOCKET``, else
     /run/psleak.sock) or this process may load probes itself. Nothing is attached yet."""
-    global _backend  # noqa: PLW0603
+    global _backend
     if _backend is None:
         _backend = _choose(os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto")
     return _backend

@@ -46,7 +46,7 @@ def threads() -> list[tuple[int, str]]:
 def tracer_unavailable() -> str | None:
     """Why this process cannot trace itself (eBPF probes; ETW sessions on Windows), or None."""
 
-if sys.platform in ("linux", "win32"):
+if sys.platform == "linux" or sys.platform == "win32":
     def serve_collector(fd: int, pid: int, allocators: str) -> None:
         """Run a private collector for `pid` on the connected socket `fd` (a Unix socket; on
         Windows a loopback socket's handle) until hang-up, probing the `allocators` families

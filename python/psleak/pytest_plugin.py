@@ -35,7 +35,7 @@ def pytest_configure(config):
 
 
 class _Case(_psleak.MemoryLeakTestCase):
-    def runTest(self):  # noqa: N802
+    def runTest(self):
         pass
 
 

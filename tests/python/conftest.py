@@ -11,7 +11,16 @@ import pytest
 EXT_DIR = os.path.join(os.path.dirname(__file__), "ext")
 BUILD_DIR = tempfile.mkdtemp(prefix="psleak-leaky-ext-")
 subprocess.run(
-    [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", BUILD_DIR, "--build-temp", os.path.join(BUILD_DIR, "tmp")],
+    [
+        sys.executable,
+        "setup.py",
+        "-q",
+        "build_ext",
+        "--build-lib",
+        BUILD_DIR,
+        "--build-temp",
+        os.path.join(BUILD_DIR, "tmp"),
+    ],
     cwd=EXT_DIR,
     check=True,
     stdout=subprocess.DEVNULL,
@@ -21,6 +30,6 @@ sys.path.insert(0, BUILD_DIR)
 
 @pytest.fixture(scope="session")
 def backend():
-    from psleak import _backends  # noqa: PLC0415
+    from psleak import _backends
 
     return _backends.current().name

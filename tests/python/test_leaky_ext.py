@@ -7,9 +7,7 @@ import os
 import leaky_ext as ext
 import pytest
 
-from psleak import MemoryLeakError
-from psleak import UnclosedFdError
-from psleak import UnclosedNativeThreadError
+from psleak import MemoryLeakError, UnclosedFdError, UnclosedNativeThreadError
 
 PYMALLOC = os.environ.get("PYTHONMALLOC") != "malloc"
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import psleak
 
 HERE = os.path.dirname(__file__)
@@ -68,7 +66,7 @@ def test_marker_rejects_positional_arguments(tmp_path):
 
 def test_the_backend_is_visible(backend):
     class Case(psleak.MemoryLeakTestCase):
-        def runTest(self):  # noqa: N802
+        def runTest(self):
             pass
 
     assert Case().backend == backend
@@ -116,7 +114,9 @@ def test_a_psleak_socket_that_nobody_answers_is_an_error(tmp_path):
     result = without_cap_sys_admin({"PSLEAK_BACKEND": "auto", "PSLEAK_SOCKET": str(socket_path)})
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    expected = f"BackendError: PSLEAK_SOCKET={socket_path}, but the daemon cannot trace this process: no psleak daemon answers"
+    expected = (
+        f"BackendError: PSLEAK_SOCKET={socket_path}, but the daemon cannot trace this process: no psleak daemon answers"
+    )
     assert expected in last
 
 
@@ -127,7 +127,11 @@ def test_an_unknown_backend_is_refused():
 
 def test_auto_takes_the_tracer_when_privileged():
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env={**os.environ, "PSLEAK_BACKEND": "auto"}, check=False
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PSLEAK_BACKEND": "auto"},
+        check=False,
     )
     assert result.stdout.split() == ["trace"], result.stderr
 
@@ -135,7 +139,9 @@ def test_auto_takes_the_tracer_when_privileged():
 def test_the_tracer_says_what_it_is():
     script = "from psleak import _backends; print(_backends.TraceSession().describe())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
-    assert re.fullmatch(r"trace \(eBPF, collector pid \d+, \d+ probes\)\n", result.stdout), result.stdout + result.stderr
+    assert re.fullmatch(r"trace \(eBPF, collector pid \d+, \d+ probes\)\n", result.stdout), (
+        result.stdout + result.stderr
+    )
 
 
 def test_the_psleak_command_comes_with_the_package():
@@ -213,8 +219,11 @@ def test_a_daemon_older_than_the_allocator_choice_still_serves(tmp_path):
                 request = json.loads(line)
                 asked.append(request)
                 if request["op"] == "attach" and "allocators" in request:
-                    reply = {"ok": False, "error": "bad request: unknown field `allocators`, expected `pid` or "
-                             "`version` at line 1 column 60 (a connection starts with attach or status)"}
+                    reply = {
+                        "ok": False,
+                        "error": "bad request: unknown field `allocators`, expected `pid` or "
+                        "`version` at line 1 column 60 (a connection starts with attach or status)",
+                    }
                 elif request["op"] == "attach":
                     reply = {"ok": True, "version": 1, "pid": request["pid"], "backend": "eBPF", "probes": 46}
                 else:

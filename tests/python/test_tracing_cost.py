@@ -12,8 +12,7 @@ import leaky_ext as ext
 import pytest
 
 import psleak._backends
-from psleak import MemoryLeakError
-from psleak import UnclosedFdError
+from psleak import MemoryLeakError, UnclosedFdError
 
 # psleak's BPF programs (ebpf/src/bpf/*.h).
 PROGRAMS = {"alloc_enter", "alloc_exit", "free_enter", "target_exec", "syscall_exit", "thread_start", "thread_exit"}
@@ -82,9 +81,8 @@ def test_a_clean_function_never_runs_under_the_probes(traced):
 
 
 def test_after_a_leak_is_named_no_probe_is_left_attached(traced):
-    with Watch() as watch:
-        with pytest.raises(MemoryLeakError) as info:
-            traced.execute(ext.forget_free, 1)
+    with Watch() as watch, pytest.raises(MemoryLeakError) as info:
+        traced.execute(ext.forget_free, 1)
     assert "forget_free (leaky_ext.c:" in str(info.value)
     assert {"alloc_enter", "alloc_exit", "free_enter"} <= watch.seen, "the tracer named the leak"
     assert attached_programs() == []

@@ -36,7 +36,7 @@ def test_first_call_effects_are_not_leaks(quick):
     def lazy():
         if not state:
             # A lazy import, a module-level cache and a cycle the GC collects, all on the first call.
-            import xml.dom.minidom  # noqa: PLC0415
+            import xml.dom.minidom
 
             state["doc"] = xml.dom.minidom.parseString("<a><b/></a>")
             cycle = []

@@ -4,15 +4,11 @@ for it with a mock of what only Windows has (the platform flags and the two nati
 psleak's errors, and their stability into a pass."""
 
 import contextlib
+
 import pytest
 
 import psleak
-from psleak import Checkers
-from psleak import MemoryLeakTestCase
-from psleak import OpenHandle
-from psleak import PrivateHeap
-from psleak import UnclosedHandleError
-from psleak import UnclosedHeapCreateError
+from psleak import Checkers, MemoryLeakTestCase, OpenHandle, PrivateHeap, UnclosedHandleError, UnclosedHeapCreateError
 
 
 @pytest.fixture

@@ -91,6 +91,7 @@ async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, a
     // registrations, which are dropped when this function returns, before `live` is.
     let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(live.ring_fd()), Interest::READABLE) }
         .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
+    // SAFETY: as above.
     let target_exit = unsafe { AsyncFd::register_with_interest(Pollable(live.exit_fd()), Interest::READABLE) }
         .map_err(|e| io_error("cannot watch the target")(e.into()))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;

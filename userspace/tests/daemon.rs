@@ -4,6 +4,7 @@
 //! the session ends (bpftool). The tests take turns, since they count every psleak program.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 mod common;
 

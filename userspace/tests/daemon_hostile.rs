@@ -4,6 +4,7 @@
 //! its fix (`PSLEAK_TEST_BINARY=old/psleak cargo test --test daemon_hostile`).
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Bad input gets one clear line on stderr and exit status 2, never a panic.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 mod common;
 

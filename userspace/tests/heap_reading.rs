@@ -2,6 +2,7 @@
 //! thread's arena, so a concurrent test would move it.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 use psleak::poll::own_heap;
 

@@ -2,6 +2,7 @@
 //! concurrent test's threads would change the count.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 use psleak::poll::threads;
 

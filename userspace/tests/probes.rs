@@ -2,6 +2,7 @@
 //! emulates the instruction each sits on. Nothing is attached.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 mod common;
 

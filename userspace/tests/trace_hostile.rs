@@ -4,6 +4,7 @@
 //! silent, and must end when told. Each test fails against a psleak from before its fix.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
 mod common;
 

@@ -379,7 +379,7 @@ pub struct Waiting {
 impl Waiting {
     pub fn start(command: &mut Command) -> Result<Self> {
         let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut line = String::new();
         stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         Ok(Self { child: Guard(child), stdout })
@@ -397,7 +397,7 @@ impl Waiting {
 
     /// Lets it run and returns the line it prints.
     pub fn go_line(&mut self) -> Result<String> {
-        writeln!(self.child.0.stdin.as_mut().unwrap(), "go").map_err(|e| e.to_string())?;
+        writeln!(self.child.0.stdin.as_mut().expect("stdin is piped"), "go").map_err(|e| e.to_string())?;
         let mut line = String::new();
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         Ok(line)
@@ -415,7 +415,7 @@ pub fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> 
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
+    BufReader::new(child.stderr.take().expect("stderr is piped")).read_line(&mut line).map_err(|e| e.to_string())?;
     if !line.contains("tracing pid") {
         return Err(format!("psleak did not attach: {line}"));
     }
@@ -426,7 +426,7 @@ pub fn attach(psleak: &Path, pid: &str, extra: &[&str]) -> Result<(Guard, f64)> 
 pub fn stop(mut tracer: Guard) -> Result<(u64, u64)> {
     run(Command::new("kill").args(["-INT", &tracer.0.id().to_string()]))?;
     let mut out = String::new();
-    tracer.0.stdout.as_mut().unwrap().read_to_string(&mut out).map_err(|e| e.to_string())?;
+    tracer.0.stdout.as_mut().expect("stdout is piped").read_to_string(&mut out).map_err(|e| e.to_string())?;
     let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
         .map_err(|e| format!("psleak's final report is not JSON: {e}"))?;
     let number = |v: &serde_json::Value| v.as_u64().ok_or_else(|| format!("no such number in {report}"));

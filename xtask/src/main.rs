@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// A section of bench/RESULTS.md that one task writes between its two markers, and that the
@@ -158,7 +158,7 @@ fn test() -> Result {
         .spawn()
         .map_err(|e| format!("cannot run cargo test: {e}"))?;
     let (mut passed, mut failed) = (0u64, 0u64);
-    for line in BufReader::new(cargo.stdout.take().unwrap()).lines() {
+    for line in BufReader::new(cargo.stdout.take().expect("stdout is piped")).lines() {
         let line = line.map_err(|e| e.to_string())?;
         println!("{line}");
         if let Some((p, f)) = result_counts(&line) {
@@ -170,10 +170,16 @@ fn test() -> Result {
     let python = python_tests();
     let other_targets = targets::check();
     let under_wine = wine::smoke();
+    let lints = lints();
     let (py_passed, py_failed) = python.as_ref().map_or((0, 1), |r| (r.passed, r.failed));
     let (wine_passed, wine_failed) = under_wine.as_ref().map_or((0, 1), |&counts| counts);
+    let lint_failed = lints.iter().filter(|(_, result)| result.is_err()).count() as u64;
     // One closing line for the whole suite: cargo's own last line is the last test binary's.
-    println!("tests: {} passed, {} failed", passed + py_passed + wine_passed, failed + py_failed + wine_failed);
+    println!(
+        "tests: {} passed, {} failed",
+        passed + py_passed + wine_passed + lints.len() as u64 - lint_failed,
+        failed + py_failed + wine_failed + lint_failed
+    );
     if let Err(err) = &python {
         eprintln!("xtask: the Python tests could not run: {err}");
     }
@@ -181,6 +187,9 @@ fn test() -> Result {
         return Err(format!("cargo test failed ({status})"));
     }
     other_targets?;
+    for (lint, result) in lints {
+        result.map_err(|err| format!("{lint} failed: {err}"))?;
+    }
     match under_wine {
         Ok((_, 0)) => {}
         Ok((_, failed)) => return Err(format!("{failed} checks of the Windows build under Wine failed")),
@@ -193,10 +202,25 @@ fn test() -> Result {
     }
 }
 
+/// The lints the suite keeps, each counted as one test: clippy on every target of the workspace
+/// (the other platforms' code in `targets::check`), ruff's lints and format on the Python
+/// (config: ruff.toml).
+fn lints() -> Vec<(&'static str, Result)> {
+    let clippy = ["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"];
+    let ruff = root().join("target/venv/bin/ruff");
+    let python_code = ["python", "tests/python", "bench"];
+    let ruff_run = |args: &[&str]| run(Command::new(&ruff).args(args).args(python_code).current_dir(root()));
+    vec![
+        ("cargo clippy -D warnings", run(Command::new("cargo").args(clippy).current_dir(root()))),
+        ("ruff check", ruff_run(&["check"])),
+        ("ruff format --check", ruff_run(&["format", "--check"])),
+    ]
+}
+
 /// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
 /// run unchanged against our package, import it.
 const PYTHON_TEST_DEPS: &[&str] =
-    &["maturin==1.16.0", PYTEST, "pytest-instafail", "pytest-xdist", "psutil", "setuptools"];
+    &["maturin==1.16.0", PYTEST, "pytest-instafail", "pytest-xdist", "psutil", "setuptools", "ruff==0.17.5"];
 
 /// The pytest of every Python run, ours and the benchmark's.
 const PYTEST: &str = "pytest==9.2.0";
@@ -351,7 +375,7 @@ fn upstream_tests(python: &Path, target: &Path) -> Result<PathBuf> {
 fn pytest(command: &mut Command) -> Result<PytestCounts> {
     let mut child = command.stdout(Stdio::piped()).spawn().map_err(|e| format!("cannot run pytest: {e}"))?;
     let mut counts = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+    for line in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
         let line = line.map_err(|e| e.to_string())?;
         println!("{line}");
         if let Some(c) = pytest_counts(&line) {

@@ -39,7 +39,9 @@ pub fn smoke() -> Result<(u64, u64)> {
     let mut target = wine.command(&dir.join("leaky.exe"));
     let mut target = Guard(target.stdout(Stdio::piped()).spawn().map_err(|e| format!("cannot start leaky.exe: {e}"))?);
     let mut first = String::new();
-    BufReader::new(target.0.stdout.take().unwrap()).read_line(&mut first).map_err(|e| e.to_string())?;
+    BufReader::new(target.0.stdout.take().expect("stdout is piped"))
+        .read_line(&mut first)
+        .map_err(|e| e.to_string())?;
     let pid = first.trim().to_string();
     let trace = wine.run(&exe, &["trace", "--pid", &pid, "--interval", "1", "--duration", "3", "--json"])?;
     let stderr = String::from_utf8_lossy(&trace.stderr);

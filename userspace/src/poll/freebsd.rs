@@ -99,10 +99,13 @@ pub fn open_fds(pid: u32) -> io::Result<Vec<(i32, String)>> {
     let mut fds = Vec::new();
     let mut at = 0;
     while at + size_of::<libc::c_int>() <= buf.len() {
-        let size = i32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+        let mut size = [0; 4];
+        size.copy_from_slice(&buf[at..at + 4]);
+        let size = i32::from_ne_bytes(size) as usize;
         if size == 0 || at + size > buf.len() {
             break;
         }
+        // SAFETY: kinfo_file is plain integers and arrays, for which zero is a valid value.
         let mut file: libc::kinfo_file = unsafe { std::mem::zeroed() };
         let n = size.min(size_of::<libc::kinfo_file>());
         // SAFETY: copies the record's first `n` bytes into a zeroed kinfo_file of at least `n`.
