@@ -156,7 +156,7 @@ static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u
  * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
 static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, struct pt_regs *user_regs)
 {
-	struct event *e = reserve_scan_event(kind, BPF_CORE_READ(user_regs, ip), BPF_CORE_READ(user_regs, sp));
+	struct event *e = reserve_scan_event(kind, PT_REGS_IP_CORE(user_regs), PT_REGS_SP_CORE(user_regs));
 	if (e)
 		e->stack_id = user_stack_id(ctx);
 	return e;

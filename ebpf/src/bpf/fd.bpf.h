@@ -81,29 +81,29 @@ static __always_inline void on_fd_syscall(void *ctx, struct pt_regs *regs, long 
 			emit_fd_open(ctx, regs, ret);
 		return;
 	case __NR_fcntl: {
-		long cmd = BPF_CORE_READ(regs, si);
+		long cmd = PT_REGS_PARM2_CORE_SYSCALL(regs);
 		if (ret >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
 			emit_fd_open(ctx, regs, ret);
 		return;
 	}
 	case __NR_pipe: case __NR_pipe2:
 		if (ret == 0)
-			emit_fd_pair(ctx, regs, BPF_CORE_READ(regs, di));
+			emit_fd_pair(ctx, regs, PT_REGS_PARM1_CORE_SYSCALL(regs));
 		return;
 	case __NR_socketpair:
 		if (ret == 0)
-			emit_fd_pair(ctx, regs, BPF_CORE_READ(regs, r10));
+			emit_fd_pair(ctx, regs, PT_REGS_PARM4_CORE_SYSCALL(regs));
 		return;
 	case __NR_close:
 		/* close() releases the fd even when the final flush reports an error (EINTR, EIO) */
 		if (ret != -9 /* EBADF */) {
-			__u64 fd = (__u32)BPF_CORE_READ(regs, di);
+			__u64 fd = (__u32)PT_REGS_PARM1_CORE_SYSCALL(regs);
 			emit_fd_close(fd, fd);
 		}
 		return;
 	case __NR_close_range:
-		if (ret == 0 && !(BPF_CORE_READ(regs, dx) & CLOSE_RANGE_CLOEXEC))
-			emit_fd_close((__u32)BPF_CORE_READ(regs, di), (__u32)BPF_CORE_READ(regs, si));
+		if (ret == 0 && !(PT_REGS_PARM3_CORE_SYSCALL(regs) & CLOSE_RANGE_CLOEXEC))
+			emit_fd_close((__u32)PT_REGS_PARM1_CORE_SYSCALL(regs), (__u32)PT_REGS_PARM2_CORE_SYSCALL(regs));
 		return;
 	}
 }

@@ -16,8 +16,8 @@ static __always_inline void on_mmap(void *ctx, struct pt_regs *regs, long ret)
 	if (!e)
 		return;
 	e->addr = ret;
-	e->size = BPF_CORE_READ(regs, si);
-	if (in_allocator(e->tid, BPF_CORE_READ(regs, sp)))
+	e->size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	if (in_allocator(e->tid, PT_REGS_SP_CORE(regs)))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
 	submit_event(e);
 }
@@ -27,8 +27,8 @@ static __always_inline void on_munmap(struct pt_regs *regs)
 	struct event *e = reserve_event(EV_MUNMAP);
 	if (!e)
 		return;
-	e->addr = BPF_CORE_READ(regs, di);
-	e->size = BPF_CORE_READ(regs, si);
+	e->addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	e->size = PT_REGS_PARM2_CORE_SYSCALL(regs);
 	submit_event(e);
 }
 
@@ -38,10 +38,10 @@ static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
 	if (!e)
 		return;
 	e->addr = ret;
-	e->size = BPF_CORE_READ(regs, dx);
-	e->old_addr = BPF_CORE_READ(regs, di);
-	e->aux = BPF_CORE_READ(regs, si);
-	if (in_allocator(e->tid, BPF_CORE_READ(regs, sp)))
+	e->size = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	e->old_addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	e->aux = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	if (in_allocator(e->tid, PT_REGS_SP_CORE(regs)))
 		e->flags |= EVF_ALLOCATOR_INTERNAL;
 	submit_event(e);
 }

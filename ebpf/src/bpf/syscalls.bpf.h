@@ -18,7 +18,7 @@ int BPF_PROG(syscall_exit, struct pt_regs *regs, long ret)
 {
 	if (empty_programs || !is_target())
 		return 0;
-	long nr = BPF_CORE_READ(regs, orig_ax);
+	long nr = BPF_CORE_READ(regs, orig_ax); /* the syscall's number: bpf_tracing.h has no macro for it */
 	switch (nr) {
 	case __NR_mmap:
 		if (!IS_SYSCALL_ERROR(ret))

@@ -20,7 +20,7 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 	struct alloc_call *spawn = bpf_map_lookup_elem(&libc_calls, &tid);
 	struct pt_regs *regs = current_user_regs();
 	struct event *e;
-	if (spawn && spawn->op == ALLOC_OP_SPAWN && BPF_CORE_READ(regs, sp) < spawn->entry_sp) {
+	if (spawn && spawn->op == ALLOC_OP_SPAWN && PT_REGS_SP_CORE(regs) < spawn->entry_sp) {
 		e = reserve_event(EV_THREAD_START);
 		if (!e)
 			return 0;
