@@ -16,7 +16,7 @@ import sys
 
 from psleak import _native
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = _native.PROTOCOL_VERSION
 # Attaching takes ~0.1 s; a loaded CI machine may be much slower.
 READY_TIMEOUT = 60.0
 REPLY_TIMEOUT = 300.0
@@ -34,7 +34,7 @@ class PollBackend:
         return "poll (the OS's counters and the allocator's statistics; memory checks need PYTHONMALLOC=malloc)"
 
 
-DEFAULT_SOCKET = "/run/psleak.sock"
+DEFAULT_SOCKET = _native.DEFAULT_SOCKET
 
 
 class Tracer:

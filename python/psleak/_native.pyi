@@ -2,6 +2,11 @@
 
 import sys
 
+PROTOCOL_VERSION: int
+"""The version of the protocol spoken to the collector and the daemon (psleak::protocol)."""
+DEFAULT_SOCKET: str
+"""Where the daemon listens unless told otherwise."""
+
 def memory() -> dict[str, int]:
     """heap, mmap, uss, rss and vms of this process, in bytes (see psleak::poll per platform)."""
 

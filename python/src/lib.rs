@@ -306,6 +306,9 @@ fn heap_count() -> usize {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Defined once, in the protocol: the Python package speaks it.
+    m.add("PROTOCOL_VERSION", psleak::protocol::VERSION)?;
+    m.add("DEFAULT_SOCKET", psleak::protocol::DEFAULT_SOCKET)?;
     m.add_function(wrap_pyfunction!(memory, m)?)?;
     m.add_function(wrap_pyfunction!(mark_memory, m)?)?;
     m.add_function(wrap_pyfunction!(memory_since_mark, m)?)?;

@@ -57,7 +57,7 @@ struct ProbesCli {
 #[derive(clap::Args)]
 struct DaemonCli {
     /// The socket to listen on (the Python package looks at $PSLEAK_SOCKET, else this default).
-    #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+    #[arg(long, default_value = crate::protocol::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Permission bits of the socket, in octal: 600 admits root only; 660 with --socket-group
     /// admits that group; 666 admits every local user.

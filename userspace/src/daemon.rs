@@ -27,9 +27,6 @@ use crate::process::{self, Credentials, Process};
 use crate::protocol::{Next, Opening, RequestReader, VERSION};
 use crate::session::{self, Client, Control, SessionConfig};
 
-/// Where the daemon listens, and where the Python package looks, unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/psleak.sock";
-
 /// How long a connection may take to send each request before it has attached, whole.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -16,7 +16,11 @@ use serde::{Deserialize, Serialize};
 use crate::ledger::Mark;
 use crate::verdict::Tolerance;
 
+/// The protocol's version, which `hello` and `attach` carry (the Python package reads it from here).
 pub const VERSION: u32 = 1;
+
+/// Where the daemon listens, and where the Python package looks, unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/psleak.sock";
 
 /// Longest request line accepted; longer ones are answered with an error and skipped.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
