@@ -203,15 +203,7 @@ class PrivateHeap:
 # --- utils
 
 
-def human_bytes(n):
-    """928B, 1K, 1.5K, 2M: psleak's sizes, short."""
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            value = f"{n / size:.1f}".rstrip("0").rstrip(".")
-            return f"{sign}{value}{unit}"
-    return f"{sign}{n}B"
+human_bytes = _native.human_bytes
 
 
 def format_run_line(idx, diffs, times, blocks=0):

@@ -29,6 +29,9 @@ class Judge:
         """("leak" | "clean" | "undecided", the exact counters that grew, whether the batches ran
         out). ``sites``: the tracer's verdict on a traced batch's sites, which then judges."""
 
+def human_bytes(n: int) -> str:
+    """A size (at least 0) as psleak prints it everywhere: ``928B``, ``1.0K``, ``1.5M``."""
+
 def unnamed(grown: list[str]) -> str:
     """What to say when the tracer saw no site grow while these counters did."""
 

@@ -191,6 +191,12 @@ impl Judge {
     }
 }
 
+/// A size as psleak prints it everywhere (`928B`, `1.5K`): report.rs's.
+#[pyfunction]
+fn human_bytes(bytes: u64) -> String {
+    psleak::report::human_bytes(bytes)
+}
+
 /// What to say when the tracer saw no site grow while these counters did.
 #[pyfunction]
 fn unnamed(grown: Vec<String>) -> PyResult<String> {
@@ -315,6 +321,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(heap_trim, m)?)?;
     m.add_class::<Judge>()?;
     m.add_function(wrap_pyfunction!(unnamed, m)?)?;
+    m.add_function(wrap_pyfunction!(human_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
     #[cfg(unix)]

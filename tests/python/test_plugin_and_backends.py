@@ -242,3 +242,9 @@ def test_a_daemon_older_than_the_allocator_choice_still_serves(tmp_path):
     server.close()
     assert [r["op"] for r in asked] == ["attach", "attach", "hello"]
     assert asked[0]["allocators"] == "none" and "allocators" not in asked[1]
+
+
+def test_sizes_are_printed_as_the_collector_prints_them():
+    # One format, Rust's (psleak::report::human_bytes), in the messages and in `psleak trace`.
+    assert [psleak.human_bytes(n) for n in (928, 1024, 1536, 3 << 20)] == ["928B", "1.0K", "1.5K", "3.0M"]
+    assert "heap=+2.0K" in psleak.format_run_line(1, {"heap": 2048}, 100)
