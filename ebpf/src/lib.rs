@@ -335,9 +335,12 @@ pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed
                 }
             }
             let func = format!("{prefix}Free");
-            let Some(at) = place(python, &func, Registers::RDI, Role::Free)? else { continue };
+            let Some(free) = python.function(&func).map_err(|source| unreadable(python.path(), source))? else {
+                continue;
+            };
+            let at = free.probe_place(Registers::RDI, true, options.probes_at_entry);
             let followed = if at.on == Instruction::Stepped && !options.probes_at_entry {
-                followed_free(python, &func, target).map_err(|source| unreadable(python.path(), source))?
+                followed_free(python, &free, target).map_err(|source| unreadable(python.path(), source))?
             } else {
                 None
             };
@@ -352,11 +355,10 @@ pub fn probed_functions(target: &Target, options: &Options) -> Result<Vec<Probed
     Ok(plan)
 }
 
-/// Where to probe the Py*_Free `func`, whose own probe would be single-stepped, instead: in the
+/// Where to probe a Py*_Free, `free`, whose own probe would be single-stepped, instead: in the
 /// function its dispatch jumps to in the running process, when that is one of `python`'s (see
 /// `dispatch`), with its name.
-fn followed_free(python: &elf::Binary, func: &str, target: &Target) -> io::Result<Option<(String, Place)>> {
-    let Some(free) = python.function(func)? else { return Ok(None) };
+fn followed_free(python: &elf::Binary, free: &elf::Function, target: &Target) -> io::Result<Option<(String, Place)>> {
     let jumps_to = target
         .python_address(free.entry)
         .and_then(|entry| dispatch::tail_target(&free.code, entry, |addr| target.read_word(addr)))

@@ -12,10 +12,7 @@ use serde_json::Value;
 #[test]
 fn each_probed_function_is_shown_with_the_instruction_its_probe_sits_on() {
     let target = Target::leaky();
-    let out = common::psleak().args(["probes", "--json", "--pid", &target.pid().to_string()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let probes: Vec<Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let probes = probes_of(target.pid());
     let of = |function: &str| {
         probes.iter().find(|p| p["function"] == function).unwrap_or_else(|| panic!("no {function} in {probes:?}"))
     };
