@@ -116,7 +116,9 @@ def test_the_heaps_top_moves_vms_but_not_the_codes_mappings():
     run = subprocess.run([sys.executable, "-c", HEAP_TOP_AND_MAPPINGS], capture_output=True, text=True, check=True)
     (heap_vms, heap_mapped), (mmap_vms, mmap_mapped) = (map(int, line.split()) for line in run.stdout.splitlines())
     assert heap_vms >= 1 << 20 and heap_mapped == 0, run.stdout
-    assert mmap_mapped == mmap_vms >= 1 << 20, run.stdout
+    # vms may also hold the heap's top, moved by what Python allocated around the mmap (132 KiB
+    # in one CI run): the mapping is the code's own, exactly, whatever the heap did.
+    assert mmap_mapped == 1 << 20 <= mmap_vms, run.stdout
 
 
 def test_a_python_level_leak_is_caught(quick, backend):
