@@ -8,10 +8,11 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
-use psleak::metrics::MemoryUse;
-use psleak::{poll, verdict};
+use psleak::backends::poll;
+use psleak::model::metrics::MemoryUse;
+use psleak::model::verdict;
 #[cfg(target_os = "linux")]
-use psleak::{session, tracer};
+use psleak::{backends::ebpf::tracer, serve::session};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -34,7 +35,7 @@ impl MemoryReading {
         // read: both readings see the same of it. (CPython 3.12 stopped exporting the C function.)
         let py_blocks: isize = py.import("sys")?.getattr("getallocatedblocks")?.call0()?.extract()?;
         let heap = poll::own_heap();
-        let memory = MemoryUse::own().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let memory = psleak::backends::poll::own_memory().map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok(Self { heap, memory, py_blocks })
     }
 
@@ -141,7 +142,7 @@ fn memory_since_mark(py: Python<'_>) -> PyResult<(Bound<'_, PyDict>, Bound<'_, P
     Ok((growth(&now.fields(), &mark.fields())?, growth(&now.exact_only(), &mark.exact_only())?, alone))
 }
 
-/// One `execute()`'s memory verdict (psleak::verdict::Judge), fed a batch at a time.
+/// One `execute()`'s memory verdict (psleak::model::verdict::Judge), fed a batch at a time.
 #[pyclass(module = "psleak._native")]
 struct Judge(verdict::Judge);
 
@@ -293,7 +294,7 @@ fn serve_collector(py: Python<'_>, socket: u64, pid: u32, allocators: &str) -> P
     use std::os::windows::io::FromRawSocket;
     // SAFETY: the caller hands over an open socket that nothing else will use.
     let stream = unsafe { std::net::TcpStream::from_raw_socket(socket) };
-    py.detach(|| psleak::etw_collector::serve(stream, pid)).map_err(PyRuntimeError::new_err)
+    py.detach(|| psleak::serve::etw_session::serve(stream, pid)).map_err(PyRuntimeError::new_err)
 }
 
 /// The number of open handles of this process.
@@ -313,8 +314,8 @@ fn heap_count() -> usize {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Defined once, in the protocol: the Python package speaks it.
-    m.add("PROTOCOL_VERSION", psleak::protocol::VERSION)?;
-    m.add("DEFAULT_SOCKET", psleak::protocol::DEFAULT_SOCKET)?;
+    m.add("PROTOCOL_VERSION", psleak::serve::protocol::VERSION)?;
+    m.add("DEFAULT_SOCKET", psleak::serve::protocol::DEFAULT_SOCKET)?;
     m.add_function(wrap_pyfunction!(memory, m)?)?;
     m.add_function(wrap_pyfunction!(mark_memory, m)?)?;
     m.add_function(wrap_pyfunction!(memory_since_mark, m)?)?;

@@ -11,11 +11,12 @@ use clap::{Parser, Subcommand};
 
 use crate::report::Selection;
 #[cfg(target_os = "linux")]
-use crate::{
+use crate::serve::{
     daemon::{self, DaemonArgs},
     session,
-    trace::{self, TraceArgs},
 };
+#[cfg(target_os = "linux")]
+use crate::trace::ebpf::{self as trace, TraceArgs};
 #[cfg(target_os = "linux")]
 use psleak_ebpf::Options;
 
@@ -57,7 +58,7 @@ struct ProbesCli {
 #[derive(clap::Args)]
 struct DaemonCli {
     /// The socket to listen on (the Python package looks at $PSLEAK_SOCKET, else this default).
-    #[arg(long, default_value = crate::protocol::DEFAULT_SOCKET)]
+    #[arg(long, default_value = crate::serve::protocol::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Permission bits of the socket, in octal: 600 admits root only; 660 with --socket-group
     /// admits that group; 666 admits every local user.
@@ -204,7 +205,7 @@ pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
         #[cfg(target_os = "linux")]
         Command::Daemon(d) => run_daemon(d),
         #[cfg(target_os = "linux")]
-        Command::Probes(p) => exit_status(crate::tracer::print_probe_places(p.pid, p.json)),
+        Command::Probes(p) => exit_status(crate::backends::ebpf::tracer::print_probe_places(p.pid, p.json)),
     }
 }
 
@@ -249,7 +250,7 @@ fn run_trace(t: &TraceCli) -> u8 {
         ledger_room: t.max_live,
     });
     #[cfg(windows)]
-    let result = crate::etw_trace::run(t.pid, interval, duration, t.json, t.selection());
+    let result = crate::trace::etw::run(t.pid, interval, duration, t.json, t.selection());
     exit_status(result)
 }
 

@@ -1,46 +1,28 @@
-//! psleak's collector: the event model, the ledger of live resources, the verdict, and the
-//! polling metrics, on every platform; the eBPF backend, its sessions, the daemon and the live
-//! `trace` of a running process on Linux; the ETW records' translation for Windows, and there
-//! the live `trace` through ETW.
+//! psleak's collector. The data path, one folder per idea, each using only those above it:
+//!
+//! - `model`: the event model, the ledger of live resources, the verdict, the metrics — plain
+//!   data, no I/O, every platform;
+//! - `process` (Linux): access to a traced process (its mappings, credentials, pidfd);
+//! - `sites`: naming where a resource was made — frames, unwinding, symbols (dbghelp on Windows);
+//! - `backends`: what feeds the ledger — eBPF probes (Linux), ETW's records (translated
+//!   everywhere, followed on Windows), and the psutil-style polling of every platform;
+//! - `report`: what the ledger holds as a report, and that report as text;
+//! - `serve`: the wire protocol, its answers, and the sessions that serve it (the private
+//!   collector's on Linux and Windows, the daemon's);
+//! - `trace`: the `psleak trace` front ends;
+//! - `cli`, `error`: the command line, and the errors a user can meet.
 
-pub mod answer;
-#[cfg(windows)]
-pub mod dbghelp;
-pub mod etw;
-pub mod etw_collector;
-#[cfg(windows)]
-pub mod etw_target;
-#[cfg(windows)]
-pub mod etw_trace;
-pub mod event;
-pub mod ledger;
-pub mod metrics;
-pub mod poll;
-pub mod protocol;
+pub mod backends;
+#[cfg(target_os = "linux")]
+pub mod error;
+pub mod model;
 pub mod report;
-pub mod verdict;
+pub mod serve;
+pub mod sites;
 
 #[cfg(any(target_os = "linux", windows))]
 pub mod cli;
 #[cfg(target_os = "linux")]
-pub mod daemon;
-#[cfg(target_os = "linux")]
-pub mod error;
-#[cfg(target_os = "linux")]
-pub mod listen;
-#[cfg(target_os = "linux")]
-pub mod live;
-#[cfg(target_os = "linux")]
 pub mod process;
-#[cfg(target_os = "linux")]
-pub mod session;
-#[cfg(target_os = "linux")]
-pub mod sites;
-#[cfg(target_os = "linux")]
-pub mod symbols;
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 pub mod trace;
-#[cfg(target_os = "linux")]
-pub mod tracer;
-#[cfg(target_os = "linux")]
-pub mod unwind;

@@ -4,7 +4,7 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
-use psleak::poll::own_heap;
+use psleak::backends::poll::own_heap;
 
 const BLOCK: usize = 200;
 

@@ -4,7 +4,7 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
 
-use psleak::poll::threads;
+use psleak::backends::poll::threads;
 
 /// A thread whose exit takes long after its join returned: pthread_join wakes when the kernel
 /// clears the tid, and the kernel closes the thread's own fd table after that.

@@ -1,0 +1,188 @@
+//! One live eBPF session: probes attached to a process, the ring their events arrive in, and
+//! the ledger those feed. The private collector, the daemon's sessions and `psleak trace` each
+//! run one; how they wait for the ring, their clients and signals is their own.
+//!
+//! Draining is bounded: a target whose threads fill the ring faster than the collector reads it
+//! (a flood) must not hold up timers, signals or other clients. What the kernel could not put
+//! in a full ring is counted as lost and reported, never silently missing.
+
+use std::cell::{Ref, RefCell, RefMut};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::{AsRawLibbpf, RingBuffer, RingBufferBuilder};
+use psleak_ebpf::{OpenObject, Options, Probes, Target};
+
+use crate::backends::ebpf::naming::{Described, SiteNamer};
+use crate::backends::ebpf::tracer::{self, Collector};
+use crate::error::Error;
+use crate::model::lost::Lost;
+use crate::process::Process;
+
+/// Records read at most per `drain_some`: ~10 ms of decoding, so that a flood leaves the
+/// caller's loop turning.
+const DRAIN_BATCH: usize = 16 * 1024;
+
+/// How often the ring is drained while nothing else happens (the probes wake us only for bursts).
+pub const DRAIN_PERIOD: Duration = Duration::from_millis(20);
+
+/// How long `drain_to_now` waits for records that probes reserved but have not committed yet
+/// (they do so within microseconds: this bounds it against the unforeseen).
+const COMMIT_WAIT: Duration = Duration::from_secs(1);
+
+pub struct Live<'obj> {
+    // Declared first, dropped first: the ring's callback holds the collector.
+    ring: RingBuffer<'static>,
+    collector: Rc<RefCell<Collector>>,
+    pub probes: Probes<'obj>,
+    pub target: Target,
+    sites: SiteNamer,
+    execs_told: u64,
+}
+
+impl<'obj> Live<'obj> {
+    /// Attaches the probes to `process`, whose ledger keeps at most `ledger_room` blocks and
+    /// mappings. `storage` holds libbpf's object and must outlive the session.
+    pub fn attach(
+        storage: &'obj mut MaybeUninit<OpenObject>,
+        mut process: Process,
+        options: &Options,
+        ledger_room: usize,
+    ) -> Result<Self, Error> {
+        tracer::check_prerequisites(options)?;
+        let target = tracer::target_of(&mut process)?;
+        let probes = tracer::attach(storage, &process, &target, options)?;
+        let collector = Rc::new(RefCell::new(Collector::new(process, ledger_room)));
+        let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
+        let mut builder = RingBufferBuilder::new();
+        let fed = Rc::clone(&collector);
+        builder
+            .add(probes.events(), move |record: &[u8]| {
+                // A panic must not cross libbpf's C frames (it would abort the daemon, every
+                // user's session with it): a record that makes the decoding panic is corrupt.
+                let ingested =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fed.borrow_mut().ingest(record)));
+                if ingested.is_err() {
+                    fed.borrow_mut().corrupt += 1;
+                }
+                0
+            })
+            .map_err(ring_error)?;
+        let ring = builder.build().map_err(ring_error)?;
+        let sites = SiteNamer::new(&target);
+        Ok(Self { ring, collector, probes, target, sites, execs_told: 0 })
+    }
+
+    /// Readable when the probes have woken us: much is waiting in the ring.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.epoll_fd()
+    }
+
+    pub fn collector(&self) -> Ref<'_, Collector> {
+        self.collector.borrow()
+    }
+
+    pub fn collector_mut(&self) -> RefMut<'_, Collector> {
+        self.collector.borrow_mut()
+    }
+
+    /// Reads at most `DRAIN_BATCH` records; whether more are waiting.
+    pub fn drain_some(&self) -> Result<bool, Error> {
+        let read = self.ring.consume_raw_n(DRAIN_BATCH);
+        if read < 0 {
+            return Err(Error::Io("cannot read the event ring".into(), io::Error::from_raw_os_error(-read)));
+        }
+        let (consumed, produced) = self.positions();
+        if consumed >= produced {
+            self.clear_wakeup();
+        }
+        Ok(consumed < produced)
+    }
+
+    /// Reads every record the ring held when called (what an answer must include), and no
+    /// more: in a flood, new ones keep coming. Bounded by the ring's size, and by `deadline`.
+    /// Returns how many bytes of those records were left unread (the deadline came first).
+    pub fn drain_to_now(&self, deadline: Option<Instant>) -> Result<u64, Error> {
+        let (_, until) = self.positions();
+        let started = Instant::now();
+        loop {
+            let more = self.drain_some()?;
+            let (consumed, _) = self.positions();
+            let late = deadline.is_some_and(|d| Instant::now() > d);
+            if consumed >= until || late || !more && started.elapsed() > COMMIT_WAIT {
+                return Ok(until.saturating_sub(consumed));
+            }
+            if !more {
+                // A record reserved before `until` is still being written by its probe.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// The ring's consumer and producer positions, in bytes since it was created.
+    fn positions(&self) -> (u64, u64) {
+        // SAFETY: the ring buffer manager is valid for as long as `self.ring`; it holds one
+        // ring (index 0), whose positions libbpf reads from the mapped ring with acquire loads.
+        unsafe {
+            let ring = libbpf_rs::libbpf_sys::ring_buffer__ring(self.ring.as_libbpf_object().as_ptr(), 0);
+            (
+                libbpf_rs::libbpf_sys::ring__consumer_pos(ring) as u64,
+                libbpf_rs::libbpf_sys::ring__producer_pos(ring) as u64,
+            )
+        }
+    }
+
+    /// Takes the ring off libbpf's epoll ready list once it is empty, without consuming anything
+    /// (which `ring_buffer__poll` would do, all of it): an edge-triggered waiter (tokio) is then
+    /// woken by the next burst. While records wait it stays listed, and a waiter sees it ready.
+    fn clear_wakeup(&self) {
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
+        // SAFETY: one valid event slot; a zero timeout never blocks.
+        unsafe { libc::epoll_wait(self.ring.epoll_fd(), ready.as_mut_ptr(), 1, 0) };
+    }
+
+    /// Whether the target still runs; `false` from its exit on (its pidfd is readable). A pid
+    /// only changes hands after that, so events drained before a `true` are the target's.
+    pub fn target_alive(&self) -> bool {
+        self.collector().decoder.process.is_alive()
+    }
+
+    pub fn exit_fd(&self) -> RawFd {
+        self.collector().decoder.process.exit_fd()
+    }
+
+    /// Everything the session could not account for, as of now.
+    pub fn lost(&self) -> Lost {
+        let losses = self.probes.losses();
+        let collector = self.collector();
+        Lost {
+            ring_full: losses.ring_full,
+            no_stack: losses.no_stack,
+            untracked_calls: losses.untracked_calls,
+            ledger_full: collector.ledger.dropped_for_room,
+            corrupt: collector.corrupt,
+        }
+    }
+
+    /// Calls `f` with what the collector holds and a namer of its sites. The target's code
+    /// mappings are brought up to date first: a library loaded since attach (the extension
+    /// under test) must be known to name its sites; an exited target keeps those last seen.
+    pub fn with_sites<R>(&mut self, f: impl FnOnce(&Collector, &mut Described<'_>) -> R) -> R {
+        let _ = self.collector.borrow_mut().decoder.process.refresh_mappings();
+        let collector = self.collector.borrow();
+        let mut described = Described { sites: &mut self.sites, probes: &self.probes, collector: &collector };
+        f(&collector, &mut described)
+    }
+
+    /// Execs of the target since the last call, as the kernel counts them (a full ring may
+    /// have dropped their events, not these): each may have changed whom the target runs as.
+    pub fn new_execs(&mut self) -> u64 {
+        let execs = self.probes.execs();
+        let new = execs - self.execs_told;
+        self.execs_told = execs;
+        new
+    }
+}

@@ -1,0 +1,314 @@
+//! The eBPF backend: checks that probes can be had, attaches them to a process, and turns
+//! their ring records into [`Event`]s for the ledger.
+
+use std::collections::HashMap;
+use std::fs;
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::Duration;
+
+use psleak_ebpf::types::{self, alloc_domain, event_kind};
+use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
+
+use crate::error::Error;
+use crate::model::event::{Change, Domain, Event, FdKind, Origin};
+use crate::model::ledger::Ledger;
+use crate::process::Process;
+use crate::sites::unwind::Unwinder;
+
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// CAP_SYS_ADMIN's bit in /proc/self/status's CapEff. It implies CAP_BPF and CAP_PERFMON, and
+/// uprobes need it: with CAP_BPF + CAP_PERFMON alone, perf_event_open refuses them (measured
+/// on this project's 6.18 kernel).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Checks what the kernel side needs before touching it, so each lack gets its own message.
+pub fn check_prerequisites(options: &Options) -> Result<(), Error> {
+    if !may_load_bpf() {
+        return Err(Error::NotPrivileged);
+    }
+    match &options.btf {
+        Some(path) if !path.is_file() => Err(Error::NoBtf(format!("no BTF file at {}", path.display()))),
+        Some(path) if !looks_like_btf(path) => Err(Error::NoBtf(format!("{} is not a BTF file", path.display()))),
+        None if !Path::new(KERNEL_BTF).exists() => Err(Error::NoBtf(format!("this kernel has no {KERNEL_BTF}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Raw BTF (magic 0xEB9F) or an ELF file, which libbpf searches for a .BTF section.
+fn looks_like_btf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    let read = fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+    read.is_ok() && (magic[..2] == 0xEB9Fu16.to_le_bytes() || magic == *b"\x7fELF")
+}
+
+fn may_load_bpf() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    caps & (1 << CAP_SYS_ADMIN) != 0
+}
+
+/// The probe target for an opened process: its libc, and its Python runtime if it has one.
+pub fn target_of(process: &mut Process) -> Result<Target, Error> {
+    let Some(libc) = process.wait_for_libc(Duration::from_secs(2)) else {
+        return Err(if process.is_alive() {
+            Error::NoDynamicLibc(process.pid())
+        } else {
+            Error::NotTraceable(process.pid(), "it has already exited".into())
+        });
+    };
+    let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
+    let python_code = python.as_deref().map_or_else(Vec::new, |p| process.code_of(p));
+    Ok(Target { pid: process.pid(), libc, python, python_code })
+}
+
+/// Prints where each of psleak's uprobes goes in `pid` (`psleak probes`): nothing is attached.
+pub fn print_probe_places(pid: u32, json: bool) -> Result<(), Error> {
+    use std::io::Write;
+    let target = target_of(&mut Process::open(pid)?)?;
+    let plan = psleak_ebpf::probed_functions(&target, &Options::default())?;
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| writeln!(out, "{line}").map_err(|_| Error::OutputClosed);
+    if !json {
+        say(format!("{:<18} {:>22}  {:<15} binary", "function", "at", "instruction"))?;
+    }
+    for probed in plan {
+        let at = probed.place.past_entry();
+        let (function, binary, instruction) = (&probed.function, probed.binary.display(), probed.place.on.name());
+        // A Py*_Free probed in the free it jumps to: the offset is into that one.
+        let within = &probed.within;
+        say(if json {
+            let emulated = probed.place.on != psleak_ebpf::Instruction::Stepped;
+            serde_json::json!({"function": function, "within": within, "binary": binary.to_string(), "offset": at,
+                "instruction": instruction, "emulated": emulated})
+            .to_string()
+        } else {
+            let at = format!("{}+{at}", within.as_deref().unwrap_or_default());
+            format!("{function:<18} {at:>22}  {instruction:<15} {binary}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches the probes to `process`; fails if it died meanwhile.
+pub fn attach<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    process: &Process,
+    target: &Target,
+    options: &Options,
+) -> Result<Probes<'obj>, Error> {
+    let probes = Probes::attach(storage, target, options).map_err(|err| {
+        if process.is_alive() {
+            Error::Attach(err)
+        } else {
+            Error::Attach(psleak_ebpf::AttachError::TargetGone)
+        }
+    })?;
+    if !process.is_alive() {
+        return Err(Error::Attach(psleak_ebpf::AttachError::TargetGone));
+    }
+    Ok(probes)
+}
+
+fn domain_of(raw: u8) -> Option<Domain> {
+    Some(match alloc_domain(u32::from(raw)) {
+        alloc_domain::DOMAIN_LIBC => Domain::Libc,
+        alloc_domain::DOMAIN_PYMEM_RAW => Domain::PymemRaw,
+        alloc_domain::DOMAIN_PYMEM => Domain::Pymem,
+        alloc_domain::DOMAIN_PYOBJECT => Domain::Pyobject,
+        _ => return None,
+    })
+}
+
+/// What the ring callback feeds: the ledger, through the decoder of the target's records.
+pub struct Collector {
+    pub ledger: Ledger,
+    pub decoder: RecordDecoder,
+    /// Records that could not be decoded.
+    pub corrupt: u64,
+}
+
+impl Collector {
+    /// A collector whose ledger keeps at most `ledger_room` heap blocks and mappings.
+    pub fn new(process: Process, ledger_room: usize) -> Self {
+        Self { ledger: Ledger::with_room(ledger_room), decoder: RecordDecoder::new(process), corrupt: 0 }
+    }
+
+    pub fn ingest(&mut self, record: &[u8]) {
+        let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
+        match event {
+            Some(event) => {
+                if event.change == Change::Exec {
+                    // The old program's code is unmapped: its addresses name nothing now.
+                    self.decoder.process.forget_mappings();
+                }
+                self.ledger.apply(&event);
+            }
+            None => self.corrupt += 1,
+        }
+    }
+}
+
+/// Distinct unwound stacks kept at most: a target with endless callers (JIT code, or a hostile
+/// one) must not grow the table without bound.
+const MAX_CHAINS: usize = 1 << 20;
+
+/// Turns probe records into events, finding the callers of syscall-side events in the
+/// target's stack.
+pub struct RecordDecoder {
+    pub process: Process,
+    unwinder: Unwinder,
+    chains: Vec<Vec<u64>>,
+    chain_ids: HashMap<Vec<u64>, u32>,
+}
+
+impl RecordDecoder {
+    pub fn new(process: Process) -> Self {
+        Self { process, unwinder: Unwinder::default(), chains: Vec::new(), chain_ids: HashMap::new() }
+    }
+
+    /// The event of a record; `None` for a record that does not make sense.
+    pub fn event(&mut self, raw: &types::event, scan: Option<&types::stack_scan>) -> Option<Event> {
+        let change = change_of(raw)?;
+        let (caller, chain) = match scan {
+            Some(scan) => {
+                let chain = self.unwind(scan);
+                (chain.first().copied(), if chain.len() > 1 { self.intern(chain) } else { None })
+            }
+            None => ((raw.caller != 0).then_some(raw.caller), None),
+        };
+        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok(), chain };
+        Some(Event { ts_ns: raw.ts_ns, tid: raw.tid, origin, change })
+    }
+
+    /// The return addresses unwound under `Origin::chain`.
+    pub fn chain(&self, id: u32) -> &[u64] {
+        &self.chains[id as usize]
+    }
+
+    /// The id of `chain`; None past `MAX_CHAINS` distinct ones (the event keeps its caller).
+    fn intern(&mut self, chain: Vec<u64>) -> Option<u32> {
+        if let Some(&id) = self.chain_ids.get(&chain) {
+            return Some(id);
+        }
+        if self.chains.len() >= MAX_CHAINS {
+            return None;
+        }
+        let id = self.chains.len() as u32;
+        self.chains.push(chain.clone());
+        self.chain_ids.insert(chain, id);
+        Some(id)
+    }
+
+    /// Return addresses in a stack scan, from the code at `scan.ip` outwards: each frame's
+    /// return address sits at the slot its code's CFI names, relative to the stack pointer
+    /// there. Without usable CFI at `scan.ip`, the first word that follows a call instruction.
+    fn unwind(&mut self, scan: &types::stack_scan) -> Vec<u64> {
+        let Some(mut slot) = self.unwinder.return_address_slot(&mut self.process, scan.ip) else {
+            return scan.words.iter().copied().find(|&w| self.process.is_return_address(w)).into_iter().collect();
+        };
+        let mut chain = Vec::new();
+        while let Some(&ra) = scan.words.get(slot) {
+            if ra == 0 || (!chain.is_empty() && !self.process.in_code(ra)) {
+                break;
+            }
+            chain.push(ra);
+            // The caller's stack pointer is just above the return address; its own return
+            // address is where the CFI at the return address says.
+            match self.unwinder.return_address_slot(&mut self.process, ra - 1) {
+                Some(next) => slot = slot.saturating_add(1).saturating_add(next),
+                None => break,
+            }
+        }
+        chain
+    }
+}
+
+fn change_of(raw: &types::event) -> Option<Change> {
+    let domain = || domain_of(raw.domain);
+    let internal = raw.flags & EVF_ALLOCATOR_INTERNAL != 0;
+    let fd = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
+    Some(match event_kind(u32::from(raw.kind)) {
+        event_kind::EV_ALLOC => Change::Alloc { domain: domain()?, addr: raw.addr, size: raw.size },
+        event_kind::EV_FREE => Change::Free { domain: domain()?, addr: raw.addr },
+        event_kind::EV_REALLOC => {
+            Change::Realloc { domain: domain()?, old: raw.old_addr, new: raw.addr, size: raw.size }
+        }
+        event_kind::EV_MMAP => Change::Map { addr: raw.addr, len: raw.size, allocator_internal: internal },
+        event_kind::EV_MUNMAP => Change::Unmap { addr: raw.addr, len: raw.size },
+        event_kind::EV_MREMAP => Change::Remap {
+            old: raw.old_addr,
+            old_len: raw.aux,
+            new: raw.addr,
+            new_len: raw.size,
+            allocator_internal: internal,
+        },
+        event_kind::EV_FD_OPEN => {
+            Change::FdOpen { fd: fd(raw.addr), kind: FdKind::from_mode(raw.aux, raw.sock_family, raw.sock_type) }
+        }
+        event_kind::EV_FD_CLOSE => Change::FdClose { first: fd(raw.addr), last: fd(raw.aux) },
+        event_kind::EV_THREAD_START => Change::ThreadStart { tid: u32::try_from(raw.addr).ok()? },
+        event_kind::EV_THREAD_EXIT => Change::ThreadExit { tid: u32::try_from(raw.addr).ok()? },
+        event_kind::EV_EXEC => Change::Exec,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: event_kind, domain: alloc_domain) -> types::event {
+        types::event {
+            kind: kind.0 as u8,
+            domain: domain.0 as u8,
+            addr: 0x1000,
+            size: 24,
+            caller: 0x401234,
+            stack_id: -14,
+            ..Default::default()
+        }
+    }
+
+    fn decoder() -> RecordDecoder {
+        RecordDecoder::new(Process::open(std::process::id()).unwrap())
+    }
+
+    #[test]
+    fn decodes_every_kind() {
+        let mut d = decoder();
+        let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT), None).unwrap();
+        assert_eq!(alloc.change, Change::Alloc { domain: Domain::Pyobject, addr: 0x1000, size: 24 });
+        assert_eq!(
+            alloc.origin,
+            Origin { caller: Some(0x401234), stack_id: None, chain: None },
+            "a negative stack id is no stack"
+        );
+        let close =
+            types::event { aux: u64::from(u32::MAX), ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC) };
+        assert_eq!(d.event(&close, None).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });
+        assert!(d.event(&record(event_kind(99), alloc_domain::DOMAIN_LIBC), None).is_none(), "unknown kind");
+        assert!(d.event(&record(event_kind::EV_ALLOC, alloc_domain(7)), None).is_none(), "unknown domain");
+    }
+
+    #[test]
+    fn reads_the_caller_from_the_slot_the_cfi_names() {
+        let mut d = decoder();
+        // At a function's entry, the return address is the word at the stack pointer; the
+        // stale words above it must not be taken for it.
+        let entry = reads_the_caller_from_the_slot_the_cfi_names as *const () as u64;
+        let mut scan = types::stack_scan { ip: entry, ..Default::default() };
+        scan.words[0] = 0xdead_beef;
+        scan.words[1] = entry + 1;
+        let raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
+        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, Some(0xdead_beef));
+        // Without CFI (an address in no file), only a word that follows a call qualifies.
+        scan.ip = 0x10;
+        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, None);
+    }
+}

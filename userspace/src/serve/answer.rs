@@ -1,0 +1,184 @@
+//! Answers a session's requests (`protocol.rs`) from the ledger of its target: the same for
+//! every backend, which only feeds the ledger, names sites and reads the requests.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
+use crate::model::lost::Lost;
+use crate::model::verdict::Measurement;
+use crate::report::Resources;
+use crate::serve::protocol::{Failure, Lines, Reply, Request, VERSION};
+use crate::sites::frame::Describe;
+
+/// Measurements a session may have under way at once, and batches in one: each batch judges
+/// all its measurement's windows again, and a client must not make that unbounded.
+const MAX_MEASUREMENTS: usize = 64;
+const MAX_BATCHES: usize = 1000;
+
+/// The state a session keeps between requests: its memory measurements.
+#[derive(Default)]
+pub struct Answerer {
+    measurements: HashMap<u64, Measurement>,
+    /// What was lost when each measurement's batch under way began.
+    lost_at_window: HashMap<u64, Lost>,
+    next_measurement: u64,
+    /// The client asked to detach: the session ends after this reply.
+    pub detached: bool,
+}
+
+impl Answerer {
+    pub fn new() -> Self {
+        Self { next_measurement: 1, ..Self::default() }
+    }
+
+    /// The reply line to one request line, from what the ledger holds now.
+    pub fn handle(&mut self, line: &str, ledger: &Ledger, describe: &mut dyn Describe, lost: Lost) -> String {
+        let request = match serde_json::from_str::<Request>(line) {
+            Ok(request) => request,
+            Err(e) => return failure(format!("bad request: {e}")),
+        };
+        match self.answer(request, ledger, describe, lost) {
+            Ok(body) => reply_line(&Reply { ok: true, body }),
+            Err(error) => failure(error),
+        }
+    }
+
+    fn answer(
+        &mut self,
+        request: Request,
+        ledger: &Ledger,
+        describe: &mut dyn Describe,
+        lost: Lost,
+    ) -> Result<Value, String> {
+        Ok(match request {
+            Request::Hello { version } if version == VERSION => json!({"version": VERSION}),
+            Request::Hello { version } => {
+                return Err(format!("protocol version {version} is not served (this collector speaks {VERSION})"))
+            }
+            Request::Mark => json!({"mark": ledger.mark(), "lost": lost}),
+            Request::Created { since } => {
+                let mut created = serde_json::to_value(Resources::since(ledger, describe, since, |_| 0.0))
+                    .expect("reports serialize");
+                created["lost"] = json!(lost);
+                created
+            }
+            Request::Begin => {
+                if self.measurements.len() >= MAX_MEASUREMENTS {
+                    return Err(format!("{MAX_MEASUREMENTS} measurements are under way already: end one first"));
+                }
+                let id = self.next_measurement;
+                self.next_measurement += 1;
+                self.measurements.insert(id, Measurement::default());
+                json!({"measurement": id})
+            }
+            Request::Window { measurement } => {
+                let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                if m.windows.len() >= MAX_BATCHES {
+                    return Err(format!("measurement {measurement} has had {MAX_BATCHES} batches, its most"));
+                }
+                m.open_window = Some(ledger.mark());
+                self.lost_at_window.insert(measurement, lost);
+                json!({})
+            }
+            Request::Batch { measurement, calls, tolerance, confirm, top } => {
+                let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                let since = m.open_window.take().ok_or("a batch must start with a window request")?;
+                m.windows.push((since, ledger.mark()));
+                let lost_in_batch = self.lost_at_window.remove(&measurement).map(|before| lost.since(&before));
+                let live = live_in_windows(ledger, &m.windows);
+                let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
+                let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0u64, 0u64, 0u64);
+                for t in &live {
+                    match t.memory {
+                        Memory::Heap(_) => {
+                            (heap_bytes, heap_blocks) = (heap_bytes.saturating_add(t.bytes), heap_blocks + t.count)
+                        }
+                        Memory::Mmap => mmap_bytes = mmap_bytes.saturating_add(t.bytes),
+                    }
+                }
+                let sites: Vec<Value> = growth
+                    .iter()
+                    .take(top)
+                    .map(|g| {
+                        let (site, stack) = describe.site(ledger.origin(g.totals.site));
+                        json!({
+                            "memory": g.totals.memory,
+                            "count": g.totals.count,
+                            "bytes": g.totals.bytes,
+                            "count_growth": g.count_growth,
+                            "bytes_growth": g.bytes_growth,
+                            "streak": g.streak,
+                            "site": site,
+                            "stack": stack,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "mark": ledger.mark(),
+                    "verdict": verdict,
+                    "growing_sites": growth.len(),
+                    "sites": sites,
+                    "live": {"heap_bytes": heap_bytes, "heap_blocks": heap_blocks, "mmap_bytes": mmap_bytes},
+                    "lost": lost,
+                    // What the batch's verdict misses: nonzero means it cannot be trusted.
+                    "lost_in_batch": lost_in_batch.unwrap_or_default(),
+                })
+            }
+            Request::End { measurement } => {
+                self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
+                self.lost_at_window.remove(&measurement);
+                json!({})
+            }
+            Request::Detach => {
+                self.detached = true;
+                json!({})
+            }
+        })
+    }
+}
+
+/// Live memory created inside any of the windows, by site.
+fn live_in_windows(ledger: &Ledger, windows: &[(Mark, Mark)]) -> Vec<SiteTotals> {
+    let mut by_site: HashMap<(Memory, u32), SiteTotals> = HashMap::new();
+    for &(since, until) in windows {
+        for t in ledger.memory_by_site(&Filter { since, until: Some(until), ..Filter::default() }) {
+            let total = by_site.entry((t.memory, t.site)).or_insert(SiteTotals { count: 0, bytes: 0, ..t });
+            total.count += t.count;
+            total.bytes = total.bytes.saturating_add(t.bytes);
+        }
+    }
+    by_site.into_values().collect()
+}
+
+pub fn reply_line<T: Serialize>(reply: &Reply<T>) -> String {
+    let mut line = serde_json::to_string(reply).expect("replies serialize");
+    line.push('\n');
+    line
+}
+
+pub fn failure(error: String) -> String {
+    reply_line(&Reply { ok: false, body: Failure { error } })
+}
+
+/// One request line from a blocking reader; `None` when the client hung up (mid-line too). A
+/// line that is oversized or not UTF-8 is consumed to its end and refused (InvalidData).
+pub fn read_request(reader: &mut impl BufRead) -> io::Result<Option<String>> {
+    let mut lines = Lines::default();
+    loop {
+        let input = reader.fill_buf()?;
+        if input.is_empty() {
+            return Ok(None);
+        }
+        let (taken, line) = lines.feed(input);
+        reader.consume(taken);
+        match line {
+            Some(Ok(line)) => return Ok(Some(line)),
+            Some(Err(why)) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! A collector session: probes attached to one target for as long as its client talks to us
+//! over a Unix socket (`protocol.rs`). Every request is answered only after the ring has been
+//! drained up to the request, so a client that asks after calling its function sees all that
+//! the call did.
+//!
+//! The client is untrusted (the daemon serves other users): its socket is read without ever
+//! blocking, at most a line's cap held; a reply it does not read for `REPLY_LIMIT` ends the
+//! session; and nothing it does keeps the session from seeing `Control::stop` within a turn
+//! of the loop.
+
+use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use psleak_ebpf::Options;
+use serde_json::json;
+
+use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
+use crate::error::Error;
+use crate::model::lost::Lost;
+use crate::process::{Credentials, Process};
+use crate::serve::answer::{failure, reply_line, Answerer};
+use crate::serve::protocol::{Next, Reply, RequestReader, VERSION};
+
+/// How long a client may leave a reply unread before the session gives up on it.
+const REPLY_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often a session blocked on its client looks at `Control::stop`.
+const STOP_CHECK_PERIOD: Duration = Duration::from_millis(100);
+
+/// Heap blocks and mappings a session's ledger keeps at most, unless told otherwise.
+pub const DEFAULT_LEDGER_ROOM: usize = 2_000_000;
+
+/// What the owner of a session (the daemon) sees of it and may ask of it.
+#[derive(Default)]
+pub struct Control {
+    /// Set to end the session (the daemon is shutting down).
+    pub stop: AtomicBool,
+    /// The session ends when its client has asked nothing for this long.
+    pub idle_limit: Option<Duration>,
+    /// Events received so far, and what was lost.
+    pub events: AtomicU64,
+    lost: Mutex<Lost>,
+}
+
+impl Control {
+    /// The control of a session that ends after `idle_limit` without a request.
+    pub fn idle_after(idle_limit: Duration) -> Self {
+        Self { idle_limit: Some(idle_limit), ..Self::default() }
+    }
+
+    pub fn lost(&self) -> Lost {
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a session is run.
+pub struct SessionConfig<'a> {
+    pub options: &'a Options,
+    pub control: &'a Control,
+    /// Whom the session acts for: after the target execs, it goes on only while this client
+    /// may still trace it (a setuid program may have made it root).
+    pub client: Credentials,
+    pub ledger_room: usize,
+}
+
+/// The client's end: a non-blocking socket, its requests read a chunk at a time.
+pub struct Client {
+    stream: UnixStream,
+    requests: RequestReader,
+}
+
+impl Client {
+    /// `requests` may hold what was read of the stream already.
+    pub fn new(stream: UnixStream, requests: RequestReader) -> Result<Self, Error> {
+        stream.set_nonblocking(true).map_err(client_gone)?;
+        Ok(Self { stream, requests })
+    }
+
+    fn next(&mut self) -> Result<Next, Error> {
+        let stream = &mut self.stream;
+        self.requests.next(|buf| stream.read(buf)).map_err(client_gone)
+    }
+
+    /// Sends `line`, waiting for the client to read it at most `REPLY_LIMIT`, and never past a
+    /// stop.
+    fn send(&mut self, line: &str, stop: &AtomicBool) -> Result<(), Error> {
+        let mut rest = line.as_bytes();
+        let deadline = Instant::now() + REPLY_LIMIT;
+        while !rest.is_empty() {
+            match self.stream.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        return Err(client_gone(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "it does not read its replies",
+                        )));
+                    }
+                    let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut fd, 1, STOP_CHECK_PERIOD.as_millis() as i32) };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(client_gone(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The private collector: attaches to `pid` and serves `stream` until the client hangs up or
+/// the target exits, its ledger keeping at most `ledger_room` blocks and mappings. The first
+/// line sent is the outcome of the attach: ready, or its error.
+pub fn serve(stream: UnixStream, pid: u32, options: &Options, ledger_room: usize) -> Result<(), Error> {
+    let mut client = Client::new(stream, RequestReader::default())?;
+    let control = Control::default();
+    let process = match Process::open(pid) {
+        Ok(process) => process,
+        Err(err) => {
+            let _ = client.send(&failure(err.to_string()), &control.stop);
+            return Err(err);
+        }
+    };
+    let config = SessionConfig { options, control: &control, client: Credentials::own(), ledger_room };
+    serve_process(client, process, pid, &config)
+}
+
+/// Attaches to `process` (which the client calls `pid`) and serves `client` until it hangs
+/// up, the target exits, or `config.control` ends the session.
+pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &SessionConfig<'_>) -> Result<(), Error> {
+    let control = config.control;
+    let mut storage = MaybeUninit::uninit();
+    // Checked again once the probes count execs: one in between (the attach takes a while)
+    // may have made the target a setuid program's.
+    let attached = Live::attach(&mut storage, process, config.options, config.ledger_room).and_then(|live| {
+        live.collector().decoder.process.check_traceable_by(&config.client)?;
+        Ok(live)
+    });
+    let mut live = match attached {
+        Ok(live) => live,
+        Err(err) => {
+            let _ = client.send(&failure(err.to_string()), &control.stop);
+            return Err(err);
+        }
+    };
+    let ready = json!({
+        "version": VERSION,
+        "pid": pid,
+        "backend": "eBPF",
+        "probes": live.probes.attachments(),
+        "allocators": config.options.allocators,
+        "libc": live.target.libc,
+        "python": live.target.python,
+    });
+    client.send(&reply_line(&Reply { ok: true, body: ready }), &control.stop)?;
+
+    let mut answerer = Answerer::new();
+    let mut last_request = Instant::now();
+    let mut more = false;
+    loop {
+        if control.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if control.idle_limit.is_some_and(|limit| last_request.elapsed() > limit) {
+            let _ = client.send(&failure("session ended: idle for too long".into()), &control.stop);
+            return Ok(());
+        }
+        if !more && !client.requests.has_unread() {
+            let mut fds = [client.stream.as_raw_fd(), live.ring_fd(), live.exit_fd()].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: three valid pollfds, owned above for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, DRAIN_PERIOD.as_millis() as i32) };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(Error::Io("cannot wait for requests".into(), io::Error::last_os_error()));
+            }
+        }
+        more = live.drain_some()?;
+        report_progress(&live, control);
+        if let Some(why) = lost_authorization(&mut live, &config.client) {
+            return Err(end_refused(&mut client, why, control));
+        }
+        if !live.target_alive() {
+            return Ok(()); // the target exited: nobody is left to ask
+        }
+        let line = match client.next()? {
+            Next::Line(line) => line,
+            Next::Pending => continue,
+            Next::Closed => return Ok(()), // the client hung up
+        };
+        last_request = Instant::now();
+        let reply = match line {
+            Ok(line) => {
+                live.drain_to_now(None)?;
+                // What was drained is the target's only if it is still the target (alive),
+                // and the client's to see only if the target still runs as the client.
+                if let Some(why) = lost_authorization(&mut live, &config.client) {
+                    return Err(end_refused(&mut client, why, control));
+                }
+                if !live.target_alive() {
+                    return Ok(());
+                }
+                let lost = live.lost();
+                live.with_sites(|collector, described| answerer.handle(&line, &collector.ledger, described, lost))
+            }
+            Err(why) => failure(why),
+        };
+        client.send(&reply, &control.stop)?;
+        if answerer.detached {
+            return Ok(());
+        }
+    }
+}
+
+fn report_progress(live: &Live<'_>, control: &Control) {
+    control.events.store(live.collector().ledger.events(), Ordering::Relaxed);
+    *control.lost.lock().unwrap_or_else(|e| e.into_inner()) = live.lost();
+}
+
+/// Why the session may not go on, if the target exec'd a program that `client` may not
+/// trace. Read from what the kernel counts, after the events drained: any event of the new
+/// program that was drained came after its exec was counted.
+fn lost_authorization(live: &mut Live<'_>, client: &Credentials) -> Option<String> {
+    if live.new_execs() == 0 {
+        return None;
+    }
+    match live.collector().decoder.process.check_traceable_by(client) {
+        Ok(()) | Err(Error::NoSuchProcess(_)) => None, // an exit ends the session anyway
+        Err(e) => Some(format!("the target exec'd a new program: {e}")),
+    }
+}
+
+/// Tells the client why its session ends, and returns that as the session's error.
+fn end_refused(client: &mut Client, why: String, control: &Control) -> Error {
+    let _ = client.send(&failure(format!("session ended: {why}")), &control.stop);
+    Error::Refused(why)
+}
+
+fn client_gone(e: io::Error) -> Error {
+    Error::Io("the client went away".into(), e)
+}

@@ -1,0 +1,74 @@
+//! A site as psleak names it: the frames of the stack that created a resource, the one to
+//! blame, and what a backend must provide to name them.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::model::event::Origin;
+
+/// One frame of a site's stack, named as far as the symbols allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    #[serde(serialize_with = "hex")]
+    pub addr: u64,
+    pub function: Option<String>,
+    pub module: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{addr:#x}"))
+}
+
+impl Frame {
+    /// `leak_bytes (leaky.c:12)`, or the module and address when no symbol is known.
+    pub fn describe(&self) -> String {
+        let module = self
+            .module
+            .as_deref()
+            .map(|m| Path::new(m).file_name().map_or(m.into(), |n| n.to_string_lossy()))
+            .unwrap_or_default();
+        match (&self.function, &self.file) {
+            (Some(f), Some(file)) => match self.line {
+                Some(line) => format!("{f} ({file}:{line})"),
+                None => format!("{f} ({file})"),
+            },
+            (Some(f), None) => format!("{f} in {module}"),
+            _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
+        }
+    }
+}
+
+/// The frame to blame in a symbolized stack: the first outside the runtime's modules (the
+/// allocator, the C library, Python), where the program itself asked; else the innermost.
+pub fn blame(frames: &[Frame], is_runtime: impl Fn(&str) -> bool) -> Option<Frame> {
+    frames.iter().find(|f| !f.module.as_deref().is_some_and(&is_runtime)).or(frames.first()).cloned()
+}
+
+/// What a report needs from the backend besides the ledger: names for creation sites, and
+/// what the OS says of an fd or a thread now.
+pub trait Describe {
+    /// The site's blamed frame and its stack.
+    fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>);
+    fn fd_target(&self, fd: i32) -> Option<String>;
+    fn thread_name(&self, tid: u32) -> Option<String>;
+}
+
+/// Turns the target's addresses into frames.
+pub trait Symbolize {
+    fn frames(&mut self, addrs: &[u64]) -> Vec<Frame>;
+
+    /// Learns the modules the target loaded since.
+    fn refresh(&mut self) {}
+}
+
+/// Frames that are their address only, where no symbols can be read.
+pub struct Addresses;
+
+impl Symbolize for Addresses {
+    fn frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        addrs.iter().map(|&addr| Frame { addr, function: None, module: None, file: None, line: None }).collect()
+    }
+}

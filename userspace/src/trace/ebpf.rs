@@ -1,0 +1,225 @@
+//! `psleak trace --pid PID`: attach to a running process and report, every interval, what it
+//! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
+
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
+use crate::error::{say, Error};
+use crate::model::ledger::Ledger;
+use crate::process::{Credentials, Process};
+use crate::report::{self, Selection};
+
+#[derive(Debug, Clone)]
+pub struct TraceArgs {
+    pub pid: u32,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub json: bool,
+    pub selection: Selection,
+    pub options: psleak_ebpf::Options,
+    /// Heap blocks and mappings the ledger keeps at most.
+    pub ledger_room: usize,
+}
+
+/// A raw fd for tokio to poll (the ring's epoll fd, the target's pidfd); owned elsewhere.
+struct Pollable(RawFd);
+
+impl AsRawFd for Pollable {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn run(args: &TraceArgs) -> Result<(), Error> {
+    crate::backends::ebpf::tracer::check_prerequisites(&args.options)?;
+    keep_up_with_busy_targets();
+    let process = Process::open(args.pid)?;
+    let name = process.name();
+    let started = Instant::now();
+    let mut storage = MaybeUninit::uninit();
+    let mut live = Live::attach(&mut storage, process, &args.options, args.ledger_room)?;
+    // Checked again once the probes count execs: one during the attach may have made the
+    // target a setuid program's.
+    live.collector().decoder.process.check_traceable_by(&Credentials::own())?;
+    let target = &live.target;
+    let attached = format!(
+        "psleak: tracing pid {} ({name}): {} probes on {}{}, attached in {:.2}s",
+        args.pid,
+        live.probes.attachments(),
+        target.libc.display(),
+        target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
+        started.elapsed().as_secs_f64(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
+    let mut reporter = Reporter { json: args.json, reports: report::Reporter::new(args.pid, args.selection) };
+    runtime.block_on(watch(args, &mut live, &mut reporter, &attached))
+}
+
+/// A target whose threads keep every CPU busy would starve its tracer: events pile up and are
+/// lost, and a SIGTERM takes seconds to be served (5.8 s against 1.0 s at nice -10, with 200
+/// allocating threads on two cores). psleak trace, a tool its user is waiting on, runs at nice
+/// -10 when it may (root or CAP_SYS_NICE); it only uses CPU for the events the target makes.
+/// Set on this thread before any other starts: Linux threads inherit it.
+fn keep_up_with_busy_targets() {
+    // SAFETY: setpriority has no preconditions; a refusal leaves the priority as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+}
+
+/// Why a trace ended.
+const EXITED: &str = "the target exited";
+const CREDENTIALS_CHANGED: &str = "the target exec'd a program that runs as another user";
+const INTERRUPTED: &str = "interrupted";
+const TERMINATED: &str = "terminated";
+
+/// Consumes events as they arrive and reports every interval until the session ends.
+async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
+    let io_error = |what: &str| {
+        let what = what.to_string();
+        move |e| Error::Io(what, e)
+    };
+    // SAFETY: the ring's epoll fd and the process's pidfd stay open for as long as these
+    // registrations, which are dropped when this function returns, before `live` is.
+    let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(live.ring_fd()), Interest::READABLE) }
+        .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
+    // SAFETY: as above.
+    let target_exit = unsafe { AsyncFd::register_with_interest(Pollable(live.exit_fd()), Interest::READABLE) }
+        .map_err(|e| io_error("cannot watch the target")(e.into()))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
+    let ends_at = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = tokio::time::sleep_until(ends_at.unwrap_or_else(far_future));
+    tokio::pin!(deadline);
+    // Only now does Ctrl-C end the session with a final report.
+    say(attached);
+
+    // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
+    let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
+    drain_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Records left after a bounded drain: read on at once, taking turns with the rest. The
+    // yield lets the runtime turn its timer and signal drivers, which a task that is always
+    // ready would starve.
+    let mut more = false;
+    let stopped_by = loop {
+        tokio::select! {
+            ready = ring_ready.readable(), if !more => {
+                let mut guard = ready.map_err(io_error("cannot poll the event ring"))?;
+                guard.clear_ready();
+                more = live.drain_some()?;
+            }
+            () = tokio::task::yield_now(), if more => more = live.drain_some()?,
+            _ = drain_ticks.tick(), if !more => more = live.drain_some()?,
+            _ = ticks.tick() => {
+                // A tick right before the end would repeat the final report.
+                if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
+                    reporter.emit(live, None)?;
+                }
+            }
+            _ = target_exit.readable() => break EXITED,
+            _ = interrupt.recv() => break INTERRUPTED,
+            _ = terminate.recv() => break TERMINATED,
+            _ = &mut deadline => break "the duration ended",
+        }
+        // After what was drained, before anything is shown: the target may have become root.
+        if !still_traceable(live)? {
+            break CREDENTIALS_CHANGED;
+        }
+    };
+    drain_final(live, stopped_by)?;
+    reporter.emit(live, Some(stopped_by))
+}
+
+/// The last drain: what the ring holds, unless the target now runs as someone we may not see.
+/// Asked to stop, the user gets at most `SIGNALLED_DRAIN` of it (in a flood, a full ring
+/// takes a while to read).
+fn drain_final(live: &mut Live<'_>, stopped_by: &str) -> Result<(), Error> {
+    if stopped_by == CREDENTIALS_CHANGED || !still_traceable(live)? {
+        return Ok(());
+    }
+    let signalled = [INTERRUPTED, TERMINATED].contains(&stopped_by);
+    let unread = live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))?;
+    if unread > 0 {
+        say(&format!(
+            "psleak: stopped with {} KiB of events still unread in the ring; the last report misses them",
+            unread.div_ceil(1024)
+        ));
+    }
+    Ok(())
+}
+
+/// How long the final drain may take once a signal asked psleak to stop.
+const SIGNALLED_DRAIN: Duration = Duration::from_secs(1);
+
+/// After an exec, whether the target still runs as someone psleak's user may trace (a setuid
+/// program may have made it root): checked on what the kernel counts, which no full ring hides.
+fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
+    if live.new_execs() == 0 {
+        return Ok(true);
+    }
+    match live.collector().decoder.process.check_traceable_by(&Credentials::own()) {
+        Ok(()) => Ok(true),
+        Err(Error::NoSuchProcess(_)) => Ok(true), // it exited since: the exit ends the session
+        Err(Error::NotTraceable(_, why)) => {
+            say(&format!("psleak: the target exec'd, and {why}: tracing stops"));
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Emits the reports of one session: the ledger's, with sites symbolized from the target's ELF
+/// files, as text or JSON lines on stdout.
+struct Reporter {
+    json: bool,
+    reports: report::Reporter,
+}
+
+impl Reporter {
+    fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<&'static str>) -> Result<(), Error> {
+        let lost = live.lost();
+        // Once the target runs as someone we may not trace, nothing of what it does is shown:
+        // neither its ledger (all made since the exec) nor its counters.
+        let censored = stopped_by == Some(CREDENTIALS_CHANGED);
+        let alive = live.target_alive() && !censored;
+        let nothing = Ledger::new();
+        let report = live.with_sites(|collector, described| {
+            let ledger = if censored { &nothing } else { &collector.ledger };
+            self.reports.report(ledger, described, monotonic_ns(), alive, lost, stopped_by)
+        });
+        let text = if self.json {
+            let mut line = serde_json::to_string(&report).expect("reports serialize");
+            line.push('\n');
+            line
+        } else {
+            report.to_text()
+        };
+        let mut out = io::stdout().lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
+            result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+/// CLOCK_MONOTONIC, the clock of the probes' timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
