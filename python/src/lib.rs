@@ -294,7 +294,7 @@ fn serve_collector(py: Python<'_>, socket: u64, pid: u32, allocators: &str) -> P
     use std::os::windows::io::FromRawSocket;
     // SAFETY: the caller hands over an open socket that nothing else will use.
     let stream = unsafe { std::net::TcpStream::from_raw_socket(socket) };
-    py.detach(|| psleak::serve::etw_session::serve(stream, pid)).map_err(PyRuntimeError::new_err)
+    py.detach(|| psleak::serve::etw_session::serve(stream, pid)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 /// The number of open handles of this process.

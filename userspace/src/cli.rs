@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::error::exit_status;
 use crate::report::Selection;
 #[cfg(target_os = "linux")]
 use crate::serve::{
@@ -271,27 +272,4 @@ fn run_daemon(d: DaemonCli) -> u8 {
             options: Options { btf: d.btf, ring_bytes: d.ring_mib << 20, ..Options::default() },
         })
     })
-}
-
-/// 0, or 2 after one line on stderr saying what went wrong.
-#[cfg(target_os = "linux")]
-fn exit_status(result: Result<(), crate::error::Error>) -> u8 {
-    match result {
-        Ok(()) | Err(crate::error::Error::OutputClosed) => 0,
-        Err(err) => {
-            crate::error::say(&format!("psleak: {err}"));
-            2
-        }
-    }
-}
-
-#[cfg(windows)]
-fn exit_status(result: Result<(), String>) -> u8 {
-    match result {
-        Ok(()) => 0,
-        Err(err) => {
-            eprintln!("psleak: {err}");
-            2
-        }
-    }
 }

@@ -13,7 +13,6 @@
 //! - `cli`, `error`: the command line, and the errors a user can meet.
 
 pub mod backends;
-#[cfg(target_os = "linux")]
 pub mod error;
 pub mod model;
 pub mod report;

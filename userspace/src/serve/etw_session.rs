@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::backends::etw::follow::{Follow, Input, Request};
+use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::serve::answer::{failure, read_request, reply_line, Answerer};
 use crate::serve::protocol::Reply;
@@ -29,14 +30,14 @@ const EXIT_CHECK: Duration = Duration::from_millis(200);
 
 /// Follows `pid` through ETW and serves `stream` (see [`serve_followed`]).
 #[cfg(windows)]
-pub fn serve(stream: TcpStream, pid: u32) -> Result<(), String> {
+pub fn serve(stream: TcpStream, pid: u32) -> Result<(), Error> {
     use crate::backends::etw::target::Followed;
     if !crate::backends::poll::is_running(pid) {
-        return refuse(&stream, format!("no running process has pid {pid}"));
+        return refuse(&stream, Error::NoSuchProcess(pid));
     }
     let (mut followed, failed) = Followed::start(pid);
     if let Some(e) = failed {
-        return refuse(&stream, e.to_string());
+        return refuse(&stream, Error::Refused(e.to_string()));
     }
     let ready = serde_json::json!({
         "version": crate::serve::protocol::VERSION,
@@ -50,15 +51,15 @@ pub fn serve(stream: TcpStream, pid: u32) -> Result<(), String> {
 
 /// Tells the client why it will not be served.
 #[cfg(windows)]
-fn refuse(mut out: &TcpStream, why: String) -> Result<(), String> {
-    let _ = out.write_all(failure(why.clone()).as_bytes());
+fn refuse(mut out: &TcpStream, why: Error) -> Result<(), Error> {
+    let _ = out.write_all(failure(why.to_string()).as_bytes());
     Err(why)
 }
 
 /// Sends `ready`, then answers `stream`'s requests until the client hangs up or detaches, or
 /// the target exits.
-pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: Value) -> Result<(), String> {
-    let mut out = stream.try_clone().map_err(|e| format!("cannot use the client socket: {e}"))?;
+pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: Value) -> Result<(), Error> {
+    let mut out = stream.try_clone().map_err(|e| Error::Io("cannot use the client socket".into(), e))?;
     out.write_all(reply_line(&Reply { ok: true, body: ready }).as_bytes()).map_err(client_gone)?;
     let send = followed.requests();
     std::thread::spawn(move || {
@@ -81,7 +82,7 @@ pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: Valu
     served
 }
 
-fn answer_requests(followed: &mut impl Follow, out: &mut TcpStream) -> Result<(), String> {
+fn answer_requests(followed: &mut impl Follow, out: &mut TcpStream) -> Result<(), Error> {
     let mut answerer = Answerer::new();
     let mut pending = VecDeque::new();
     loop {
@@ -137,8 +138,8 @@ fn sync(followed: &mut impl Follow, pending: &mut VecDeque<Request>) {
     }
 }
 
-fn client_gone(e: io::Error) -> String {
-    format!("the client went away: {e}")
+fn client_gone(e: io::Error) -> Error {
+    Error::Io("the client went away".into(), e)
 }
 
 #[cfg(test)]
@@ -196,7 +197,7 @@ mod tests {
             }
         }
 
-        fn mark(&mut self) -> Result<u32, String> {
+        fn mark(&mut self) -> Result<u32, Error> {
             self.marks += 1;
             let mark = 1000 + self.marks;
             let sender = self.requests.clone();
@@ -245,7 +246,7 @@ mod tests {
         client: Client,
         buffered: Arc<Mutex<Vec<Record>>>,
         running: Arc<AtomicBool>,
-        collector: thread::JoinHandle<Result<(), String>>,
+        collector: thread::JoinHandle<Result<(), Error>>,
     }
 
     /// A collector serving a scripted target over a loopback pair, as the Python package
@@ -284,7 +285,7 @@ mod tests {
         // A bad line is refused and the session goes on; detaching ends it.
         assert!(client.ask("not json")["error"].as_str().unwrap().starts_with("bad request"));
         assert_eq!(client.ask(r#"{"op":"detach"}"#)["ok"], true);
-        assert_eq!(collector.join().unwrap(), Ok(()));
+        collector.join().unwrap().unwrap();
     }
 
     #[test]
@@ -292,12 +293,12 @@ mod tests {
         let Session { mut client, collector, .. } = start();
         client.reply();
         drop(client);
-        assert_eq!(collector.join().unwrap(), Ok(()));
+        collector.join().unwrap().unwrap();
 
         let Session { mut client, running, collector, .. } = start();
         client.reply();
         running.store(false, Ordering::SeqCst);
-        assert_eq!(collector.join().unwrap(), Ok(()));
+        collector.join().unwrap().unwrap();
         assert_eq!(client.reply(), Value::Null, "the collector closed the connection");
     }
 }

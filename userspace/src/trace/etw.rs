@@ -13,6 +13,7 @@ use windows_sys::Win32::System::SystemInformation::GetSystemTimePreciseAsFileTim
 use crate::backends::etw::follow::Follow;
 use crate::backends::etw::target::Followed;
 use crate::backends::poll;
+use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::report::{Reporter, Selection};
 
@@ -31,9 +32,9 @@ pub fn run(
     duration: Option<Duration>,
     json: bool,
     selection: Selection,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     if !poll::is_running(pid) {
-        return Err(format!("no running process has pid {pid}"));
+        return Err(Error::NoSuchProcess(pid));
     }
     let (mut followed, failure) = Followed::start(pid);
     let mut reporter = Reporter::new(pid, selection);
@@ -62,7 +63,11 @@ pub fn run(
         let text =
             if json { serde_json::to_string(&report).expect("reports serialize") + "\n" } else { report.to_text() };
         let mut out = io::stdout().lock();
-        out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("cannot write the report: {e}"))
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
+            result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
+        }
     };
     let stopped_by = loop {
         if INTERRUPTED.load(Ordering::SeqCst) {

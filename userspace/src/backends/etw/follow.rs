@@ -5,6 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::backends::etw::translate::Sites;
+use crate::error::Error;
 use crate::model::ledger::Ledger;
 use crate::sites::frame::Symbolize;
 
@@ -30,7 +31,7 @@ pub trait Follow {
     fn next(&mut self, timeout: Duration) -> Option<Input>;
     /// Sets a mark and has the sessions deliver what they hold; the mark's thread id comes
     /// back as [`Input::OwnThread`] once everything before it has.
-    fn mark(&mut self) -> Result<u32, String>;
+    fn mark(&mut self) -> Result<u32, Error>;
     fn is_running(&self) -> bool;
     /// The ledger, and the namer of its sites.
     fn ledger_and_sites(&mut self) -> (&Ledger, Sites<'_, dyn Symbolize>);

@@ -13,6 +13,7 @@ use windows_sys::Win32::System::Threading::GetCurrentThreadId;
 use crate::backends::etw::follow::{Follow, Input, Request};
 use crate::backends::etw::translate::{Sites, Translation};
 use crate::backends::poll;
+use crate::error::Error;
 use crate::model::ledger::Ledger;
 use crate::sites::dbghelp::Dbghelp;
 use crate::sites::frame::{Addresses, Symbolize};
@@ -99,12 +100,16 @@ impl Follow for Followed {
     }
 
     /// A thread of ours, started and ended now; then the sessions deliver their buffers.
-    fn mark(&mut self) -> Result<u32, String> {
+    fn mark(&mut self) -> Result<u32, Error> {
+        let failed = |what: &str, why: String| Error::Io(what.into(), std::io::Error::other(why));
         // SAFETY: GetCurrentThreadId has no preconditions.
         let tid = std::thread::spawn(|| unsafe { GetCurrentThreadId() })
             .join()
-            .map_err(|_| "the mark thread failed".to_string())?;
-        self.sessions.as_ref().map_or(Ok(()), Sessions::flush)?;
+            .map_err(|_| failed("cannot set a mark", "its thread panicked".into()))?;
+        self.sessions
+            .as_ref()
+            .map_or(Ok(()), Sessions::flush)
+            .map_err(|why| failed("cannot flush ETW's sessions", why))?;
         Ok(tid)
     }
 
