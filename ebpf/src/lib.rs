@@ -133,6 +133,17 @@ pub enum Allocators {
     None,
 }
 
+impl Allocators {
+    /// Its name in the protocol, serde's (`allocators_are_named_as_the_protocol_names_them` checks).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Python => "python",
+            Self::None => "none",
+        }
+    }
+}
+
 /// By the names the protocol gives them (serde's, so that they are written once).
 impl std::str::FromStr for Allocators {
     type Err = String;
@@ -736,6 +747,9 @@ mod tests {
         assert_eq!("none".parse(), Ok(Allocators::None));
         let refused = "heap".parse::<Allocators>().unwrap_err();
         assert!(refused.contains("unknown variant `heap`"), "{refused}");
+        for allocators in [Allocators::All, Allocators::Python, Allocators::None] {
+            assert_eq!(allocators.name().parse(), Ok(allocators), "name() is the name parsed");
+        }
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl Judge {
 /// A size as psleak prints it everywhere (`928B`, `1.5K`): report.rs's.
 #[pyfunction]
 fn human_bytes(bytes: u64) -> String {
-    psleak::report::human_bytes(bytes)
+    psleak::report::text::human_bytes(bytes)
 }
 
 /// What to say when the tracer saw no site grow while these counters did.

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub threads: u64,
 }
 
+/// What `Metrics::fds` counts: a Windows process's open objects are its handles.
+pub const OPEN_OBJECTS: &str = if cfg!(windows) { "handles" } else { "fds" };
+
 /// Why a uss is None, to say where it is shown.
 pub const USS_UNKNOWN: &str = if cfg!(target_os = "freebsd") {
     "FreeBSD does not tell"

@@ -71,6 +71,8 @@ pub struct Measurement {
     pub windows: Vec<(Mark, Mark)>,
     /// The start of the batch under way.
     pub open_window: Option<Mark>,
+    /// The calls of all batches so far, which the live memory in the windows came from.
+    pub calls: u64,
     last: HashMap<(Memory, SiteId), (u64, u64)>,
     streaks: HashMap<(Memory, SiteId), u32>,
 }
@@ -85,6 +87,7 @@ impl Measurement {
         tolerance: &Tolerance,
         confirm: u32,
     ) -> (Verdict, Vec<SiteGrowth>) {
+        self.calls = self.calls.saturating_add(calls);
         let calls = calls as i64;
         let mut growth: Vec<SiteGrowth> = live
             .iter()

@@ -1,7 +1,9 @@
-//! What `psleak trace` shows each interval: the same content as text or as one JSON object.
+//! What `psleak trace` shows each interval, and what the protocol's replies list: the data
+//! here, serialized as JSON; as text in `text`.
+
+pub mod text;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -9,8 +11,10 @@ use serde::Serialize;
 use crate::backends::poll;
 use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteId};
 use crate::model::lost::Lost;
-use crate::model::metrics::{Metrics, MetricsChange, USS_UNKNOWN};
+use crate::model::metrics::{Metrics, MetricsChange};
+use crate::model::verdict::SiteGrowth;
 use crate::sites::frame::{Describe, Frame};
+use text::site_text;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -33,7 +37,7 @@ pub struct Report {
     pub live: LiveTotals,
     /// The classic metrics of the target, while it is alive: a second opinion.
     pub process: Option<ProcessMetrics>,
-    pub suspects: Vec<Suspect>,
+    pub suspects: Vec<Sited<Suspect>>,
     #[serde(flatten)]
     pub resources: Resources,
 }
@@ -41,48 +45,55 @@ pub struct Report {
 /// The fds, threads, handles and heaps created since a mark and still open or alive.
 #[derive(Debug, Serialize)]
 pub struct Resources {
-    pub fds: Vec<FdReport>,
-    pub threads: Vec<ThreadReport>,
+    pub fds: Vec<Sited<Fd>>,
+    pub threads: Vec<Sited<Thread>>,
     /// Windows handles and private heaps (the ETW backend).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub handles: Vec<HandleReport>,
+    pub handles: Vec<Sited<Handle>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub heaps: Vec<HeapReport>,
+    pub heaps: Vec<Sited<Heap>>,
 }
 
 impl Resources {
     /// Those created since `since`, each with its site; `age` turns a creation time into seconds.
     pub fn since(ledger: &Ledger, describe: &mut dyn Describe, since: Mark, age: impl Fn(u64) -> f64) -> Self {
-        let fds = ledger
-            .open_fds(since)
-            .map(|(fd, f)| {
-                let (site, stack) = describe.site(ledger.origin(f.site));
-                let target = describe.fd_target(fd);
-                FdReport { fd, kind: f.kind.describe(), target, age_s: age(f.ts_ns), site, stack }
-            })
-            .collect();
-        let threads = ledger
-            .live_threads(since)
-            .map(|(tid, t)| {
-                let (site, stack) = describe.site(ledger.origin(t.site));
-                ThreadReport { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns), site, stack }
-            })
-            .collect();
-        let handles = ledger
-            .open_handles(since)
-            .map(|(handle, h)| {
-                let (site, stack) = describe.site(ledger.origin(h.site));
-                HandleReport { handle, kind: h.kind.describe(), age_s: age(h.ts_ns), site, stack }
-            })
-            .collect();
+        let fds = ledger.open_fds(since).map(|(fd, f)| {
+            let fd_now = Fd { fd, kind: f.kind.describe(), target: describe.fd_target(fd), age_s: age(f.ts_ns) };
+            Sited::new(fd_now, describe.site(ledger.origin(f.site)))
+        });
+        let fds = fds.collect();
+        let threads = ledger.live_threads(since).map(|(tid, t)| {
+            let thread = Thread { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns) };
+            Sited::new(thread, describe.site(ledger.origin(t.site)))
+        });
+        let threads = threads.collect();
+        let handles = ledger.open_handles(since).map(|(handle, h)| {
+            let handle = Handle { handle, kind: h.kind.describe(), age_s: age(h.ts_ns) };
+            Sited::new(handle, describe.site(ledger.origin(h.site)))
+        });
+        let handles = handles.collect();
         let heaps = ledger
             .live_heaps(since)
-            .map(|(heap, h)| {
-                let (site, stack) = describe.site(ledger.origin(h.site));
-                HeapReport { heap, age_s: age(h.ts_ns), site, stack }
-            })
-            .collect();
-        Self { fds, threads, handles, heaps }
+            .map(|(heap, h)| Sited::new(Heap { heap, age_s: age(h.ts_ns) }, describe.site(ledger.origin(h.site))));
+        Self { fds, threads, handles, heaps: heaps.collect() }
+    }
+}
+
+/// A resource with where it was made: the frame to blame, its stack, and that frame as text.
+#[derive(Debug, Serialize)]
+pub struct Sited<T> {
+    #[serde(flatten)]
+    pub resource: T,
+    pub site: Option<Frame>,
+    pub stack: Vec<Frame>,
+    /// `site` as psleak prints it, for clients that show it (the Python package).
+    pub site_text: String,
+}
+
+impl<T> Sited<T> {
+    pub fn new(resource: T, (site, stack): (Option<Frame>, Vec<Frame>)) -> Self {
+        let site_text = site_text(&site);
+        Self { resource, site, stack, site_text }
     }
 }
 
@@ -101,6 +112,7 @@ pub struct ProcessMetrics {
     pub since_attach: MetricsChange,
 }
 
+/// A memory site among the largest live.
 #[derive(Debug, Serialize)]
 pub struct Suspect {
     #[serde(flatten)]
@@ -111,46 +123,70 @@ pub struct Suspect {
     pub bytes_per_s: f64,
     /// Consecutive reports in which this site's live bytes grew.
     pub growing_for: u32,
-    pub site: Option<Frame>,
-    pub stack: Vec<Frame>,
 }
 
+/// A memory site that grew in a measurement's batch (the protocol's `batch` answer).
 #[derive(Debug, Serialize)]
-pub struct FdReport {
+pub struct GrowingSite {
+    pub memory: Memory,
+    /// Live in the measurement's windows.
+    pub count: u64,
+    pub bytes: u64,
+    /// Since the batch before.
+    pub count_growth: i64,
+    pub bytes_growth: i64,
+    /// Batches in a row, up to this one, in which the site grew.
+    pub streak: u32,
+    /// Its line as psleak prints it (`text::growing_site_text`).
+    pub text: String,
+}
+
+impl GrowingSite {
+    /// `growth` of a site named `named`, in a measurement whose batches made `calls` calls.
+    pub fn new(growth: &SiteGrowth, calls: u64, named: (Option<Frame>, Vec<Frame>)) -> Sited<Self> {
+        let t = growth.totals;
+        let mut site = GrowingSite {
+            memory: t.memory,
+            count: t.count,
+            bytes: t.bytes,
+            count_growth: growth.count_growth,
+            bytes_growth: growth.bytes_growth,
+            streak: growth.streak,
+            text: String::new(),
+        };
+        site.text = text::growing_site_text(&site, &site_text(&named.0), calls);
+        Sited::new(site, named)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fd {
     pub fd: i32,
     pub kind: String,
-    /// What /proc says it is now: a path, socket:[inode], pipe:[inode]...
+    /// What /proc says it is now: a path, `socket:[inode]`, `pipe:[inode]`...
     pub target: Option<String>,
     pub age_s: f64,
-    pub site: Option<Frame>,
-    pub stack: Vec<Frame>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ThreadReport {
+#[derive(Debug, Clone, Serialize)]
+pub struct Thread {
     pub tid: u32,
     pub name: Option<String>,
     pub age_s: f64,
-    pub site: Option<Frame>,
-    pub stack: Vec<Frame>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct HandleReport {
+pub struct Handle {
     pub handle: u64,
     /// Object type and name, as ETW gave them.
     pub kind: String,
     pub age_s: f64,
-    pub site: Option<Frame>,
-    pub stack: Vec<Frame>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct HeapReport {
+pub struct Heap {
     pub heap: u64,
     pub age_s: f64,
-    pub site: Option<Frame>,
-    pub stack: Vec<Frame>,
 }
 
 /// Which live memory the reports show.
@@ -213,16 +249,14 @@ impl Reporter {
             }
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.selection.top {
-                let (site, stack) = describe.site(ledger.origin(s.site));
-                suspects.push(Suspect {
+                let suspect = Suspect {
                     memory: s.memory,
                     count: s.count,
                     bytes: s.bytes,
                     bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
                     growing_for,
-                    site,
-                    stack,
-                });
+                };
+                suspects.push(Sited::new(suspect, describe.site(ledger.origin(s.site))));
             }
         }
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
@@ -265,220 +299,11 @@ impl Growth {
     }
 }
 
-/// `+928B`, `+1.5K`, `+2.0M`: sizes as psleak prints them.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
-}
-
-/// `+1.5K`, `-2.0M`, `+0B`: a change in size.
-pub fn human_change(bytes: i64) -> String {
-    let sign = if bytes < 0 { '-' } else { '+' };
-    format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
-}
-
-fn stack_lines(out: &mut String, stack: &[Frame]) {
-    for frame in stack {
-        let _ = writeln!(out, "        {}", frame.describe());
-    }
-}
-
-impl Report {
-    pub fn to_text(&self) -> String {
-        let mut out = String::new();
-        // The process's own counters: its fds, which on Windows are its handles.
-        let fds = if cfg!(windows) { "handles" } else { "fds" };
-        if let Some(why) = &self.untraced {
-            let _ = writeln!(out, "[{:7.1}s] pid {}: {why}; its counters only", self.elapsed_s, self.pid);
-        } else {
-            let (open, kind) = if cfg!(windows) {
-                (self.resources.handles.len(), "handles")
-            } else {
-                (self.resources.fds.len(), "fds")
-            };
-            let _ = writeln!(
-                out,
-                "[{:7.1}s] pid {}: heap {} in {} blocks, mmap {} live since attach; {open} {kind}, {} threads; {} events{}",
-                self.elapsed_s,
-                self.pid,
-                human_bytes(self.live.heap_bytes),
-                self.live.heap_blocks,
-                human_bytes(self.live.mmap_bytes),
-                self.resources.threads.len(),
-                self.events,
-                self.lost.describe(),
-            );
-        }
-        if self.execs > 0 {
-            let _ = writeln!(
-                out,
-                "  the target exec'd ({}): only what its current program made is shown",
-                plural(self.execs as usize, "time")
-            );
-        }
-        if let Some(p) = &self.process {
-            let (now, d) = (p.now, p.since_attach);
-            let _ = writeln!(
-                out,
-                "  process: rss {} ({}), uss {} ({}), vms {} ({}), {} {fds} ({:+}), {} threads ({:+}) since attach",
-                human_bytes(now.rss),
-                human_change(d.rss),
-                now.uss.map_or("unknown".into(), human_bytes),
-                d.uss.map_or(USS_UNKNOWN.into(), human_change),
-                human_bytes(now.vms),
-                human_change(d.vms),
-                now.fds,
-                d.fds,
-                now.threads,
-                d.threads,
-            );
-        }
-        for (rank, s) in self.suspects.iter().enumerate() {
-            let what = match s.memory {
-                Memory::Heap(domain) => domain.name(),
-                Memory::Mmap => "mmap",
-            };
-            let growing =
-                if s.growing_for > 0 { format!(", growing for {} reports", s.growing_for) } else { String::new() };
-            let _ = writeln!(
-                out,
-                "  #{} {} live in {} {what} blocks ({}/s){growing}, from {}",
-                rank + 1,
-                human_bytes(s.bytes),
-                s.count,
-                human_bytes(s.bytes_per_s as u64),
-                site_text(&s.site),
-            );
-            stack_lines(&mut out, &s.stack);
-        }
-        // Fds and threads from the same site are told once, with their numbers.
-        for group in group_by_site(&self.resources.fds, |fd| (fd.site.clone(), fd.kind.clone(), fd.target.clone())) {
-            let first = group[0];
-            let numbers = list_numbers(group.iter().map(|fd| fd.fd.to_string()));
-            let oldest = group.iter().map(|fd| fd.age_s).fold(0.0, f64::max);
-            let _ = writeln!(
-                out,
-                "  {} ({}) {} open for up to {:.1}s, opened at {}: fd {numbers}",
-                plural(group.len(), "fd"),
-                first.kind,
-                first.target.as_deref().unwrap_or("?"),
-                oldest,
-                site_text(&first.site),
-            );
-            stack_lines(&mut out, &first.stack);
-        }
-        for group in group_by_site(&self.resources.threads, |t| (t.site.clone(), t.name.clone())) {
-            let first = group[0];
-            let tids = list_numbers(group.iter().map(|t| t.tid.to_string()));
-            let oldest = group.iter().map(|t| t.age_s).fold(0.0, f64::max);
-            let _ = writeln!(
-                out,
-                "  {} \"{}\" alive for up to {:.1}s, started at {}: tid {tids}",
-                plural(group.len(), "thread"),
-                first.name.as_deref().unwrap_or("?"),
-                oldest,
-                site_text(&first.site),
-            );
-            stack_lines(&mut out, &first.stack);
-        }
-        for group in group_by_site(&self.resources.handles, |h| (h.site.clone(), h.kind.clone())) {
-            let first = group[0];
-            let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.handle)));
-            let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
-            let _ = writeln!(
-                out,
-                "  {} ({}) open for up to {:.1}s, opened at {}: {values}",
-                plural(group.len(), "handle"),
-                first.kind,
-                oldest,
-                site_text(&first.site),
-            );
-            stack_lines(&mut out, &first.stack);
-        }
-        for group in group_by_site(&self.resources.heaps, |h| h.site.clone()) {
-            let first = group[0];
-            let values = list_numbers(group.iter().map(|h| format!("{:#x}", h.heap)));
-            let oldest = group.iter().map(|h| h.age_s).fold(0.0, f64::max);
-            let _ = writeln!(
-                out,
-                "  {} not destroyed for up to {:.1}s, created at {}: {values}",
-                plural(group.len(), "heap"),
-                oldest,
-                site_text(&first.site),
-            );
-            stack_lines(&mut out, &first.stack);
-        }
-        if let Some(by) = self.stopped_by {
-            let _ = writeln!(out, "psleak: stopped ({by})");
-        }
-        out
-    }
-}
-
-fn site_text(site: &Option<Frame>) -> String {
-    site.as_ref().map_or("an unknown site".into(), Frame::describe)
-}
-
-/// Items grouped by a key, in the order each key first appears.
-fn group_by_site<T, K: PartialEq>(items: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<&T>> {
-    let mut groups: Vec<(K, Vec<&T>)> = Vec::new();
-    for item in items {
-        let k = key(item);
-        match groups.iter_mut().find(|(g, _)| *g == k) {
-            Some((_, members)) => members.push(item),
-            None => groups.push((k, vec![item])),
-        }
-    }
-    groups.into_iter().map(|(_, members)| members).collect()
-}
-
-fn plural(n: usize, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
-}
-
-/// `3, 4, 5`, or `3, 4, 5, 6, 7, 8, ... 61` past eight.
-fn list_numbers(numbers: impl Iterator<Item = String>) -> String {
-    let all: Vec<String> = numbers.collect();
-    match all.len() {
-        0..=8 => all.join(", "),
-        n => format!("{}, ... {}", all[..6].join(", "), all[n - 1]),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::event::Origin;
-
-    #[test]
-    fn sizes_read_like_psleak() {
-        assert_eq!(human_bytes(928), "928B");
-        assert_eq!(human_bytes(1536), "1.5K");
-        assert_eq!(human_bytes(2 << 20), "2.0M");
-        assert_eq!(human_change(-1536), "-1.5K");
-        assert_eq!(human_change(0), "+0B");
-    }
-
-    #[test]
-    fn groups_keep_first_appearance_order() {
-        let groups = group_by_site(&[1, 2, 11, 3, 12], |n| n / 10);
-        assert_eq!(groups, vec![vec![&1, &2, &3], vec![&11, &12]]);
-        assert_eq!(list_numbers((3..=12).map(|n| n.to_string())), "3, 4, 5, 6, 7, 8, ... 12");
-        assert_eq!(plural(1, "fd"), "1 fd");
-    }
+    use crate::model::metrics::USS_UNKNOWN;
 
     /// A report of nothing: no events, no process metrics, no resources.
     fn empty_report() -> Report {
@@ -502,7 +327,7 @@ mod tests {
     #[test]
     fn a_group_of_fds_shows_its_oldest_age() {
         // fd 3 was closed and reopened later: the group is as old as fd 4.
-        let fd = |fd, age_s| FdReport { fd, kind: "pipe".into(), target: None, age_s, site: None, stack: vec![] };
+        let fd = |fd, age_s| Sited::new(Fd { fd, kind: "pipe".into(), target: None, age_s }, (None, vec![]));
         let resources =
             Resources { fds: vec![fd(3, 1.0), fd(4, 5.0)], threads: vec![], handles: vec![], heaps: vec![] };
         let report = Report { resources, ..empty_report() };

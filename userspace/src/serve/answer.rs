@@ -5,13 +5,12 @@ use std::collections::HashMap;
 use std::io::{self, BufRead};
 
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
 use crate::model::lost::Lost;
 use crate::model::verdict::Measurement;
-use crate::report::Resources;
-use crate::serve::protocol::{Failure, Lines, Reply, Request, VERSION};
+use crate::report::{GrowingSite, Resources};
+use crate::serve::protocol::{Answer, Batch, Failure, Lines, LiveMemory, Reply, Request, VERSION};
 use crate::sites::frame::Describe;
 
 /// Measurements a session may have under way at once, and batches in one: each batch judges
@@ -53,18 +52,15 @@ impl Answerer {
         ledger: &Ledger,
         describe: &mut dyn Describe,
         lost: Lost,
-    ) -> Result<Value, String> {
+    ) -> Result<Answer, String> {
         Ok(match request {
-            Request::Hello { version } if version == VERSION => json!({"version": VERSION}),
+            Request::Hello { version } if version == VERSION => Answer::Hello { version: VERSION },
             Request::Hello { version } => {
                 return Err(format!("protocol version {version} is not served (this collector speaks {VERSION})"))
             }
-            Request::Mark => json!({"mark": ledger.mark(), "lost": lost}),
+            Request::Mark => Answer::Mark { mark: ledger.mark(), lost },
             Request::Created { since } => {
-                let mut created = serde_json::to_value(Resources::since(ledger, describe, since, |_| 0.0))
-                    .expect("reports serialize");
-                created["lost"] = json!(lost);
-                created
+                Answer::Created { resources: Resources::since(ledger, describe, since, |_| 0.0), lost }
             }
             Request::Begin => {
                 if self.measurements.len() >= MAX_MEASUREMENTS {
@@ -73,7 +69,7 @@ impl Answerer {
                 let id = self.next_measurement;
                 self.next_measurement += 1;
                 self.measurements.insert(id, Measurement::default());
-                json!({"measurement": id})
+                Answer::Begun { measurement: id }
             }
             Request::Window { measurement } => {
                 let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
@@ -82,60 +78,51 @@ impl Answerer {
                 }
                 m.open_window = Some(ledger.mark());
                 self.lost_at_window.insert(measurement, lost);
-                json!({})
+                Answer::Done {}
             }
             Request::Batch { measurement, calls, tolerance, confirm, top } => {
                 let m = self.measurements.get_mut(&measurement).ok_or(format!("no measurement {measurement}"))?;
                 let since = m.open_window.take().ok_or("a batch must start with a window request")?;
                 m.windows.push((since, ledger.mark()));
                 let lost_in_batch = self.lost_at_window.remove(&measurement).map(|before| lost.since(&before));
-                let live = live_in_windows(ledger, &m.windows);
-                let (verdict, growth) = m.batch(&live, calls, &tolerance, confirm);
-                let (mut heap_bytes, mut heap_blocks, mut mmap_bytes) = (0u64, 0u64, 0u64);
-                for t in &live {
+                let live_sites = live_in_windows(ledger, &m.windows);
+                let (verdict, growth) = m.batch(&live_sites, calls, &tolerance, confirm);
+                let mut live = LiveMemory::default();
+                for t in &live_sites {
                     match t.memory {
                         Memory::Heap(_) => {
-                            (heap_bytes, heap_blocks) = (heap_bytes.saturating_add(t.bytes), heap_blocks + t.count)
+                            live.heap_bytes = live.heap_bytes.saturating_add(t.bytes);
+                            live.heap_blocks += t.count;
                         }
-                        Memory::Mmap => mmap_bytes = mmap_bytes.saturating_add(t.bytes),
+                        Memory::Mmap => live.mmap_bytes = live.mmap_bytes.saturating_add(t.bytes),
                     }
                 }
-                let sites: Vec<Value> = growth
+                let sites = growth
                     .iter()
                     .take(top)
                     .map(|g| {
-                        let (site, stack) = describe.site(ledger.origin(g.totals.site));
-                        json!({
-                            "memory": g.totals.memory,
-                            "count": g.totals.count,
-                            "bytes": g.totals.bytes,
-                            "count_growth": g.count_growth,
-                            "bytes_growth": g.bytes_growth,
-                            "streak": g.streak,
-                            "site": site,
-                            "stack": stack,
-                        })
+                        let sited = describe.site(ledger.origin(g.totals.site));
+                        GrowingSite::new(g, m.calls, sited)
                     })
                     .collect();
-                json!({
-                    "mark": ledger.mark(),
-                    "verdict": verdict,
-                    "growing_sites": growth.len(),
-                    "sites": sites,
-                    "live": {"heap_bytes": heap_bytes, "heap_blocks": heap_blocks, "mmap_bytes": mmap_bytes},
-                    "lost": lost,
-                    // What the batch's verdict misses: nonzero means it cannot be trusted.
-                    "lost_in_batch": lost_in_batch.unwrap_or_default(),
-                })
+                Answer::Batch(Box::new(Batch {
+                    mark: ledger.mark(),
+                    verdict,
+                    growing_sites: growth.len(),
+                    sites,
+                    live,
+                    lost,
+                    lost_in_batch: lost_in_batch.unwrap_or_default(),
+                }))
             }
             Request::End { measurement } => {
                 self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
                 self.lost_at_window.remove(&measurement);
-                json!({})
+                Answer::Done {}
             }
             Request::Detach => {
                 self.detached = true;
-                json!({})
+                Answer::Done {}
             }
         })
     }

@@ -18,13 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use psleak_ebpf::{is_out_of_fds, Allocators, Options, FD_ADVICE};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::{say, Error};
 use crate::process::{self, Credentials, Process};
-use crate::serve::answer::{self, failure};
+use crate::serve::answer::{self, failure, reply_line};
 use crate::serve::listen::{self, Listening};
-use crate::serve::protocol::{Next, Opening, RequestReader, VERSION};
+use crate::serve::protocol::{Next, Opening, Reply, RequestReader, SessionStatus, Status, VERSION};
 use crate::serve::session::{self, Client, Control, SessionConfig};
 
 /// How long a connection may take to send each request before it has attached, whole.
@@ -236,7 +236,7 @@ impl Daemon {
             };
             let reply = match line.map(|line| serde_json::from_str::<Opening>(&line)) {
                 Err(why) => failure(why),
-                Ok(Ok(Opening::Status)) => ok_line(self.status(peer.uid)),
+                Ok(Ok(Opening::Status)) => reply_line(&Reply { ok: true, body: self.status(peer.uid) }),
                 Ok(Ok(Opening::Attach { version, .. })) if version != VERSION => {
                     failure(format!("protocol version {version} is not served (this daemon speaks {VERSION})"))
                 }
@@ -365,39 +365,36 @@ impl Daemon {
     }
 
     /// The sessions of `uid` (all of them for root), with rates, losses and the daemon's memory.
-    fn status(&self, uid: u32) -> Value {
+    fn status(&self, uid: u32) -> Status {
         let state = self.lock();
-        let sessions: Vec<Value> = state
+        let sessions = state
             .sessions
             .iter()
             .filter(|(_, s)| uid == 0 || s.uid == uid)
-            .map(|(id, s)| {
+            .map(|(&id, s)| {
                 let seconds = s.started.elapsed().as_secs_f64();
                 let events = s.control.events.load(Ordering::Relaxed);
-                json!({
-                    "id": id,
-                    "uid": s.uid,
-                    "client_pid": s.client_pid,
-                    "pid": s.pid,
-                    "seconds": seconds,
-                    "events": events,
-                    "events_per_second": events as f64 / seconds.max(1e-3),
-                    "lost": s.control.lost(),
-                })
+                SessionStatus {
+                    id,
+                    uid: s.uid,
+                    client_pid: s.client_pid,
+                    pid: s.pid,
+                    seconds,
+                    events,
+                    events_per_second: events as f64 / seconds.max(1e-3),
+                    lost: s.control.lost(),
+                }
             })
             .collect();
-        let mut status = json!({
-            "version": VERSION,
-            "daemon_pid": std::process::id(),
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "resident_bytes": resident_bytes(),
-            "sessions": sessions,
-        });
-        if uid == 0 {
-            status["open_fds"] = json!(open_fds());
-            status["connections"] = json!(state.connections.values().sum::<usize>());
+        Status {
+            version: VERSION,
+            daemon_pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            resident_bytes: resident_bytes(),
+            sessions,
+            open_fds: (uid == 0).then(open_fds),
+            connections: (uid == 0).then(|| state.connections.values().sum()),
         }
-        status
     }
 }
 
@@ -451,14 +448,6 @@ async fn write_all(stream: &tokio::net::UnixStream, mut bytes: &[u8]) -> io::Res
         }
     }
     Ok(())
-}
-
-fn ok_line(body: Value) -> String {
-    let mut body = body;
-    body["ok"] = true.into();
-    let mut line = body.to_string();
-    line.push('\n');
-    line
 }
 
 fn resident_bytes() -> u64 {

@@ -13,13 +13,11 @@ use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::backends::etw::follow::{Follow, Input, Request};
 use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::serve::answer::{failure, read_request, reply_line, Answerer};
-use crate::serve::protocol::Reply;
+use crate::serve::protocol::{Ready, Reply};
 
 /// How long a sync waits for its mark before answering anyway.
 const SYNC_LIMIT: Duration = Duration::from_secs(2);
@@ -39,13 +37,16 @@ pub fn serve(stream: TcpStream, pid: u32) -> Result<(), Error> {
     if let Some(e) = failed {
         return refuse(&stream, Error::Refused(e.to_string()));
     }
-    let ready = serde_json::json!({
-        "version": crate::serve::protocol::VERSION,
-        "pid": pid,
-        "backend": "ETW",
-        "probes": followed.providers(),
-        "missing": followed.missing(),
-    });
+    let ready = Ready {
+        version: crate::serve::protocol::VERSION,
+        pid,
+        backend: "ETW",
+        probes: followed.providers(),
+        allocators: "all",
+        libc: None,
+        python: None,
+        missing: followed.missing().to_vec(),
+    };
     serve_followed(stream, &mut followed, ready)
 }
 
@@ -58,7 +59,7 @@ fn refuse(mut out: &TcpStream, why: Error) -> Result<(), Error> {
 
 /// Sends `ready`, then answers `stream`'s requests until the client hangs up or detaches, or
 /// the target exits.
-pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: Value) -> Result<(), Error> {
+pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: &Ready) -> Result<(), Error> {
     let mut out = stream.try_clone().map_err(|e| Error::Io("cannot use the client socket".into(), e))?;
     out.write_all(reply_line(&Reply { ok: true, body: ready }).as_bytes()).map_err(client_gone)?;
     let send = followed.requests();
@@ -152,7 +153,7 @@ mod tests {
     use std::thread;
 
     use psleak_etw::records::Record;
-    use serde_json::json;
+    use serde_json::Value;
 
     use super::*;
     use crate::backends::etw::translate::tests::handle;
@@ -268,7 +269,17 @@ mod tests {
             marks: 0,
             symbols: Addresses,
         };
-        let collector = thread::spawn(move || serve_followed(theirs, &mut scripted, json!({"backend": "ETW"})));
+        let ready = Ready {
+            version: crate::serve::protocol::VERSION,
+            pid: 1,
+            backend: "ETW",
+            probes: 2,
+            allocators: "all",
+            libc: None,
+            python: None,
+            missing: vec![],
+        };
+        let collector = thread::spawn(move || serve_followed(theirs, &mut scripted, &ready));
         let client = Client { replies: BufReader::new(ours.try_clone().unwrap()), out: ours };
         Session { client, buffered, running, collector }
     }

@@ -10,11 +10,14 @@
 //! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
 
 use std::io;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::ledger::Mark;
-use crate::model::verdict::Tolerance;
+use crate::model::lost::Lost;
+use crate::model::verdict::{Tolerance, Verdict};
+use crate::report::{GrowingSite, Resources, Sited};
 
 /// The protocol's version, which `hello` and `attach` carry (the Python package reads it from here).
 pub const VERSION: u32 = 1;
@@ -95,6 +98,98 @@ pub struct Reply<T: Serialize> {
 #[derive(Debug, Serialize)]
 pub struct Failure {
     pub error: String,
+}
+
+/// What a session sends first, with the same fields from every backend: what it attached.
+#[derive(Debug, Serialize)]
+pub struct Ready {
+    pub version: u32,
+    pub pid: u32,
+    /// `eBPF` or `ETW`.
+    pub backend: &'static str,
+    /// Probes (eBPF) or providers (ETW) attached.
+    pub probes: usize,
+    /// The allocator families probed (`all`, `python`, `none`); ETW follows every heap.
+    pub allocators: &'static str,
+    /// The C library and libpython the probes went into (eBPF).
+    pub libc: Option<PathBuf>,
+    pub python: Option<PathBuf>,
+    /// What the backend could not be given (ETW: handle events, stacks), and why.
+    pub missing: Vec<String>,
+}
+
+/// The answer to a [`Request`]: the fields of its `{"ok": true, ...}` reply.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Hello {
+        version: u32,
+    },
+    Mark {
+        mark: Mark,
+        lost: Lost,
+    },
+    Created {
+        #[serde(flatten)]
+        resources: Resources,
+        lost: Lost,
+    },
+    Begun {
+        measurement: u64,
+    },
+    Batch(Box<Batch>),
+    /// `window`, `end` and `detach`, which only say they were done.
+    Done {},
+}
+
+/// The answer to `batch`: the verdict so far, and the sites that grew.
+#[derive(Debug, Serialize)]
+pub struct Batch {
+    pub mark: Mark,
+    pub verdict: Verdict,
+    /// How many sites grew (`sites` describes the first `top`).
+    pub growing_sites: usize,
+    pub sites: Vec<Sited<GrowingSite>>,
+    pub live: LiveMemory,
+    pub lost: Lost,
+    /// What the batch's verdict misses: nonzero means it cannot be trusted.
+    pub lost_in_batch: Lost,
+}
+
+/// The answer to a daemon's `status`: its own state, and the sessions the client may see (all
+/// of them, and the daemon's fds and connections, for root).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: u32,
+    pub daemon_pid: u32,
+    pub uptime_seconds: f64,
+    pub resident_bytes: u64,
+    pub sessions: Vec<SessionStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_fds: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionStatus {
+    pub id: u64,
+    pub uid: u32,
+    /// The client's process, and the target's.
+    pub client_pid: u32,
+    pub pid: u32,
+    pub seconds: f64,
+    pub events: u64,
+    pub events_per_second: f64,
+    pub lost: Lost,
+}
+
+/// The memory created in a measurement's windows and still live.
+#[derive(Debug, Default, Serialize)]
+pub struct LiveMemory {
+    pub heap_bytes: u64,
+    pub heap_blocks: u64,
+    pub mmap_bytes: u64,
 }
 
 /// Splits a byte stream into request lines, holding at most `MAX_REQUEST_BYTES` of a line: a

@@ -17,14 +17,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use psleak_ebpf::Options;
-use serde_json::json;
 
 use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
 use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::process::{Credentials, Process};
 use crate::serve::answer::{failure, reply_line, Answerer};
-use crate::serve::protocol::{Next, Reply, RequestReader, VERSION};
+use crate::serve::protocol::{Next, Ready, Reply, RequestReader, VERSION};
 
 /// How long a client may leave a reply unread before the session gives up on it.
 const REPLY_LIMIT: Duration = Duration::from_secs(10);
@@ -148,15 +147,16 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             return Err(err);
         }
     };
-    let ready = json!({
-        "version": VERSION,
-        "pid": pid,
-        "backend": "eBPF",
-        "probes": live.probes.attachments(),
-        "allocators": config.options.allocators,
-        "libc": live.target.libc,
-        "python": live.target.python,
-    });
+    let ready = Ready {
+        version: VERSION,
+        pid,
+        backend: "eBPF",
+        probes: live.probes.attachments(),
+        allocators: config.options.allocators.name(),
+        libc: Some(live.target.libc.clone()),
+        python: live.target.python.clone(),
+        missing: vec![],
+    };
     client.send(&reply_line(&Reply { ok: true, body: ready }), &control.stop)?;
 
     let mut answerer = Answerer::new();

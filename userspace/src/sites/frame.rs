@@ -7,10 +7,10 @@ use serde::Serialize;
 
 use crate::model::event::Origin;
 
-/// One frame of a site's stack, named as far as the symbols allow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One frame of a site's stack, named as far as the symbols allow. Serialized with its
+/// address in hex and its `text` (`describe`), so that clients need not format frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
-    #[serde(serialize_with = "hex")]
     pub addr: u64,
     pub function: Option<String>,
     pub module: Option<String>,
@@ -18,8 +18,18 @@ pub struct Frame {
     pub line: Option<u32>,
 }
 
-fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{addr:#x}"))
+impl Serialize for Frame {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut frame = s.serialize_struct("Frame", 6)?;
+        frame.serialize_field("addr", &format!("{:#x}", self.addr))?;
+        frame.serialize_field("function", &self.function)?;
+        frame.serialize_field("module", &self.module)?;
+        frame.serialize_field("file", &self.file)?;
+        frame.serialize_field("line", &self.line)?;
+        frame.serialize_field("text", &self.describe())?;
+        frame.end()
+    }
 }
 
 impl Frame {
