@@ -171,16 +171,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             return Ok(());
         }
         if !more && !client.requests.has_unread() {
-            let mut fds = [client.stream.as_raw_fd(), live.ring_fd(), live.exit_fd()].map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            // SAFETY: three valid pollfds, owned above for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, DRAIN_PERIOD.as_millis() as i32) };
-            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return Err(Error::Io("cannot wait for requests".into(), io::Error::last_os_error()));
-            }
+            live.wait(&[client.stream.as_raw_fd()], DRAIN_PERIOD)?;
         }
         more = live.drain_some()?;
         report_progress(&live, control);

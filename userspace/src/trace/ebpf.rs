@@ -3,12 +3,8 @@
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
-
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
 use crate::error::{say, Error};
@@ -26,15 +22,6 @@ pub struct TraceArgs {
     pub options: psleak_ebpf::Options,
     /// Heap blocks and mappings the ledger keeps at most.
     pub ledger_room: usize,
-}
-
-/// A raw fd for tokio to poll (the ring's epoll fd, the target's pidfd); owned elsewhere.
-struct Pollable(RawFd);
-
-impl AsRawFd for Pollable {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
 }
 
 pub fn run(args: &TraceArgs) -> Result<(), Error> {
@@ -57,12 +44,8 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
         started.elapsed().as_secs_f64(),
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Io("cannot start the event loop".into(), e))?;
     let mut reporter = Reporter { json: args.json, reports: report::Reporter::new(args.pid, args.selection) };
-    runtime.block_on(watch(args, &mut live, &mut reporter, &attached))
+    watch(args, &mut live, &mut reporter, &attached)
 }
 
 /// A target whose threads keep every CPU busy would starve its tracer: events pile up and are
@@ -82,54 +65,42 @@ const INTERRUPTED: &str = "interrupted";
 const TERMINATED: &str = "terminated";
 
 /// Consumes events as they arrive and reports every interval until the session ends.
-async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
-    let io_error = |what: &str| {
-        let what = what.to_string();
-        move |e| Error::Io(what, e)
-    };
-    // SAFETY: the ring's epoll fd and the process's pidfd stay open for as long as these
-    // registrations, which are dropped when this function returns, before `live` is.
-    let ring_ready = unsafe { AsyncFd::register_with_interest(Pollable(live.ring_fd()), Interest::READABLE) }
-        .map_err(|e| io_error("cannot poll the event ring")(e.into()))?;
-    // SAFETY: as above.
-    let target_exit = unsafe { AsyncFd::register_with_interest(Pollable(live.exit_fd()), Interest::READABLE) }
-        .map_err(|e| io_error("cannot watch the target")(e.into()))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?;
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
-    let ends_at = args.duration.map(|d| tokio::time::Instant::now() + d);
-    let deadline = tokio::time::sleep_until(ends_at.unwrap_or_else(far_future));
-    tokio::pin!(deadline);
+fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
     // Only now does Ctrl-C end the session with a final report.
+    let signals = Signals::take()?;
     say(attached);
-
-    // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
-    let mut drain_ticks = tokio::time::interval(DRAIN_PERIOD);
-    drain_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Records left after a bounded drain: read on at once, taking turns with the rest. The
-    // yield lets the runtime turn its timer and signal drivers, which a task that is always
-    // ready would starve.
+    let started = Instant::now();
+    let ends_at = args.duration.map(|d| started + d);
+    let mut next_report = started + args.interval;
+    // Records left after a bounded drain are read on at once, the timers and signals looked at
+    // between turns.
     let mut more = false;
     let stopped_by = loop {
-        tokio::select! {
-            ready = ring_ready.readable(), if !more => {
-                let mut guard = ready.map_err(io_error("cannot poll the event ring"))?;
-                guard.clear_ready();
-                more = live.drain_some()?;
-            }
-            () = tokio::task::yield_now(), if more => more = live.drain_some()?,
-            _ = drain_ticks.tick(), if !more => more = live.drain_some()?,
-            _ = ticks.tick() => {
-                // A tick right before the end would repeat the final report.
-                if ends_at.is_none_or(|end| end.duration_since(tokio::time::Instant::now()) > args.interval / 2) {
-                    reporter.emit(live, None)?;
-                }
-            }
-            _ = target_exit.readable() => break EXITED,
-            _ = interrupt.recv() => break INTERRUPTED,
-            _ = terminate.recv() => break TERMINATED,
-            _ = &mut deadline => break "the duration ended",
+        let now = Instant::now();
+        if ends_at.is_some_and(|end| now >= end) {
+            break "the duration ended";
         }
+        if now >= next_report {
+            // A report right before the end would repeat the final one.
+            if ends_at.is_none_or(|end| end.duration_since(now) > args.interval / 2) {
+                reporter.emit(live, None)?;
+            }
+            // A report late by more than an interval (a slow terminal) is not made up for.
+            next_report = (next_report + args.interval).max(Instant::now());
+        }
+        // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
+        let until_timer = next_report.min(ends_at.unwrap_or(next_report)).saturating_duration_since(Instant::now());
+        let timeout = if more { Duration::ZERO } else { until_timer.min(DRAIN_PERIOD) };
+        live.wait(&[signals.fd.as_raw_fd()], timeout)?;
+        match signals.pending() {
+            Some(libc::SIGINT) => break INTERRUPTED,
+            Some(_) => break TERMINATED,
+            None => {}
+        }
+        if !live.target_alive() {
+            break EXITED;
+        }
+        more = live.drain_some()?;
         // After what was drained, before anything is shown: the target may have become root.
         if !still_traceable(live)? {
             break CREDENTIALS_CHANGED;
@@ -137,6 +108,44 @@ async fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, a
     };
     drain_final(live, stopped_by)?;
     reporter.emit(live, Some(stopped_by))
+}
+
+/// SIGINT and SIGTERM, blocked and read from a signalfd: they end the trace with a final report
+/// instead of killing it. (psleak trace has no other thread the signals could go to.)
+struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    fn take() -> Result<Self, Error> {
+        let failed = || Error::Io("cannot handle SIGINT and SIGTERM".into(), io::Error::last_os_error());
+        // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initializes it;
+        // the other calls take valid pointers to it, and a null old mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(failed());
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+            if fd < 0 {
+                return Err(failed());
+            }
+            Ok(Self { fd: OwnedFd::from_raw_fd(fd) })
+        }
+    }
+
+    /// The signal that came, if one did.
+    fn pending(&self) -> Option<i32> {
+        let mut info = std::mem::MaybeUninit::<libc::signalfd_siginfo>::uninit();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which has room for them.
+        let read = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), size) };
+        // SAFETY: a read of the whole struct initialized it.
+        (read == size as isize).then(|| unsafe { info.assume_init() }.ssi_signo as i32)
+    }
 }
 
 /// The last drain: what the ring holds, unless the target now runs as someone we may not see.
@@ -210,10 +219,6 @@ impl Reporter {
             result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
         }
     }
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// CLOCK_MONOTONIC, the clock of the probes' timestamps.

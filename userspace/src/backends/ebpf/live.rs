@@ -1,6 +1,8 @@
 //! One live eBPF session: probes attached to a process, the ring their events arrive in, and
 //! the ledger those feed. The private collector, the daemon's sessions and `psleak trace` each
-//! run one; how they wait for the ring, their clients and signals is their own.
+//! run one, in one loop of the same shape: [`Live::wait`] for the ring, the target's exit or
+//! the caller's own fds (a client's socket, signals), [`Live::drain_some`], then what the
+//! caller does with its fds, until it is done.
 //!
 //! Draining is bounded: a target whose threads fill the ring faster than the collector reads it
 //! (a flood) must not hold up timers, signals or other clients. What the kernel could not put
@@ -76,9 +78,19 @@ impl<'obj> Live<'obj> {
         Ok(Self { ring, collector, probes, target, sites, execs_told: 0 })
     }
 
-    /// Readable when the probes have woken us: much is waiting in the ring.
-    pub fn ring_fd(&self) -> RawFd {
-        self.ring.epoll_fd()
+    /// Waits at most `timeout` for the probes to wake us (much is waiting in the ring), the
+    /// target to exit, or one of `also` to be readable; the caller then looks at each.
+    pub fn wait(&self, also: &[RawFd], timeout: Duration) -> Result<(), Error> {
+        let ours = [self.ring.epoll_fd(), self.exit_fd()];
+        let mut fds: Vec<libc::pollfd> =
+            ours.iter().chain(also).map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        // SAFETY: valid pollfds, their fds open for the duration of the call (ours are owned by
+        // `self`, the caller's borrowed from it).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(Error::Io("cannot wait for the event ring".into(), io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     pub fn collector(&self) -> Ref<'_, Collector> {
@@ -96,9 +108,6 @@ impl<'obj> Live<'obj> {
             return Err(Error::Io("cannot read the event ring".into(), io::Error::from_raw_os_error(-read)));
         }
         let (consumed, produced) = self.positions();
-        if consumed >= produced {
-            self.clear_wakeup();
-        }
         Ok(consumed < produced)
     }
 
@@ -135,22 +144,13 @@ impl<'obj> Live<'obj> {
         }
     }
 
-    /// Takes the ring off libbpf's epoll ready list once it is empty, without consuming anything
-    /// (which `ring_buffer__poll` would do, all of it): an edge-triggered waiter (tokio) is then
-    /// woken by the next burst. While records wait it stays listed, and a waiter sees it ready.
-    fn clear_wakeup(&self) {
-        let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
-        // SAFETY: one valid event slot; a zero timeout never blocks.
-        unsafe { libc::epoll_wait(self.ring.epoll_fd(), ready.as_mut_ptr(), 1, 0) };
-    }
-
     /// Whether the target still runs; `false` from its exit on (its pidfd is readable). A pid
     /// only changes hands after that, so events drained before a `true` are the target's.
     pub fn target_alive(&self) -> bool {
         self.collector().decoder.process.is_alive()
     }
 
-    pub fn exit_fd(&self) -> RawFd {
+    fn exit_fd(&self) -> RawFd {
         self.collector().decoder.process.exit_fd()
     }
 
