@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backends::poll;
-use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteId};
+use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteId, SiteTotals};
 use crate::model::lost::Lost;
 use crate::model::metrics::{Metrics, MetricsChange};
 use crate::model::verdict::SiteGrowth;
@@ -97,13 +97,30 @@ impl<T> Sited<T> {
     }
 }
 
-/// Everything created since attach and still live (after the size and age filters).
+/// The live memory of some sites, all told: in a report, all created since attach (after the
+/// size and age filters); in a batch's answer, all created in the measurement's windows.
 #[derive(Debug, Serialize, Default)]
 pub struct LiveTotals {
     pub heap_bytes: u64,
     pub heap_blocks: u64,
     pub mmap_bytes: u64,
     pub sites: usize,
+}
+
+impl LiveTotals {
+    pub fn of(sites: &[SiteTotals]) -> Self {
+        let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
+        for s in sites {
+            match s.memory {
+                Memory::Heap(_) => {
+                    live.heap_bytes = live.heap_bytes.saturating_add(s.bytes);
+                    live.heap_blocks += s.count;
+                }
+                Memory::Mmap => live.mmap_bytes = live.mmap_bytes.saturating_add(s.bytes),
+            }
+        }
+        live
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -237,16 +254,9 @@ impl Reporter {
             ..Filter::default()
         };
         let sites = ledger.memory_by_site(&filter);
-        let mut live = LiveTotals { sites: sites.len(), ..LiveTotals::default() };
+        let live = LiveTotals::of(&sites);
         let mut suspects = Vec::new();
         for s in &sites {
-            match s.memory {
-                Memory::Heap(_) => {
-                    live.heap_bytes = live.heap_bytes.saturating_add(s.bytes);
-                    live.heap_blocks += s.count;
-                }
-                Memory::Mmap => live.mmap_bytes = live.mmap_bytes.saturating_add(s.bytes),
-            }
             let growing_for = self.growth.update((s.memory, s.site), s.bytes);
             if suspects.len() < self.selection.top {
                 let suspect = Suspect {

@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
 use crate::model::lost::Lost;
 use crate::model::verdict::Measurement;
-use crate::report::{GrowingSite, Resources};
-use crate::serve::protocol::{Answer, Batch, Failure, Lines, LiveMemory, Reply, Request, VERSION};
+use crate::report::{GrowingSite, LiveTotals, Resources};
+use crate::serve::protocol::{Answer, Batch, Failure, Lines, Reply, Request, VERSION};
 use crate::sites::frame::Describe;
 
 /// Measurements a session may have under way at once, and batches in one: each batch judges
@@ -87,16 +87,7 @@ impl Answerer {
                 let lost_in_batch = self.lost_at_window.remove(&measurement).map(|before| lost.since(&before));
                 let live_sites = live_in_windows(ledger, &m.windows);
                 let (verdict, growth) = m.batch(&live_sites, calls, &tolerance, confirm);
-                let mut live = LiveMemory::default();
-                for t in &live_sites {
-                    match t.memory {
-                        Memory::Heap(_) => {
-                            live.heap_bytes = live.heap_bytes.saturating_add(t.bytes);
-                            live.heap_blocks += t.count;
-                        }
-                        Memory::Mmap => live.mmap_bytes = live.mmap_bytes.saturating_add(t.bytes),
-                    }
-                }
+                let live = LiveTotals::of(&live_sites);
                 let sites = growth
                     .iter()
                     .take(top)

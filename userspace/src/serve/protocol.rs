@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::ledger::Mark;
 use crate::model::lost::Lost;
 use crate::model::verdict::{Tolerance, Verdict};
-use crate::report::{GrowingSite, Resources, Sited};
+use crate::report::{GrowingSite, LiveTotals, Resources, Sited};
 
 /// The protocol's version, which `hello` and `attach` carry (the Python package reads it from here).
 pub const VERSION: u32 = 1;
@@ -150,7 +150,7 @@ pub struct Batch {
     /// How many sites grew (`sites` describes the first `top`).
     pub growing_sites: usize,
     pub sites: Vec<Sited<GrowingSite>>,
-    pub live: LiveMemory,
+    pub live: LiveTotals,
     pub lost: Lost,
     /// What the batch's verdict misses: nonzero means it cannot be trusted.
     pub lost_in_batch: Lost,
@@ -182,14 +182,6 @@ pub struct SessionStatus {
     pub events: u64,
     pub events_per_second: f64,
     pub lost: Lost,
-}
-
-/// The memory created in a measurement's windows and still live.
-#[derive(Debug, Default, Serialize)]
-pub struct LiveMemory {
-    pub heap_bytes: u64,
-    pub heap_blocks: u64,
-    pub mmap_bytes: u64,
 }
 
 /// Splits a byte stream into request lines, holding at most `MAX_REQUEST_BYTES` of a line: a
