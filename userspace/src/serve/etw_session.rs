@@ -47,7 +47,7 @@ pub fn serve(stream: TcpStream, pid: u32) -> Result<(), Error> {
         python: None,
         missing: followed.missing().to_vec(),
     };
-    serve_followed(stream, &mut followed, ready)
+    serve_followed(stream, &mut followed, &ready)
 }
 
 /// Tells the client why it will not be served.
