@@ -3,12 +3,12 @@
 import sys
 
 PROTOCOL_VERSION: int
-"""The version of the protocol spoken to the collector and the daemon (psleak::protocol)."""
+"""The version of the protocol spoken to the collector and the daemon (psleak::serve::protocol)."""
 DEFAULT_SOCKET: str
 """Where the daemon listens unless told otherwise."""
 
 def memory() -> dict[str, int]:
-    """heap, mmap, uss, rss and vms of this process, in bytes (see psleak::poll per platform)."""
+    """heap, mmap, uss, rss and vms of this process, in bytes (see psleak::backends::poll per platform)."""
 
 def mark_memory() -> None:
     """Take the reading that memory_since_mark() compares with (kept natively, so that
@@ -20,7 +20,7 @@ def memory_since_mark() -> tuple[dict[str, int], dict[str, int], bool]:
     kept; ``mapped``: bytes of mappings outside the allocator); and whether no other thread ran."""
 
 class Judge:
-    """One execute()'s memory verdict (psleak::verdict::Judge), fed a batch at a time."""
+    """One execute()'s memory verdict (psleak::model::verdict::Judge), fed a batch at a time."""
 
     def __init__(self, tolerance: dict[str, int], retries: int, confirm: int) -> None: ...
     def batch(
@@ -31,6 +31,10 @@ class Judge:
 
 def human_bytes(n: int) -> str:
     """A size (at least 0) as psleak prints it everywhere: ``928B``, ``1.0K``, ``1.5M``."""
+
+def missed_events(before: dict[str, int], after: dict[str, int]) -> str:
+    """What leaves the tracer's ledger incomplete between two of its replies' ``lost`` counts,
+    as text (``3 events dropped in a full ring``), or "" when nothing does."""
 
 def unnamed(grown: list[str]) -> str:
     """What to say when the tracer saw no site grow while these counters did."""

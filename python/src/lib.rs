@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
 use psleak::backends::poll;
+use psleak::model::lost::Lost;
 use psleak::model::metrics::MemoryUse;
 use psleak::model::verdict;
 #[cfg(target_os = "linux")]
@@ -192,10 +193,22 @@ impl Judge {
     }
 }
 
-/// A size as psleak prints it everywhere (`928B`, `1.5K`): report.rs's.
+/// A size as psleak prints it everywhere (`928B`, `1.5K`): psleak::report::text's.
 #[pyfunction]
 fn human_bytes(bytes: u64) -> String {
     psleak::report::text::human_bytes(bytes)
+}
+
+/// What leaves the tracer's ledger incomplete between two of its replies' `lost` counts, as
+/// text (empty when nothing does).
+#[pyfunction]
+fn missed_events(before: HashMap<String, u64>, after: HashMap<String, u64>) -> PyResult<String> {
+    let lost = |counts: HashMap<String, u64>| {
+        serde_json::to_value(counts)
+            .and_then(serde_json::from_value::<Lost>)
+            .map_err(|e| PyValueError::new_err(format!("not a collector's lost counts: {e}")))
+    };
+    Ok(lost(after)?.since(&lost(before)?).incomplete_text())
 }
 
 /// What to say when the tracer saw no site grow while these counters did.
@@ -323,6 +336,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Judge>()?;
     m.add_function(wrap_pyfunction!(unnamed, m)?)?;
     m.add_function(wrap_pyfunction!(human_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(missed_events, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add_function(wrap_pyfunction!(tracer_unavailable, m)?)?;
     #[cfg(unix)]

@@ -158,4 +158,4 @@ def test_a_tracer_that_missed_events_says_its_names_may_be_incomplete(backend):
     run = subprocess.run([sys.executable, "-c", LOSSY_LEDGER], env=env, capture_output=True, text=True, check=True)
     assert run.stdout.startswith("leak: memory kept increasing"), run.stdout + run.stderr
     assert "(the tracer missed events while calling 'leak' (" in run.stdout
-    assert "blocks past the collector's limit): the sites it names may be incomplete" in run.stdout
+    assert "blocks past the ledger's limit): the sites it names may be incomplete" in run.stdout

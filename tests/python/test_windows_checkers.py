@@ -8,6 +8,7 @@ import contextlib
 import pytest
 
 import psleak
+import psleak._testcase
 from psleak import Checkers, MemoryLeakTestCase, OpenHandle, PrivateHeap, UnclosedHandleError, UnclosedHeapCreateError
 
 
@@ -15,8 +16,8 @@ from psleak import Checkers, MemoryLeakTestCase, OpenHandle, PrivateHeap, Unclos
 def windows(monkeypatch):
     """The counters of a pretend Windows process: each a one-element list a test can bump."""
     counts = {"handles": [40], "heaps": [3]}
-    monkeypatch.setattr(psleak, "WINDOWS", True)
-    monkeypatch.setattr(psleak, "POSIX", False)
+    monkeypatch.setattr(psleak._testcase, "WINDOWS", True)
+    monkeypatch.setattr(psleak._testcase, "POSIX", False)
     monkeypatch.setattr(psleak._native, "handle_count", lambda: counts["handles"][0], raising=False)
     monkeypatch.setattr(psleak._native, "heap_count", lambda: counts["heaps"][0], raising=False)
     # The memory checker's counters come before its measurements, which need this.
@@ -63,14 +64,15 @@ SITE = {
     "module": r"C:\src\leaky.pyd",
     "file": "leaky.c",
     "line": 31,
+    "text": "open_device (leaky.c:31)",
 }
 
 
 class EtwCollectorStandIn:
     """Stands in for the ETW tracer, which only Windows can run: its session replies to
     ``created`` with what the Rust collector answers for ETW records of a handle and a heap
-    left by a call (that answer is tested on Linux: userspace/src/etw.rs,
-    the_collector_names_what_a_call_left_from_etw_records)."""
+    left by a call (that answer is tested on Linux: userspace/src/backends/etw/translate.rs,
+    the_collector_names_what_a_call_left_from_etw_records), frames and sites rendered by it."""
 
     name = "trace"
     exact = True
@@ -90,7 +92,14 @@ class EtwCollectorStandIn:
 
 
 def test_with_the_etw_collector_the_handle_left_open_is_named(windows, monkeypatch):
-    handle = {"handle": 0x1A4, "kind": r"type 37 \Device\Afd", "age_s": 0.0, "site": SITE, "stack": [SITE]}
+    handle = {
+        "handle": 0x1A4,
+        "kind": r"type 37 \Device\Afd",
+        "age_s": 0.0,
+        "site": SITE,
+        "stack": [SITE],
+        "site_text": SITE["text"],
+    }
     monkeypatch.setattr(psleak._backends, "_backend", EtwCollectorStandIn(handles=[handle]))
 
     def open_handle():
@@ -104,7 +113,7 @@ def test_with_the_etw_collector_the_handle_left_open_is_named(windows, monkeypat
 
 
 def test_with_the_etw_collector_the_heap_left_is_named(windows, monkeypatch):
-    heap = {"heap": 0x2A0000, "age_s": 0.0, "site": SITE, "stack": [SITE]}
+    heap = {"heap": 0x2A0000, "age_s": 0.0, "site": SITE, "stack": [SITE], "site_text": SITE["text"]}
     monkeypatch.setattr(psleak._backends, "_backend", EtwCollectorStandIn(heaps=[heap]))
 
     def create_heap():

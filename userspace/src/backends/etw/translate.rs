@@ -359,6 +359,10 @@ pub(crate) mod tests {
         assert_eq!(created["handles"][0]["handle"], 0x1a4);
         assert_eq!(created["handles"][0]["kind"], r"type 37 \Device\Afd");
         assert_eq!(created["handles"][0]["site"]["function"], "leak_bytes");
+        // Rendered by the collector, so that the Python package formats no site.
+        let site_text = created["handles"][0]["site"]["text"].as_str().unwrap().to_string();
+        assert!(site_text.starts_with("leak_bytes"), "{created}");
+        assert_eq!(created["handles"][0]["site_text"], site_text.as_str(), "{created}");
         assert_eq!(created["heaps"][0]["heap"], 0x2a0000);
         assert_eq!(created["fds"], serde_json::json!([]));
 
@@ -379,5 +383,10 @@ pub(crate) mod tests {
         assert_eq!(verdict["live"]["heap_blocks"], 30, "{verdict}");
         assert_eq!(verdict["sites"][0]["site"]["function"], "leak_bytes", "{verdict}");
         assert_eq!(verdict["sites"][0]["bytes_growth"], 1000, "{verdict}");
+        let line = verdict["sites"][0]["text"].as_str().unwrap();
+        let expected = format!(
+            "{site_text}: 30 blocks, 2.9K live (HeapAlloc), +1000B in the last batch, grown 3 batches in a row, ~100.0B per call"
+        );
+        assert_eq!(line, expected, "the site's line, per call over the measurement's 30 calls");
     }
 }

@@ -1,0 +1,52 @@
+"""What is left of formatting on the Python side: the run lines and the leak-sites block of a
+memory error, around what the collector rendered (sizes with its ``human_bytes``, each site's
+line and frames as its replies carry them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psleak import _native
+
+human_bytes = _native.human_bytes
+
+
+def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0) -> str:
+    """``Run # 1: heap=+2.0K  (calls= 100, avg/call=+20B)``: a batch whose counters grew."""
+    parts = [f"{k}={'+' + human_bytes(v):<6}" for k, v in diffs.items() if v > 0]
+    if blocks > 0:
+        parts.append(f"blocks=+{blocks}")
+    metrics = " | ".join(parts)
+    avg = "0B"
+    grown = [k for k, v in diffs.items() if v > 0]
+    if grown:
+        avg = human_bytes(diffs[grown[0]] // times)
+    s = f"Run #{idx:>2}: {metrics:<50} (calls={times:>4}, avg/call=+{avg})"
+    if idx == 1:
+        s = "\n" + s
+    return s
+
+
+def format_leak_sites(sites: list[dict[str, Any]], calls: int) -> str:
+    """The sites of a traced batch's reply, each its line and its first frames."""
+    lines = ["", f"Leak sites (a traced replay of {calls} calls: created by them, still live, and growing):"]
+    for site in sites:
+        lines.append(f"* {site['text']}")
+        lines.extend(f"    {frame['text']}" for frame in site["stack"][:12])
+    return "\n".join(lines)
+
+
+def missed_events(before: dict[str, int], after: dict[str, int], fun: object) -> str:
+    """What the tracer lost between two of its "lost" counts, said in a sentence, or ""."""
+    missed = _native.missed_events(before, after)
+    if not missed:
+        return ""
+    return (
+        f"the tracer missed events while calling {qualname(fun)!r} ({missed}): the sites it "
+        "names may be incomplete; run the test alone to name them all"
+    )
+
+
+def qualname(obj: object) -> str:
+    """A human-readable qualified name for a function, method or class."""
+    return getattr(obj, "__qualname__", getattr(obj, "__name__", str(obj)))
