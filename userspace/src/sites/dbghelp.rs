@@ -49,7 +49,7 @@ impl Dbghelp {
     fn frame(&self, addr: u64) -> Frame {
         // A return address follows its call: the call's own line is one byte before.
         let at = addr.saturating_sub(1);
-        let mut frame = Frame { addr, function: None, module: None, file: None, line: None };
+        let mut frame = Frame::unknown(addr);
         // SAFETY: each structure is sized as its SizeOfStruct says; the name follows
         // SYMBOL_INFOW within `Symbol`, and dbghelp writes at most MaxNameLen units of it.
         unsafe {

@@ -11,29 +11,44 @@ use crate::model::event::Origin;
 /// address in hex and its `text` (`describe`), so that clients need not format frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The return address in the process (or the call's, for an inlined function's frame).
     pub addr: u64,
     pub function: Option<String>,
     pub module: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
+    /// The call's address in the module's own ELF addresses, the same in every run: what
+    /// `addr2line -e MODULE` takes.
+    pub offset: Option<u64>,
+    /// The module's GNU build-id in hex, which names its debug symbols
+    /// (`/usr/lib/debug/.build-id/xx/yyyy.debug`, debuginfod).
+    pub build_id: Option<String>,
 }
 
 impl Serialize for Frame {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut frame = s.serialize_struct("Frame", 6)?;
+        let mut frame = s.serialize_struct("Frame", 8)?;
         frame.serialize_field("addr", &format!("{:#x}", self.addr))?;
         frame.serialize_field("function", &self.function)?;
         frame.serialize_field("module", &self.module)?;
         frame.serialize_field("file", &self.file)?;
         frame.serialize_field("line", &self.line)?;
+        frame.serialize_field("offset", &self.offset.map(|o| format!("{o:#x}")))?;
+        frame.serialize_field("build_id", &self.build_id)?;
         frame.serialize_field("text", &self.describe())?;
         frame.end()
     }
 }
 
 impl Frame {
-    /// `leak_bytes (leaky.c:12)`, or the module and address when no symbol is known.
+    /// A frame of which only the address is known.
+    pub fn unknown(addr: u64) -> Self {
+        Frame { addr, function: None, module: None, file: None, line: None, offset: None, build_id: None }
+    }
+
+    /// `leak_bytes (leaky.c:12)`; where no symbol is known, the module and the call's offset in
+    /// it (`_core.so+0x1a7c`), else the address.
     pub fn describe(&self) -> String {
         let module = self
             .module
@@ -46,7 +61,10 @@ impl Frame {
                 None => format!("{f} ({file})"),
             },
             (Some(f), None) => format!("{f} in {module}"),
-            _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
+            _ => match self.offset {
+                Some(offset) if !module.is_empty() => format!("{module}+{offset:#x}"),
+                _ => format!("{:#x} in {}", self.addr, if module.is_empty() { "?".into() } else { module }),
+            },
         }
     }
 }
@@ -79,6 +97,6 @@ pub struct Addresses;
 
 impl Symbolize for Addresses {
     fn frames(&mut self, addrs: &[u64]) -> Vec<Frame> {
-        addrs.iter().map(|&addr| Frame { addr, function: None, module: None, file: None, line: None }).collect()
+        addrs.iter().map(|&addr| Frame::unknown(addr)).collect()
     }
 }

@@ -18,20 +18,26 @@ pub fn repo_root() -> PathBuf {
 
 /// Builds `tests/targets/NAME.c` once per test binary; `static_link` for a binary without a shared libc.
 pub fn build_target(name: &str, static_link: bool) -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(if static_link {
-        format!("{name}-static")
-    } else {
-        name.to_string()
-    });
-    let source = repo_root().join("tests/targets").join(format!("{name}.c"));
-    let mut gcc = Command::new("gcc");
-    gcc.args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"]).arg(&out).arg(&source);
     if static_link {
-        gcc.arg("-static");
+        build_variant(name, &format!("{name}-static"), &["-O0", "-g", "-fno-omit-frame-pointer", "-static"])
+    } else {
+        build_variant(name, name, &["-O0", "-g", "-fno-omit-frame-pointer"])
     }
-    let status = gcc.status().expect("gcc runs");
-    assert!(status.success(), "building {} failed", source.display());
+}
+
+/// Builds `tests/targets/NAME.c` with the compiler `flags` into `out` under the tests' tmpdir.
+pub fn build_variant(name: &str, out: &str, flags: &[&str]) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(out);
+    let source = repo_root().join("tests/targets").join(format!("{name}.c"));
+    let status = Command::new("gcc").args(flags).arg("-pthread").arg("-o").arg(&out).arg(&source).status();
+    assert!(status.expect("gcc runs").success(), "building {} failed", source.display());
     out
+}
+
+/// The line of `tests/targets/NAME.c` that holds `marker`.
+pub fn line_of(name: &str, marker: &str) -> u64 {
+    let source = std::fs::read_to_string(repo_root().join("tests/targets").join(format!("{name}.c"))).unwrap();
+    source.lines().position(|l| l.contains(marker)).expect("the marker is in the source") as u64 + 1
 }
 
 pub fn leaky() -> &'static Path {

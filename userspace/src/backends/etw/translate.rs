@@ -296,7 +296,7 @@ pub(crate) mod tests {
                 .map(|&addr| {
                     let (_, module, function) = self.0.iter().find(|(a, ..)| *a == addr).expect("a known address");
                     let (module, function) = (Some(module.to_string()), Some(function.to_string()));
-                    Frame { addr, function, module, file: None, line: None }
+                    Frame { function, module, ..Frame::unknown(addr) }
                 })
                 .collect()
         }
