@@ -86,15 +86,15 @@ def test_after_a_leak_is_named_no_probe_is_left_attached(traced):
     assert "forget_free (leaky_ext.c:" in str(info.value)
     assert {"alloc_enter", "alloc_exit", "free_enter"} <= watch.seen, "the tracer named the leak"
     assert attached_programs() == []
-    # And what runs next runs untraced.
-    with Watch() as watch:
-        for _ in range(200):
-            ext.malloc_and_free(64)
-        with pytest.raises(UnclosedFdError):
-            traced.execute(ext.forget_close)
-        attached_after_naming = attached_programs()
-    assert attached_after_naming == []
-    assert "syscall_exit" in watch.seen, "the fd was named by a traced call"
+    # And the next leak is named by a session of its own, which it leaves behind too. Only a
+    # traced call names the fd's site (a sampler, every 20 ms plus bpftool's time, can miss the
+    # few milliseconds that session holds its syscall probe: CI once did).
+    for _ in range(200):
+        ext.malloc_and_free(64)
+    with pytest.raises(UnclosedFdError) as fd:
+        traced.execute(ext.forget_close)
+    assert attached_programs() == []
+    assert "forget_close (leaky_ext.c:" in str(fd.value), "the fd was named by a traced call"
 
 
 def test_each_question_probes_only_the_allocators_it_can_need(traced, monkeypatch):

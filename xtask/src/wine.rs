@@ -72,7 +72,9 @@ pub fn smoke() -> Result<(u64, u64)> {
     let dead_lines: Vec<&str> = dead_err.lines().filter(|l| l.starts_with("psleak")).collect();
     checks.check(
         "a dead pid is one line and exit 2",
-        dead.status.code() == Some(2) && dead_lines == ["psleak: no running process has pid 999999"],
+        dead.status.code() == Some(2)
+            && dead_lines
+                == ["psleak: no process with pid 999999: check the pid with `tasklist /FI \"PID eq 999999\"`"],
         &dead,
     );
     let bad = wine.run(&exe, &["trace", "--pid", "twelve"])?;
