@@ -6,6 +6,8 @@ pub mod frame;
 #[cfg(windows)]
 pub mod dbghelp;
 #[cfg(target_os = "linux")]
+pub mod elf;
+#[cfg(target_os = "linux")]
 pub mod symbols;
 #[cfg(target_os = "linux")]
 pub mod unwind;

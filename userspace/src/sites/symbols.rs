@@ -8,11 +8,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::process::Process;
+use crate::sites::elf::Segments;
 use crate::sites::frame::Frame;
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Sym, Symbolized, Symbolizer};
-use object::read::elf::{ElfFile64, ProgramHeader};
-use object::{Endianness, Object, ReadCache};
+use object::{Object, ReadCache};
 
 #[derive(Default)]
 pub struct Symbols {
@@ -55,7 +55,7 @@ impl Symbols {
             for (&(addr, file_offset), symbol) in wanted.iter().zip(&resolved) {
                 let unnamed = Frame {
                     module: Some(path.to_string_lossy().into_owned()),
-                    offset: module.address_of(file_offset),
+                    offset: module.segments.address_of(file_offset),
                     build_id: module.build_id.clone(),
                     ..Frame::unknown(addr)
                 };
@@ -94,30 +94,15 @@ fn named(sym: &Sym<'_>, unnamed: &Frame) -> Vec<Frame> {
 #[derive(Default)]
 struct Module {
     build_id: Option<String>,
-    /// (file offset, size in the file, address) of each loaded segment.
-    loads: Vec<(u64, u64, u64)>,
+    segments: Segments,
 }
 
 impl Module {
     fn read(file: &File) -> Self {
         let data = ReadCache::new(file);
-        let Ok(elf) = ElfFile64::<Endianness, _>::parse(&data) else { return Self::default() };
-        let endian = elf.endian();
-        let loads = elf
-            .elf_program_headers()
-            .iter()
-            .filter(|ph| ph.p_type(endian) == object::elf::PT_LOAD)
-            .map(|ph| (ph.p_offset(endian), ph.p_filesz(endian), ph.p_vaddr(endian)))
-            .collect();
+        let Ok(elf) = object::File::parse(&data) else { return Self::default() };
         let build_id = elf.build_id().ok().flatten().map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
-        Self { build_id, loads }
-    }
-
-    /// The module's own address of a file offset in one of its loaded segments.
-    fn address_of(&self, file_offset: u64) -> Option<u64> {
-        let (start, _, addr) =
-            self.loads.iter().find(|&&(start, size, _)| (start..start + size).contains(&file_offset))?;
-        Some(file_offset - start + addr)
+        Self { build_id, segments: Segments::of(&elf) }
     }
 }
 

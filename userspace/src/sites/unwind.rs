@@ -9,17 +9,17 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use gimli::{BaseAddresses, CfaRule, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64};
-use object::{Object, ObjectSection, ObjectSegment};
+use object::{Object, ObjectSection};
 
 use crate::process::Process;
+use crate::sites::elf::Segments;
 
 /// The `.eh_frame` of one ELF file, and how its file offsets map to addresses.
 struct Cfi {
     data: Vec<u8>,
     eh_frame: std::ops::Range<usize>,
     bases: BaseAddresses,
-    /// (file offset, file size, virtual address) of each loadable segment.
-    segments: Vec<(u64, u64, u64)>,
+    segments: Segments,
 }
 
 impl Cfi {
@@ -37,23 +37,9 @@ impl Cfi {
             if let Some(text) = file.section_by_name(".text") {
                 bases = bases.set_text(text.address());
             }
-            let segments = file
-                .segments()
-                .map(|s| {
-                    let (off, size) = s.file_range();
-                    (off, size, s.address())
-                })
-                .collect();
-            (offset as usize..end as usize, bases, segments)
+            (offset as usize..end as usize, bases, Segments::of(&file))
         };
         Some(Self { data, eh_frame, bases, segments })
-    }
-
-    fn vaddr_of(&self, file_offset: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|&&(off, size, _)| off <= file_offset && file_offset - off < size)
-            .and_then(|&(off, _, vaddr)| vaddr.checked_add(file_offset - off))
     }
 
     /// Offset from the stack pointer, in words, of the return address at `vaddr`.
@@ -100,7 +86,7 @@ impl Unwinder {
         }
         let slot = process.locate(ip).and_then(|(path, file_offset)| {
             let cfi = self.files.entry(path.clone()).or_insert_with(|| Cfi::load(&path)).as_ref()?;
-            cfi.return_address_slot(cfi.vaddr_of(file_offset)?)
+            cfi.return_address_slot(cfi.segments.address_of(file_offset)?)
         });
         self.slots.insert(ip, slot);
         slot
