@@ -63,3 +63,9 @@ __all__ = [
 
 # Whether the warnings of _emit_warnings were given: psleak 0.1.6's tests set it here.
 _warnings_emitted = False
+
+# Where users meet them (tracebacks, pytest's report, reprs), the public names are psleak's, not
+# their private module's: psleak.MemoryLeakError, as in psleak 0.1.6.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -244,7 +244,13 @@ def test_a_daemon_older_than_the_allocator_choice_still_serves(tmp_path):
     assert asked[0]["allocators"] == "none" and "allocators" not in asked[1]
 
 
+def test_public_names_are_psleaks_where_users_meet_them():
+    # The implementation lives in private modules; a traceback says psleak.MemoryLeakError.
+    assert {getattr(psleak, name).__module__ for name in psleak.__all__} == {"psleak"}
+    assert repr(psleak.MemoryLeakError) == "<class 'psleak.MemoryLeakError'>"
+
+
 def test_sizes_are_printed_as_the_collector_prints_them():
-    # One format, Rust's (psleak::report::human_bytes), in the messages and in `psleak trace`.
+    # One format, Rust's (psleak::report::text::human_bytes), in the messages and in `psleak trace`.
     assert [psleak.human_bytes(n) for n in (928, 1024, 1536, 3 << 20)] == ["928B", "1.0K", "1.5K", "3.0M"]
     assert "heap=+2.0K" in psleak.format_run_line(1, {"heap": 2048}, 100)
