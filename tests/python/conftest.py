@@ -1,7 +1,9 @@
 """Builds the deliberately leaking extension (tests/python/ext) for this session and makes it
 importable as ``leaky_ext``."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -10,6 +12,7 @@ import pytest
 
 EXT_DIR = os.path.join(os.path.dirname(__file__), "ext")
 BUILD_DIR = tempfile.mkdtemp(prefix="psleak-leaky-ext-")
+atexit.register(shutil.rmtree, BUILD_DIR, ignore_errors=True)
 subprocess.run(
     [
         sys.executable,
