@@ -438,7 +438,7 @@ class MemoryLeakTestCase(unittest.TestCase):
                 messages.append(line)
                 self._log(line, 1)
             if verdict == "leak":
-                msg = f"memory kept increasing after {idx} runs" + "\n".join(messages)
+                msg = f"memory kept increasing after {idx} runs of {qualname(fun)!r}" + "\n".join(messages)
                 if traced is not None and traced["sites"]:
                     msg += format_leak_sites(traced["sites"], calls)
                 elif exact:
