@@ -129,6 +129,7 @@ def test_a_python_level_leak_is_caught(quick, backend):
 
     with pytest.raises(MemoryLeakError) as info:
         quick.execute(leak)
+    assert "runs of 'test_a_python_level_leak_is_caught.<locals>.leak'" in str(info.value), "the tested function"
     if backend == "trace":
         assert "Leak sites" in str(info.value)
     assert "Run # 1:" in str(info.value)
