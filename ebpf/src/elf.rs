@@ -95,6 +95,27 @@ impl Binary {
         }
     }
 
+    /// The address `symbol` has in the binary's own addresses (st_value), if it defines it.
+    pub fn symbol_address(&self, symbol: &str) -> io::Result<Option<u64>> {
+        Ok(self.symbol(symbol).map(|(addr, _)| addr))
+    }
+
+    /// The first `len` bytes of the data symbol `symbol` as the file holds them, if it defines
+    /// it there (not in .bss).
+    pub fn symbol_bytes(&self, symbol: &str, len: usize) -> io::Result<Option<Vec<u8>>> {
+        let Some((_, Some(offset))) = self.symbol(symbol) else { return Ok(None) };
+        let mut bytes = vec![0u8; len];
+        self.file.read_exact_at(&mut bytes, offset)?;
+        Ok(Some(bytes))
+    }
+
+    /// The address and file offset of `symbol`, from the binary's own symbol tables.
+    fn symbol(&self, symbol: &str) -> Option<(u64, Option<u64>)> {
+        let found = self.inspector.lookup(&self.own_symbols(), &[symbol]).ok()?;
+        let info = found.first()?.first()?;
+        Some((info.addr, info.file_offset))
+    }
+
     /// The function that starts at file offset `entry`, and its name, if one does.
     pub fn function_at(&self, entry: u64) -> io::Result<Option<(String, Function)>> {
         let mut found = None;

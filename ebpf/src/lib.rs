@@ -26,7 +26,7 @@ use types::{alloc_op, event_flag, free_op, loss_kind};
 mod dispatch;
 mod elf;
 mod placement;
-pub use elf::{exports, fd_path, open_mapped, Place};
+pub use elf::{exports, fd_path, open_mapped, Binary, Place};
 pub use libbpf_rs::OpenObject;
 pub use placement::Instruction;
 use placement::Registers;
@@ -43,6 +43,9 @@ pub struct Target {
     /// stack words too, since CPython is often built without frame pointers; and its Free
     /// functions' dispatch is followed there (see `dispatch`).
     pub python_code: Vec<Mapping>,
+    /// How the probes read the Python stack of the thread that creates something (events.h),
+    /// when the interpreter is one whose layout psleak knows.
+    pub python_stack: Option<types::py_layout>,
 }
 
 impl Target {
@@ -418,6 +421,7 @@ impl<'obj> Probes<'obj> {
         rodata.empty_programs = options.empty_programs;
         let python_code = target.python_code_span();
         (rodata.python_code_start, rodata.python_code_end) = (python_code.start, python_code.end);
+        rodata.py_layout = target.python_stack.unwrap_or_default();
         // The pid given is a number of our pid namespace; the kernel's own are the initial one's.
         if let Some((dev, ino)) = own_pid_namespace()
             .map_err(|source| AttachError::Read { path: PathBuf::from(OWN_PID_NAMESPACE), source })?
@@ -535,29 +539,42 @@ impl<'obj> Probes<'obj> {
     }
 }
 
-/// One record from the ring: the event, and the stack words that follow it when it has
-/// `EVF_STACK_SCAN`. `None` for a record too short to be an event (a corrupt message).
-pub fn decode(record: &[u8]) -> Option<(types::event, Option<types::stack_scan>)> {
-    if record.len() < size_of::<types::event>() {
-        return None;
+/// One record from the ring: the event, the stack words that follow it when it has
+/// `EVF_STACK_SCAN`, and the Python stack when it has `EVF_PY_STACK`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Record {
+    pub event: types::event,
+    pub scan: Option<types::stack_scan>,
+    pub python: Option<types::py_stack>,
+}
+
+/// The record in `bytes`; `None` for one too short for what its flags say (a corrupt message).
+pub fn decode(bytes: &[u8]) -> Option<Record> {
+    /// A `T` from the start of `bytes`, if they hold one.
+    fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+        // SAFETY: the length is checked, and every bit pattern is a valid T (the ring's
+        // records are plain integers, as events.h defines them).
+        (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
     }
-    // SAFETY: the length is checked and every bit pattern is a valid `event` (plain integers).
-    let event: types::event = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    if event.flags & EVF_STACK_SCAN == 0 {
-        return Some((event, None));
+    let event: types::event = read(bytes)?;
+    let python = |py: types::py_stack| (event.flags & EVF_PY_STACK != 0).then_some(py);
+    if event.flags & EVF_STACK_SCAN != 0 {
+        let full: types::event_with_scan = read(bytes)?;
+        return Some(Record { event, scan: Some(full.scan), python: python(full.py) });
     }
-    if record.len() < size_of::<types::event_with_scan>() {
-        return None;
+    if event.flags & EVF_PY_STACK != 0 {
+        let full: types::event_with_py = read(bytes)?;
+        return Some(Record { event, scan: None, python: python(full.py) });
     }
-    // SAFETY: as above, for the larger record.
-    let full: types::event_with_scan = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    Some((event, Some(full.scan)))
+    Some(Record { event, scan: None, python: None })
 }
 
 /// `events.h`: the mapping was made inside an allocator call.
 pub const EVF_ALLOCATOR_INTERNAL: u8 = event_flag::EVF_ALLOCATOR_INTERNAL.0 as u8;
 /// `events.h`: a stack scan follows the event.
 pub const EVF_STACK_SCAN: u8 = event_flag::EVF_STACK_SCAN.0 as u8;
+/// `events.h`: the record holds the thread's Python stack.
+pub const EVF_PY_STACK: u8 = event_flag::EVF_PY_STACK.0 as u8;
 
 const OWN_PID_NAMESPACE: &str = "/proc/self/ns/pid";
 
@@ -699,7 +716,13 @@ mod tests {
         let pythons = this_machines_pythons();
         assert!(pythons.len() >= 6, "Debian's python3.11 and pyenv's 3.9-3.13 are on this machine kind: {pythons:?}");
         for python in pythons {
-            let target = Target { pid: 0, libc: libc.clone(), python: Some(python.clone()), python_code: Vec::new() };
+            let target = Target {
+                pid: 0,
+                libc: libc.clone(),
+                python: Some(python.clone()),
+                python_code: Vec::new(),
+                python_stack: None,
+            };
             let plan = probed_functions(&target, &Options::default()).unwrap();
             // glibc's memalign and aligned_alloc are one function, probed once.
             assert_eq!(plan.len(), 10 + 12, "{}: {plan:?}", python.display());
@@ -730,6 +753,7 @@ mod tests {
             libc: PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
             python: Some(PathBuf::from("/usr/bin/python3.11")),
             python_code: Vec::new(),
+            python_stack: None,
         };
         let functions = |allocators| {
             let plan = probed_functions(&target, &Options { allocators, ..Options::default() }).unwrap();
@@ -755,18 +779,24 @@ mod tests {
     #[test]
     fn decode_rejects_short_records() {
         assert!(decode(&[0u8; 8]).is_none());
-        let event = types::event { flags: EVF_STACK_SCAN, ..Default::default() };
-        // SAFETY: `event` is plain old data; this views its bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&event as *const types::event).cast::<u8>(), size_of::<types::event>())
-        };
-        assert!(decode(bytes).is_none(), "flags announce a scan that is missing");
-        let mut with_scan = bytes.to_vec();
-        let words = types::stack_scan::default().words.len() as u64;
-        with_scan.extend((0..=words).flat_map(u64::to_ne_bytes));
-        let (decoded, scan) = decode(&with_scan).expect("a full record");
-        assert_eq!(decoded.flags, EVF_STACK_SCAN);
-        let scan = scan.expect("a stack scan");
-        assert_eq!((scan.ip, scan.words[words as usize - 1]), (0, words));
+        for (flags, full) in [
+            (EVF_STACK_SCAN, size_of::<types::event_with_scan>()),
+            (EVF_STACK_SCAN | EVF_PY_STACK, size_of::<types::event_with_scan>()),
+            (EVF_PY_STACK, size_of::<types::event_with_py>()),
+        ] {
+            let event = types::event { flags, ..Default::default() };
+            // SAFETY: `event` is plain old data; this views its bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&event as *const types::event).cast::<u8>(), size_of::<types::event>())
+            };
+            assert!(decode(bytes).is_none(), "flags {flags} announce what is missing");
+            let mut record = bytes.to_vec();
+            record.extend((0..(full - bytes.len()) as u64 / 8).flat_map(u64::to_ne_bytes));
+            assert!(decode(&record[..record.len() - 1]).is_none(), "one byte short, flags {flags}");
+            let decoded = decode(&record).expect("a full record");
+            assert_eq!(decoded.event.flags, flags);
+            assert_eq!(decoded.scan.is_some(), flags & EVF_STACK_SCAN != 0);
+            assert_eq!(decoded.python.is_some(), flags & EVF_PY_STACK != 0);
+        }
     }
 }

@@ -264,6 +264,14 @@ impl Process {
         self.code_at(addr).map(|m| (m.path.as_path(), addr - m.start + m.file_offset))
     }
 
+    /// `len` bytes of the process's memory at `addr`, if it has them all (the target's to
+    /// forge: callers bound `len`).
+    pub fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let mut bytes = vec![0u8; len];
+        self.mem.as_ref()?.read_exact_at(&mut bytes, addr).ok()?;
+        Some(bytes)
+    }
+
     /// What an open fd refers to: a path, `socket:[inode]`, `pipe:[inode]`, `anon_inode:[eventfd]`.
     pub fn fd_target(&self, fd: i32) -> Option<String> {
         fs::read_link(format!("/proc/{}/fd/{fd}", self.pid)).ok().map(|p| p.to_string_lossy().into_owned())

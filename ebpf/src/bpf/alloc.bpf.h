@@ -141,7 +141,7 @@ int BPF_UPROBE(alloc_enter)
 static __always_inline struct event *reserve_alloc_event(struct alloc_call *call, __u8 kind)
 {
 	if (!call->scanned)
-		return reserve_event(kind);
+		return kind == EV_FREE ? reserve_event(kind) : reserve_creation_event(kind);
 	struct event *e = reserve_scan_event(kind, call->entry_ip, call->entry_sp);
 	if (e)
 		((struct event_with_scan *)e)->scan.words[0] = call->caller; /* the event comes first */

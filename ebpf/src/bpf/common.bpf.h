@@ -21,6 +21,8 @@ const volatile bool empty_programs = false;
 /* Where the Python runtime's code is mapped (empty when the target is not Python). */
 const volatile __u64 python_code_start = 0;
 const volatile __u64 python_code_end = 0;
+/* How to read the Python stack (events.h); its runtime is 0 when the target is not Python. */
+const volatile struct py_layout py_layout = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -133,8 +135,57 @@ static __always_inline struct event *reserve_event(__u8 kind)
 	return e;
 }
 
-/* An event followed by the user stack words from `sp` upward, for userspace to unwind from `ip`
- * with the code's CFI (.eh_frame). */
+/* Frames walked per event at most: the stack's depth, and the shim frames skipped on the way. */
+#define PY_WALK_STEPS (PSLEAK_PY_FRAMES + 4)
+
+static __always_inline __u64 read_user_u64(__u64 addr)
+{
+	__u64 value = 0;
+	bpf_probe_read_user(&value, sizeof(value), (void *)addr);
+	return value;
+}
+
+/* The current thread's Python frames, innermost first, into `py`; how many. A global function,
+ * verified once: inlined at each event's reservation, the walk made the programs too large. */
+__noinline int read_python_stack(struct py_stack *py)
+{
+	if (!py || !py_layout.runtime)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 fsbase = task->thread.fsbase;
+	__u32 key = 0;
+	bpf_probe_read_user(&key, sizeof(key), (void *)(py_layout.runtime + py_layout.key));
+	/* pthread_getspecific(key): a block of 32 keys, then the key's slot in it. */
+	__u64 block = read_user_u64(fsbase + py_layout.pthread_specific + 8 * (__u64)(key / 32));
+	if (!block)
+		return 0;
+	__u64 tstate = read_user_u64(block + (__u64)py_layout.key_data_size * (key % 32) + py_layout.key_data_data);
+	if (!tstate)
+		return 0; /* a thread that never ran Python */
+	__u64 frame = read_user_u64(tstate + py_layout.tstate_frame);
+	if (py_layout.cframe_frame >= 0 && frame)
+		frame = read_user_u64(frame + py_layout.cframe_frame);
+	__u32 depth = 0;
+	for (int step = 0; step < PY_WALK_STEPS && frame && depth < PSLEAK_PY_FRAMES; step++) {
+		__u8 owner = 0;
+		if (py_layout.frame_owner >= 0)
+			bpf_probe_read_user(&owner, sizeof(owner), (void *)(frame + py_layout.frame_owner));
+		if (owner != 3) { /* FRAME_OWNED_BY_CSTACK: an entry shim, no code of the program's */
+			struct py_frame *f = &py->frames[depth & (PSLEAK_PY_FRAMES - 1)];
+			f->code = read_user_u64(frame + py_layout.frame_code);
+			f->instr = read_user_u64(frame + py_layout.frame_instr);
+			if (!py_layout.instr_is_pointer)
+				f->instr &= 0xffffffff; /* f_lasti, an int */
+			depth++;
+		}
+		frame = read_user_u64(frame + py_layout.frame_back);
+	}
+	py->depth = depth;
+	return depth;
+}
+
+/* A creation's event followed by the user stack words from `sp` upward, for userspace to unwind
+ * from `ip` with the code's CFI (.eh_frame), and by the thread's Python stack if it has one. */
 static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u64 sp)
 {
 	struct event_with_scan *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
@@ -149,6 +200,27 @@ static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u
 	r->event.flags = EVF_STACK_SCAN;
 	r->scan.ip = ip;
 	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)sp);
+	if (read_python_stack(&r->py) > 0)
+		r->event.flags |= EVF_PY_STACK;
+	return &r->event;
+}
+
+/* A creation's event without stack words: with the Python stack, in a Python target. */
+static __always_inline struct event *reserve_creation_event(__u8 kind)
+{
+	if (!py_layout.runtime)
+		return reserve_event(kind);
+	struct event_with_py *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r) {
+		count_loss(LOSS_RING_FULL);
+		return NULL;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	r->event.kind = kind;
+	r->event.ts_ns = bpf_ktime_get_ns();
+	r->event.tid = current_tid();
+	if (read_python_stack(&r->py) > 0)
+		r->event.flags = EVF_PY_STACK;
 	return &r->event;
 }
 

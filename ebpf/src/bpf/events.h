@@ -72,6 +72,9 @@ enum event_flag {
 	EVF_ALLOCATOR_INTERNAL = 1,
 	/* A `struct stack_scan` follows the event in the same ring record. */
 	EVF_STACK_SCAN = 2,
+	/* The record holds the Python stack of the thread that made the event (a `struct py_stack`,
+	 * after the scan when there is one: `struct event_with_scan`, else `struct event_with_py`). */
+	EVF_PY_STACK = 4,
 };
 
 /* What the probes could not report, counted per CPU in the `losses` map, one slot per kind. */
@@ -113,10 +116,55 @@ struct stack_scan {
 	__u64 words[PSLEAK_SCAN_WORDS];  /* from the user stack pointer upward */
 };
 
-/* The record layout of an event carrying EVF_STACK_SCAN. */
+/* Python frames read per event at most, innermost first (a power of two). */
+#define PSLEAK_PY_FRAMES 16
+
+/* One Python frame: its code object, and where in it the thread is (an instruction pointer
+ * from 3.11 on, f_lasti before): userspace reads the code object for its name, file and line. */
+struct py_frame {
+	__u64 code;
+	__u64 instr;
+};
+
+struct py_stack {
+	__u32 depth;
+	__u32 pad;
+	struct py_frame frames[PSLEAK_PY_FRAMES];
+};
+
+/*
+ * How to read the Python stack of the current thread in the target, from its interpreter's
+ * version (set by the loader; `runtime` 0 when the target is not Python). The thread's
+ * PyThreadState is CPython's pthread key (`_PyRuntime.autoTSSkey`), read from glibc's
+ * struct pthread at the thread's fsbase: it is set with the GIL held or released, on 3.9-3.13.
+ */
+struct py_layout {
+	__u64 runtime;          /* address of _PyRuntime */
+	__u32 key;              /* _PyRuntime's autoTSSkey._key */
+	__u32 tstate_frame;     /* PyThreadState -> frame (3.9, 3.10), cframe (3.11, 3.12), current_frame (3.13) */
+	__s32 cframe_frame;     /* _PyCFrame -> current_frame (3.11, 3.12); -1 when there is no cframe */
+	__u32 frame_code;       /* the frame's code object */
+	__u32 frame_back;       /* the frame it was called from */
+	__u32 frame_instr;      /* its instruction pointer, or its f_lasti (an int) before 3.11 */
+	__s32 frame_owner;      /* 3.11+: who owns the frame (3: the C stack, a shim frame to skip); -1 before */
+	__u32 instr_is_pointer; /* 1 from 3.11 on */
+	__u32 pthread_specific; /* glibc: struct pthread's specific[] (second-level key blocks) */
+	__u32 key_data_size;    /* glibc: sizeof(struct pthread_key_data) */
+	__u32 key_data_data;    /* glibc: its `data` */
+	__u32 pad;
+};
+
+/* The record layout of an event carrying EVF_STACK_SCAN; `py` holds what EVF_PY_STACK says. */
 struct event_with_scan {
 	struct event event;
 	struct stack_scan scan;
+	struct py_stack py;
+};
+
+/* The record layout of an event carrying EVF_PY_STACK and no scan. */
+struct event_with_py {
+	struct event event;
+	struct py_stack py;
 };
 
 #endif

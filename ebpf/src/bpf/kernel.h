@@ -54,11 +54,16 @@ struct pid {
 	struct upid numbers[1];
 };
 
+struct thread_struct {
+	unsigned long fsbase; /* x86-64: the thread's TLS pointer, glibc's struct pthread */
+};
+
 struct task_struct {
 	int pid;
 	int tgid;
 	struct pid *thread_pid;
 	struct files_struct *files;
+	struct thread_struct thread;
 };
 
 struct inode {

@@ -15,6 +15,8 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 /* Unused globals whose only purpose is to put the event types in the object's BTF, from which
  * libbpf-cargo generates their Rust twins (psleak_ebpf::types::event, ...). */
 struct event_with_scan unused_event_with_scan = {};
+struct event_with_py unused_event_with_py = {};
+struct py_layout unused_py_layout = {};
 enum event_kind unused_event_kind = EV_ALLOC;
 enum alloc_domain unused_alloc_domain = DOMAIN_LIBC;
 enum alloc_op unused_alloc_op = ALLOC_OP_SIZE_ARG1;

@@ -21,7 +21,7 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 	struct pt_regs *regs = current_user_regs();
 	struct event *e;
 	if (spawn && spawn->op == ALLOC_OP_SPAWN && PT_REGS_SP_CORE(regs) < spawn->entry_sp) {
-		e = reserve_event(EV_THREAD_START);
+		e = reserve_creation_event(EV_THREAD_START);
 		if (!e)
 			return 0;
 		e->caller = spawn->caller;

@@ -121,6 +121,9 @@ pub struct Origin {
     /// Return addresses unwound from stack words with the CFI, caller first (interned by the
     /// decoder): reaches through code built without frame pointers.
     pub chain: Option<u32>,
+    /// The Python frames of the thread, innermost first (interned by the decoder): two Python
+    /// callers of one C function are two sites.
+    pub python: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -387,7 +387,7 @@ mod tests {
     use super::*;
 
     fn at(caller: u64, change: Change) -> Event {
-        Event { ts_ns: 1, tid: 1, origin: Origin { caller: Some(caller), stack_id: None, chain: None }, change }
+        Event { ts_ns: 1, tid: 1, origin: Origin { caller: Some(caller), ..Origin::default() }, change }
     }
 
     fn heap_bytes(ledger: &Ledger) -> u64 {

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backends::poll;
+use crate::model::event::Origin;
 use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteId, SiteTotals};
 use crate::model::lost::Lost;
 use crate::model::metrics::{Metrics, MetricsChange};
 use crate::model::verdict::SiteGrowth;
-use crate::sites::frame::{Describe, Frame};
+use crate::sites::frame::{Describe, Frame, PyFrame};
 use text::site_text;
 
 #[derive(Debug, Serialize)]
@@ -59,41 +60,51 @@ impl Resources {
     pub fn since(ledger: &Ledger, describe: &mut dyn Describe, since: Mark, age: impl Fn(u64) -> f64) -> Self {
         let fds = ledger.open_fds(since).map(|(fd, f)| {
             let fd_now = Fd { fd, kind: f.kind.describe(), target: describe.fd_target(fd), age_s: age(f.ts_ns) };
-            Sited::new(fd_now, describe.site(ledger.origin(f.site)))
+            Sited::new(fd_now, describe, ledger.origin(f.site))
         });
         let fds = fds.collect();
         let threads = ledger.live_threads(since).map(|(tid, t)| {
             let thread = Thread { tid, name: describe.thread_name(tid), age_s: age(t.ts_ns) };
-            Sited::new(thread, describe.site(ledger.origin(t.site)))
+            Sited::new(thread, describe, ledger.origin(t.site))
         });
         let threads = threads.collect();
         let handles = ledger.open_handles(since).map(|(handle, h)| {
             let handle = Handle { handle, kind: h.kind.describe(), age_s: age(h.ts_ns) };
-            Sited::new(handle, describe.site(ledger.origin(h.site)))
+            Sited::new(handle, describe, ledger.origin(h.site))
         });
         let handles = handles.collect();
         let heaps = ledger
             .live_heaps(since)
-            .map(|(heap, h)| Sited::new(Heap { heap, age_s: age(h.ts_ns) }, describe.site(ledger.origin(h.site))));
+            .map(|(heap, h)| Sited::new(Heap { heap, age_s: age(h.ts_ns) }, describe, ledger.origin(h.site)));
         Self { fds, threads, handles, heaps: heaps.collect() }
     }
 }
 
-/// A resource with where it was made: the frame to blame, its stack, and that frame as text.
+/// A resource with where it was made: the native frame to blame and its stack, the Python
+/// stack of the thread, the program's own Python frame innermost in it, and all that as text.
 #[derive(Debug, Serialize)]
 pub struct Sited<T> {
     #[serde(flatten)]
     pub resource: T,
     pub site: Option<Frame>,
     pub stack: Vec<Frame>,
-    /// `site` as psleak prints it, for clients that show it (the Python package).
+    /// Innermost first.
+    pub python: Vec<PyFrame>,
+    /// The innermost Python frame of the program's own code (not psleak's, not the standard
+    /// library's): where a user reads the leak from.
+    pub called_from: Option<PyFrame>,
+    /// The site as psleak prints it, for clients that show it (the Python package).
     pub site_text: String,
 }
 
 impl<T> Sited<T> {
-    pub fn new(resource: T, (site, stack): (Option<Frame>, Vec<Frame>)) -> Self {
-        let site_text = site_text(&site);
-        Self { resource, site, stack, site_text }
+    /// `resource`, made where `origin` says, named by `describe`.
+    pub fn new(resource: T, describe: &mut dyn Describe, origin: Origin) -> Self {
+        let (site, stack) = describe.site(origin);
+        let python = describe.python(origin);
+        let called_from = python.iter().find(|f| f.is_users()).cloned();
+        let site_text = site_text(&site, called_from.as_ref());
+        Self { resource, site, stack, python, called_from, site_text }
     }
 }
 
@@ -159,10 +170,10 @@ pub struct GrowingSite {
 }
 
 impl GrowingSite {
-    /// `growth` of a site named `named`, in a measurement whose batches made `calls` calls.
-    pub fn new(growth: &SiteGrowth, calls: u64, named: (Option<Frame>, Vec<Frame>)) -> Sited<Self> {
+    /// `growth` of a site, named by `describe`, in a measurement whose batches made `calls` calls.
+    pub fn new(growth: &SiteGrowth, calls: u64, describe: &mut dyn Describe, origin: Origin) -> Sited<Self> {
         let t = growth.totals;
-        let mut site = GrowingSite {
+        let site = GrowingSite {
             memory: t.memory,
             count: t.count,
             bytes: t.bytes,
@@ -171,8 +182,9 @@ impl GrowingSite {
             streak: growth.streak,
             text: String::new(),
         };
-        site.text = text::growing_site_text(&site, &site_text(&named.0), calls);
-        Sited::new(site, named)
+        let mut sited = Sited::new(site, describe, origin);
+        sited.resource.text = text::growing_site_text(&sited.resource, &sited.site_text, calls);
+        sited
     }
 }
 
@@ -266,7 +278,7 @@ impl Reporter {
                     bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
                     growing_for,
                 };
-                suspects.push(Sited::new(suspect, describe.site(ledger.origin(s.site))));
+                suspects.push(Sited::new(suspect, describe, ledger.origin(s.site)));
             }
         }
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
@@ -312,7 +324,6 @@ impl Growth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::event::Origin;
     use crate::model::metrics::USS_UNKNOWN;
 
     /// A report of nothing: no events, no process metrics, no resources.
@@ -337,7 +348,9 @@ mod tests {
     #[test]
     fn a_group_of_fds_shows_its_oldest_age() {
         // fd 3 was closed and reopened later: the group is as old as fd 4.
-        let fd = |fd, age_s| Sited::new(Fd { fd, kind: "pipe".into(), target: None, age_s }, (None, vec![]));
+        let fd = |fd, age_s| {
+            Sited::new(Fd { fd, kind: "pipe".into(), target: None, age_s }, &mut NoNames, Origin::default())
+        };
         let resources =
             Resources { fds: vec![fd(3, 1.0), fd(4, 5.0)], threads: vec![], handles: vec![], heaps: vec![] };
         let report = Report { resources, ..empty_report() };

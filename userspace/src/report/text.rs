@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::{Fd, GrowingSite, Handle, Heap, Report, Sited, Thread};
 use crate::model::ledger::Memory;
 use crate::model::metrics::{OPEN_OBJECTS, USS_UNKNOWN};
-use crate::sites::frame::Frame;
+use crate::sites::frame::{Frame, PyFrame};
 
 /// `928B`, `1.5K`, `2.0M`: sizes as psleak prints them.
 pub fn human_bytes(bytes: u64) -> String {
@@ -29,9 +29,14 @@ pub fn human_change(bytes: i64) -> String {
     format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
 }
 
-/// The blamed frame as text, or what to say when there is none.
-pub fn site_text(site: &Option<Frame>) -> String {
-    site.as_ref().map_or("an unknown site".into(), Frame::describe)
+/// The site as text: the program's Python frame that called it, if there is one, then the
+/// blamed native frame (or what to say when there is none).
+pub fn site_text(site: &Option<Frame>, called_from: Option<&PyFrame>) -> String {
+    let native = site.as_ref().map_or("an unknown site".into(), Frame::describe);
+    match called_from {
+        Some(python) => format!("{} → {native}", python.describe()),
+        None => native,
+    }
 }
 
 /// What a memory site's blocks are: `PyObject`, `malloc`, `mmap`.
@@ -134,7 +139,7 @@ impl Report {
                 human_bytes(m.bytes_per_s as u64),
                 s.site_text,
             );
-            stack_lines(out, &s.stack);
+            stack_lines(out, s);
         }
     }
 }
@@ -236,13 +241,15 @@ fn resource_lines<T: Told>(out: &mut String, items: &[Sited<T>]) {
             first.site_text,
             T::LABEL,
         );
-        stack_lines(out, &first.stack);
+        stack_lines(out, first);
     }
 }
 
-fn stack_lines(out: &mut String, stack: &[Frame]) {
-    for frame in stack {
-        let _ = writeln!(out, "        {}", frame.describe());
+/// The native frames, innermost first, then the Python frames that called into them.
+fn stack_lines<T>(out: &mut String, sited: &Sited<T>) {
+    let native = sited.stack.iter().map(Frame::describe);
+    for frame in native.chain(sited.python.iter().map(PyFrame::describe)) {
+        let _ = writeln!(out, "        {frame}");
     }
 }
 

@@ -91,10 +91,7 @@ impl Answerer {
                 let sites = growth
                     .iter()
                     .take(top)
-                    .map(|g| {
-                        let sited = describe.site(ledger.origin(g.totals.site));
-                        GrowingSite::new(g, m.calls, sited)
-                    })
+                    .map(|g| GrowingSite::new(g, m.calls, describe, ledger.origin(g.totals.site)))
                     .collect();
                 Answer::Batch(Box::new(Batch {
                     mark: ledger.mark(),

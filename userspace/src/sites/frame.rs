@@ -69,6 +69,47 @@ impl Frame {
     }
 }
 
+/// A Python frame: the function (its qualified name from 3.11 on), its file and the line the
+/// thread was at. Serialized with its `text` (`describe`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub function: String,
+    pub file: String,
+    pub line: Option<u32>,
+}
+
+impl PyFrame {
+    /// `test_parse (tests/test_ext.py:12)`.
+    pub fn describe(&self) -> String {
+        match self.line {
+            Some(line) => format!("{} ({}:{line})", self.function, self.file),
+            None => format!("{} ({})", self.function, self.file),
+        }
+    }
+
+    /// Whether it is the program's own code: neither psleak's (its package drives the calls)
+    /// nor the standard library's, nor the interpreter's frozen modules.
+    pub fn is_users(&self) -> bool {
+        let file = self.file.as_str();
+        let packaged = file.contains("-packages/");
+        let psleak = packaged && file.contains("-packages/psleak/");
+        let stdlib = !packaged && file.contains("/lib/python3.");
+        !(psleak || stdlib || file.starts_with("<frozen "))
+    }
+}
+
+impl Serialize for PyFrame {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut frame = s.serialize_struct("PyFrame", 4)?;
+        frame.serialize_field("function", &self.function)?;
+        frame.serialize_field("file", &self.file)?;
+        frame.serialize_field("line", &self.line)?;
+        frame.serialize_field("text", &self.describe())?;
+        frame.end()
+    }
+}
+
 /// The frame to blame in a symbolized stack: the first outside the runtime's modules (the
 /// allocator, the C library, Python), where the program itself asked; else the innermost.
 pub fn blame(frames: &[Frame], is_runtime: impl Fn(&str) -> bool) -> Option<Frame> {
@@ -80,6 +121,11 @@ pub fn blame(frames: &[Frame], is_runtime: impl Fn(&str) -> bool) -> Option<Fram
 pub trait Describe {
     /// The site's blamed frame and its stack.
     fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>);
+    /// The Python frames of the thread that made it, innermost first (none where the backend
+    /// does not read them).
+    fn python(&mut self, _origin: Origin) -> Vec<PyFrame> {
+        Vec::new()
+    }
     fn fd_target(&self, fd: i32) -> Option<String>;
     fn thread_name(&self, tid: u32) -> Option<String>;
 }

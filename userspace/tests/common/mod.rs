@@ -36,7 +36,12 @@ pub fn build_variant(name: &str, out: &str, flags: &[&str]) -> PathBuf {
 
 /// The line of `tests/targets/NAME.c` that holds `marker`.
 pub fn line_of(name: &str, marker: &str) -> u64 {
-    let source = std::fs::read_to_string(repo_root().join("tests/targets").join(format!("{name}.c"))).unwrap();
+    line_of_file(&repo_root().join("tests/targets").join(format!("{name}.c")), marker)
+}
+
+/// The line of `source` that holds `marker`.
+pub fn line_of_file(source: &Path, marker: &str) -> u64 {
+    let source = std::fs::read_to_string(source).unwrap();
     source.lines().position(|l| l.contains(marker)).expect("the marker is in the source") as u64 + 1
 }
 

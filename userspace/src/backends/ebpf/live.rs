@@ -19,6 +19,7 @@ use libbpf_rs::{AsRawLibbpf, RingBuffer, RingBufferBuilder};
 use psleak_ebpf::{OpenObject, Options, Probes, Target};
 
 use crate::backends::ebpf::naming::{Described, SiteNamer};
+use crate::backends::ebpf::python::PythonStacks;
 use crate::backends::ebpf::tracer::{self, Collector};
 use crate::error::Error;
 use crate::model::lost::Lost;
@@ -55,9 +56,11 @@ impl<'obj> Live<'obj> {
         ledger_room: usize,
     ) -> Result<Self, Error> {
         tracer::check_prerequisites(options)?;
-        let target = tracer::target_of(&mut process)?;
+        let mut target = tracer::target_of(&mut process)?;
+        let python = target.python.as_deref().and_then(|p| PythonStacks::of(p, &target.python_code, &target.libc));
+        target.python_stack = python.as_ref().map(PythonStacks::probes);
         let probes = tracer::attach(storage, &process, &target, options)?;
-        let collector = Rc::new(RefCell::new(Collector::new(process, ledger_room)));
+        let collector = Rc::new(RefCell::new(Collector::new(process, ledger_room, python)));
         let ring_error = |e: libbpf_rs::Error| Error::Io("cannot read the event ring".into(), io::Error::other(e));
         let mut builder = RingBufferBuilder::new();
         let fed = Rc::clone(&collector);

@@ -3,4 +3,5 @@
 
 pub mod live;
 pub mod naming;
+pub mod python;
 pub mod tracer;

@@ -8,7 +8,7 @@ use psleak_ebpf::{Probes, Target};
 
 use crate::backends::ebpf::tracer::{Collector, RecordDecoder};
 use crate::model::event::Origin;
-use crate::sites::frame::{blame, Describe, Frame};
+use crate::sites::frame::{blame, Describe, Frame, PyFrame};
 use crate::sites::symbols::Symbols;
 
 pub struct SiteNamer {
@@ -70,6 +70,10 @@ pub struct Described<'r> {
 impl Describe for Described<'_> {
     fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
         self.sites.name(origin, self.probes, &self.collector.decoder)
+    }
+
+    fn python(&mut self, origin: Origin) -> Vec<PyFrame> {
+        origin.python.map_or_else(Vec::new, |id| self.collector.decoder.python_stack(id).to_vec())
     }
 
     fn fd_target(&self, fd: i32) -> Option<String> {

@@ -10,10 +10,12 @@ use std::time::Duration;
 use psleak_ebpf::types::{self, alloc_domain, event_kind};
 use psleak_ebpf::{OpenObject, Options, Probes, Target, EVF_ALLOCATOR_INTERNAL};
 
+use crate::backends::ebpf::python::PythonStacks;
 use crate::error::Error;
 use crate::model::event::{Change, Domain, Event, FdKind, Origin};
 use crate::model::ledger::Ledger;
 use crate::process::Process;
+use crate::sites::frame::PyFrame;
 use crate::sites::unwind::Unwinder;
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -64,7 +66,7 @@ pub fn target_of(process: &mut Process) -> Result<Target, Error> {
     };
     let python = process.python_candidates().into_iter().find(|p| psleak_ebpf::exports(p, "PyObject_Malloc"));
     let python_code = python.as_deref().map_or_else(Vec::new, |p| process.code_of(p));
-    Ok(Target { pid: process.pid(), libc, python, python_code })
+    Ok(Target { pid: process.pid(), libc, python, python_code, python_stack: None })
 }
 
 /// Prints where each of psleak's uprobes goes in `pid` (`psleak probes`): nothing is attached.
@@ -134,13 +136,14 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A collector whose ledger keeps at most `ledger_room` heap blocks and mappings.
-    pub fn new(process: Process, ledger_room: usize) -> Self {
-        Self { ledger: Ledger::with_room(ledger_room), decoder: RecordDecoder::new(process), corrupt: 0 }
+    /// A collector whose ledger keeps at most `ledger_room` heap blocks and mappings; `python`
+    /// names the Python stacks of a Python target.
+    pub fn new(process: Process, ledger_room: usize, python: Option<PythonStacks>) -> Self {
+        Self { ledger: Ledger::with_room(ledger_room), decoder: RecordDecoder::new(process, python), corrupt: 0 }
     }
 
     pub fn ingest(&mut self, record: &[u8]) {
-        let event = psleak_ebpf::decode(record).and_then(|(raw, scan)| self.decoder.event(&raw, scan.as_ref()));
+        let event = psleak_ebpf::decode(record).and_then(|record| self.decoder.event(&record));
         match event {
             Some(event) => {
                 if event.change == Change::Exec {
@@ -154,55 +157,93 @@ impl Collector {
     }
 }
 
-/// Distinct unwound stacks kept at most: a target with endless callers (JIT code, or a hostile
-/// one) must not grow the table without bound.
+/// Distinct stacks kept at most: a target with endless callers (JIT code, or a hostile one)
+/// must not grow the table without bound.
 const MAX_CHAINS: usize = 1 << 20;
+
+/// Stacks by id, each kept once.
+struct Interned<T> {
+    stacks: Vec<Vec<T>>,
+    ids: HashMap<Vec<T>, u32>,
+}
+
+impl<T> Default for Interned<T> {
+    fn default() -> Self {
+        Self { stacks: Vec::new(), ids: HashMap::new() }
+    }
+}
+
+impl<T: Clone + Eq + std::hash::Hash> Interned<T> {
+    /// The id of `stack`; None past `MAX_CHAINS` distinct ones (the event keeps the rest).
+    fn intern(&mut self, stack: Vec<T>) -> Option<u32> {
+        if let Some(&id) = self.ids.get(&stack) {
+            return Some(id);
+        }
+        if self.stacks.len() >= MAX_CHAINS {
+            return None;
+        }
+        let id = self.stacks.len() as u32;
+        self.stacks.push(stack.clone());
+        self.ids.insert(stack, id);
+        Some(id)
+    }
+
+    fn get(&self, id: u32) -> &[T] {
+        self.stacks.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}
 
 /// Turns probe records into events, finding the callers of syscall-side events in the
 /// target's stack.
 pub struct RecordDecoder {
     pub process: Process,
     unwinder: Unwinder,
-    chains: Vec<Vec<u64>>,
-    chain_ids: HashMap<Vec<u64>, u32>,
+    chains: Interned<u64>,
+    python: Option<PythonStacks>,
+    python_stacks: Interned<PyFrame>,
 }
 
 impl RecordDecoder {
-    pub fn new(process: Process) -> Self {
-        Self { process, unwinder: Unwinder::default(), chains: Vec::new(), chain_ids: HashMap::new() }
+    pub fn new(process: Process, python: Option<PythonStacks>) -> Self {
+        let (chains, python_stacks) = (Interned::default(), Interned::default());
+        Self { process, unwinder: Unwinder::default(), chains, python, python_stacks }
     }
 
     /// The event of a record; `None` for a record that does not make sense.
-    pub fn event(&mut self, raw: &types::event, scan: Option<&types::stack_scan>) -> Option<Event> {
+    pub fn event(&mut self, record: &psleak_ebpf::Record) -> Option<Event> {
+        let raw = &record.event;
         let change = change_of(raw)?;
-        let (caller, chain) = match scan {
+        let (caller, chain) = match &record.scan {
             Some(scan) => {
                 let chain = self.unwind(scan);
-                (chain.first().copied(), if chain.len() > 1 { self.intern(chain) } else { None })
+                (chain.first().copied(), if chain.len() > 1 { self.chains.intern(chain) } else { None })
             }
             None => ((raw.caller != 0).then_some(raw.caller), None),
         };
-        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok(), chain };
+        // Named now, while the code objects are alive (the thread is still in them).
+        let python = match (&record.python, &mut self.python) {
+            (Some(stack), Some(names)) => {
+                let frames = names.frames(stack, &self.process);
+                if frames.is_empty() {
+                    None
+                } else {
+                    self.python_stacks.intern(frames)
+                }
+            }
+            _ => None,
+        };
+        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok(), chain, python };
         Some(Event { ts_ns: raw.ts_ns, tid: raw.tid, origin, change })
     }
 
     /// The return addresses unwound under `Origin::chain`.
     pub fn chain(&self, id: u32) -> &[u64] {
-        &self.chains[id as usize]
+        self.chains.get(id)
     }
 
-    /// The id of `chain`; None past `MAX_CHAINS` distinct ones (the event keeps its caller).
-    fn intern(&mut self, chain: Vec<u64>) -> Option<u32> {
-        if let Some(&id) = self.chain_ids.get(&chain) {
-            return Some(id);
-        }
-        if self.chains.len() >= MAX_CHAINS {
-            return None;
-        }
-        let id = self.chains.len() as u32;
-        self.chains.push(chain.clone());
-        self.chain_ids.insert(chain, id);
-        Some(id)
+    /// The Python frames under `Origin::python`, innermost first.
+    pub fn python_stack(&self, id: u32) -> &[PyFrame] {
+        self.python_stacks.get(id)
     }
 
     /// Return addresses in a stack scan, from the code at `scan.ip` outwards: each frame's
@@ -263,8 +304,8 @@ fn change_of(raw: &types::event) -> Option<Change> {
 mod tests {
     use super::*;
 
-    fn record(kind: event_kind, domain: alloc_domain) -> types::event {
-        types::event {
+    fn record(kind: event_kind, domain: alloc_domain) -> psleak_ebpf::Record {
+        let event = types::event {
             kind: kind.0 as u8,
             domain: domain.0 as u8,
             addr: 0x1000,
@@ -272,28 +313,29 @@ mod tests {
             caller: 0x401234,
             stack_id: -14,
             ..Default::default()
-        }
+        };
+        psleak_ebpf::Record { event, ..Default::default() }
     }
 
     fn decoder() -> RecordDecoder {
-        RecordDecoder::new(Process::open(std::process::id()).unwrap())
+        RecordDecoder::new(Process::open(std::process::id()).unwrap(), None)
     }
 
     #[test]
     fn decodes_every_kind() {
         let mut d = decoder();
-        let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT), None).unwrap();
+        let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT)).unwrap();
         assert_eq!(alloc.change, Change::Alloc { domain: Domain::Pyobject, addr: 0x1000, size: 24 });
         assert_eq!(
             alloc.origin,
-            Origin { caller: Some(0x401234), stack_id: None, chain: None },
+            Origin { caller: Some(0x401234), ..Origin::default() },
             "a negative stack id is no stack"
         );
-        let close =
-            types::event { aux: u64::from(u32::MAX), ..record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC) };
-        assert_eq!(d.event(&close, None).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });
-        assert!(d.event(&record(event_kind(99), alloc_domain::DOMAIN_LIBC), None).is_none(), "unknown kind");
-        assert!(d.event(&record(event_kind::EV_ALLOC, alloc_domain(7)), None).is_none(), "unknown domain");
+        let mut close = record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC);
+        close.event.aux = u64::from(u32::MAX);
+        assert_eq!(d.event(&close).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });
+        assert!(d.event(&record(event_kind(99), alloc_domain::DOMAIN_LIBC)).is_none(), "unknown kind");
+        assert!(d.event(&record(event_kind::EV_ALLOC, alloc_domain(7))).is_none(), "unknown domain");
     }
 
     #[test]
@@ -305,10 +347,12 @@ mod tests {
         let mut scan = types::stack_scan { ip: entry, ..Default::default() };
         scan.words[0] = 0xdead_beef;
         scan.words[1] = entry + 1;
-        let raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
-        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, Some(0xdead_beef));
+        let mut raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
+        raw.scan = Some(scan);
+        assert_eq!(d.event(&raw).unwrap().origin.caller, Some(0xdead_beef));
         // Without CFI (an address in no file), only a word that follows a call qualifies.
         scan.ip = 0x10;
-        assert_eq!(d.event(&raw, Some(&scan)).unwrap().origin.caller, None);
+        raw.scan = Some(scan);
+        assert_eq!(d.event(&raw).unwrap().origin.caller, None);
     }
 }

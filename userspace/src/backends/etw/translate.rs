@@ -50,7 +50,7 @@ impl Translation {
                 id
             }
         };
-        Origin { caller: Some(caller), stack_id: None, chain: Some(chain) }
+        Origin { caller: Some(caller), chain: Some(chain), ..Origin::default() }
     }
 
     /// The events of `record`, logged by thread `tid` at `ts_ns` with `stack`.
@@ -330,7 +330,7 @@ pub(crate) mod tests {
         assert_eq!(blamed.unwrap().function.as_deref(), Some("leak_bytes"));
         assert_eq!(frames.len(), 4);
         // A stack wholly in the runtime blames its innermost frame.
-        let (blamed, _) = sites.site(Origin { caller: Some(MALLOC), stack_id: None, chain: None });
+        let (blamed, _) = sites.site(Origin { caller: Some(MALLOC), ..Origin::default() });
         assert_eq!(blamed.unwrap().function.as_deref(), Some("malloc"));
         assert!(is_runtime_module("KERNELBASE.dll") && is_runtime_module("vcruntime140_1.dll"));
         assert!(!is_runtime_module(r"C:\python312\DLLs\_socket.pyd"));
