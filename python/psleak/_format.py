@@ -28,11 +28,13 @@ def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0
 
 
 def format_leak_sites(sites: list[dict[str, Any]], calls: int) -> str:
-    """The sites of a traced batch's reply, each its line and its first frames."""
+    """The sites of a traced batch's reply, each its line, its first native frames and the
+    Python frames that called them."""
     lines = ["", f"Leak sites (a traced replay of {calls} calls: created by them, still live, and growing):"]
     for site in sites:
         lines.append(f"* {site['text']}")
         lines.extend(f"    {frame['text']}" for frame in site["stack"][:12])
+        lines.extend(f"    {frame['text']}" for frame in site.get("python", ())[:8])
     return "\n".join(lines)
 
 

@@ -23,8 +23,10 @@ class _Sited:
 
 
 def named(reply: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-    """The site and stack of a resource in a collector's reply, as the collector wrote them."""
-    return reply["site_text"], tuple(frame["text"] for frame in reply["stack"])
+    """The site and stack of a resource in a collector's reply, as the collector wrote them:
+    the native frames, innermost first, then the Python frames that called into them."""
+    frames = [*reply["stack"], *reply.get("python", ())]
+    return reply["site_text"], tuple(frame["text"] for frame in frames)
 
 
 @dataclass(frozen=True, repr=False)

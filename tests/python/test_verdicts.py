@@ -132,6 +132,7 @@ def test_a_python_level_leak_is_caught(quick, backend):
     assert "runs of 'test_a_python_level_leak_is_caught.<locals>.leak'" in str(info.value), "the tested function"
     if backend == "trace":
         assert "Leak sites" in str(info.value)
+        assert "* leak (test_verdicts.py:128) → " in str(info.value), "the Python line leads the site"
     assert "Run # 1:" in str(info.value)
 
 

@@ -34,7 +34,10 @@ fn a_leak_through_ctypes_is_named_by_its_python_line_and_each_caller_is_its_own_
             assert_eq!(called_from["line"], line, "{}: {site:#}", python.display());
             assert!(called_from["file"].as_str().unwrap().ends_with("python_calls.py"), "{site:#}");
             let text = site["site_text"].as_str().unwrap();
-            assert!(text.starts_with(&format!("{function} (")), "the user's line leads: {text}");
+            assert!(
+                text.starts_with(&format!("{function} (python_calls.py:{line}) → ")),
+                "the user's line leads: {text}"
+            );
             // The whole Python stack goes on to the module's code, which called the function.
             let outer = site["python"].as_array().unwrap().iter().any(|f| f["function"] == "<module>");
             assert!(outer, "{}: {site:#}", python.display());

@@ -79,11 +79,14 @@ pub struct PyFrame {
 }
 
 impl PyFrame {
-    /// `test_parse (tests/test_ext.py:12)`.
+    /// `test_parse (test_ext.py:12)`: the function's own name and the file's, as a traceback
+    /// names them (the JSON has the qualified name and the whole path).
     pub fn describe(&self) -> String {
+        let name = self.function.rsplit('.').next().unwrap_or(&self.function);
+        let file = Path::new(&self.file).file_name().map_or(self.file.as_str().into(), |f| f.to_string_lossy());
         match self.line {
-            Some(line) => format!("{} ({}:{line})", self.function, self.file),
-            None => format!("{} ({})", self.function, self.file),
+            Some(line) => format!("{name} ({file}:{line})"),
+            None => format!("{name} ({file})"),
         }
     }
 
