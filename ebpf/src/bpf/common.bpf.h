@@ -121,18 +121,25 @@ static __always_inline void submit_event(struct event *e)
 	bpf_ringbuf_submit(e, flags);
 }
 
-static __always_inline struct event *reserve_event(__u8 kind)
+/* A zeroed ring record of `size` bytes (a constant at each inlined call) that starts with an
+ * event of `kind`, made now by the current thread. */
+static __always_inline struct event *reserve_record(__u64 size, __u8 kind)
 {
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct event *e = bpf_ringbuf_reserve(&events, size, 0);
 	if (!e) {
 		count_loss(LOSS_RING_FULL);
 		return NULL;
 	}
-	__builtin_memset(e, 0, sizeof(*e));
+	__builtin_memset(e, 0, size);
 	e->kind = kind;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->tid = current_tid();
 	return e;
+}
+
+static __always_inline struct event *reserve_event(__u8 kind)
+{
+	return reserve_record(sizeof(struct event), kind);
 }
 
 /* Frames walked per event at most: the stack's depth, and the shim frames skipped on the way. */
@@ -188,15 +195,9 @@ __noinline int read_python_stack(struct py_stack *py)
  * from `ip` with the code's CFI (.eh_frame), and by the thread's Python stack if it has one. */
 static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u64 sp)
 {
-	struct event_with_scan *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
-	if (!r) {
-		count_loss(LOSS_RING_FULL);
+	struct event_with_scan *r = (struct event_with_scan *)reserve_record(sizeof(*r), kind);
+	if (!r)
 		return NULL;
-	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->event.kind = kind;
-	r->event.ts_ns = bpf_ktime_get_ns();
-	r->event.tid = current_tid();
 	r->event.flags = EVF_STACK_SCAN;
 	r->scan.ip = ip;
 	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)sp);
@@ -210,15 +211,9 @@ static __always_inline struct event *reserve_creation_event(__u8 kind)
 {
 	if (!py_layout.runtime)
 		return reserve_event(kind);
-	struct event_with_py *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
-	if (!r) {
-		count_loss(LOSS_RING_FULL);
+	struct event_with_py *r = (struct event_with_py *)reserve_record(sizeof(*r), kind);
+	if (!r)
 		return NULL;
-	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->event.kind = kind;
-	r->event.ts_ns = bpf_ktime_get_ns();
-	r->event.tid = current_tid();
 	if (read_python_stack(&r->py) > 0)
 		r->event.flags = EVF_PY_STACK;
 	return &r->event;
