@@ -100,6 +100,14 @@ impl Binary {
         Ok(self.symbol(symbol).map(|(addr, _)| addr))
     }
 
+    /// The addresses the function `symbol` spans in the binary's own addresses, if it defines
+    /// it with a size.
+    pub fn function_span(&self, symbol: &str) -> io::Result<Option<std::ops::Range<u64>>> {
+        let found = self.inspector.lookup(&self.own_symbols(), &[symbol]).ok();
+        let info = found.as_ref().and_then(|found| found.first()).and_then(|symbols| symbols.first());
+        Ok(info.and_then(|s| Some(s.addr..s.addr.checked_add(u64::try_from(s.size?).ok()?)?)))
+    }
+
     /// The first `len` bytes of the data symbol `symbol` as the file holds them, if it defines
     /// it there (not in .bss).
     pub fn symbol_bytes(&self, symbol: &str, len: usize) -> io::Result<Option<Vec<u8>>> {

@@ -39,9 +39,8 @@ pub struct Target {
     pub libc: PathBuf,
     /// The executable or libpython that exports `PyObject_Malloc`, when the process is Python.
     pub python: Option<PathBuf>,
-    /// Where `python`'s code is mapped in the process: libc allocations called from there carry
-    /// stack words too, since CPython is often built without frame pointers; and its Free
-    /// functions' dispatch is followed there (see `dispatch`).
+    /// Where `python`'s code is mapped in the process: its Free functions' dispatch is followed
+    /// there (see `dispatch`), and its Python stacks are read from there.
     pub python_code: Vec<Mapping>,
     /// How the probes read the Python stack of the thread that creates something (events.h),
     /// when the interpreter is one whose layout psleak knows.
@@ -49,12 +48,6 @@ pub struct Target {
 }
 
 impl Target {
-    /// The addresses `python`'s code spans (empty when it has none).
-    pub fn python_code_span(&self) -> std::ops::Range<u64> {
-        let start = self.python_code.iter().map(|m| m.start).min().unwrap_or(0);
-        start..self.python_code.iter().map(|m| m.end).max().unwrap_or(0)
-    }
-
     /// Where `python`'s byte at `file_offset` is mapped, if it is.
     fn python_address(&self, file_offset: u64) -> Option<u64> {
         let m = self
@@ -105,6 +98,9 @@ pub struct Options {
     /// Attach the allocators' entry probes before their return probes (to test that calls under
     /// way at attach leave no thread unseen whatever the order).
     pub entry_probes_first: bool,
+    /// Read the Python stack of every creation, where the target's interpreter is known
+    /// (off: the cost of reading it, measured by `cargo xtask bench-cost`).
+    pub python_frames: bool,
 }
 
 impl Default for Options {
@@ -116,6 +112,7 @@ impl Default for Options {
             probes_at_entry: false,
             empty_programs: false,
             entry_probes_first: false,
+            python_frames: true,
         }
     }
 }
@@ -419,9 +416,9 @@ impl<'obj> Probes<'obj> {
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the probes have read-only data");
         rodata.target_tgid = target.pid;
         rodata.empty_programs = options.empty_programs;
-        let python_code = target.python_code_span();
-        (rodata.python_code_start, rodata.python_code_end) = (python_code.start, python_code.end);
-        rodata.py_layout = target.python_stack.unwrap_or_default();
+        if options.python_frames {
+            rodata.py_layout = target.python_stack.unwrap_or_default();
+        }
         // The pid given is a number of our pid namespace; the kernel's own are the initial one's.
         if let Some((dev, ino)) = own_pid_namespace()
             .map_err(|source| AttachError::Read { path: PathBuf::from(OWN_PID_NAMESPACE), source })?
@@ -499,18 +496,6 @@ impl<'obj> Probes<'obj> {
         self.probe_count
     }
 
-    /// The user stack recorded under `id`, innermost frame first.
-    pub fn user_stack(&self, id: u32) -> Vec<u64> {
-        let Ok(Some(bytes)) = self.skel.maps.stacks.lookup(&id.to_ne_bytes(), MapFlags::ANY) else {
-            return Vec::new();
-        };
-        bytes
-            .chunks_exact(8)
-            .map(|word| u64::from_ne_bytes(word.try_into().expect("8-byte chunk")))
-            .take_while(|&addr| addr != 0)
-            .collect()
-    }
-
     /// Events lost in the kernel since attach, summed over CPUs.
     pub fn losses(&self) -> Losses {
         let sum = |kind: loss_kind| -> u64 {
@@ -539,39 +524,64 @@ impl<'obj> Probes<'obj> {
     }
 }
 
-/// One record from the ring: the event, the stack words that follow it when it has
-/// `EVF_STACK_SCAN`, and the Python stack when it has `EVF_PY_STACK`.
+/// One record from the ring: the event and, for a creation (`EVF_STACK_SCAN`), the stack words
+/// that follow it and the thread's Python stack when it has `EVF_PY_STACK`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Record {
+pub struct Record<'r> {
     pub event: types::event,
-    pub scan: Option<types::stack_scan>,
+    pub scan: Option<Scan<'r>>,
     pub python: Option<types::py_stack>,
 }
 
+/// A creation's stack words where the ring holds them (2 KiB a record: copying them cost the
+/// collector a quarter of its time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scan<'r> {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// The words read, as native-endian bytes: `words[0..8]` is the word at `sp`.
+    pub words: &'r [u8],
+}
+
 /// The record in `bytes`; `None` for one too short for what its flags say (a corrupt message).
-pub fn decode(bytes: &[u8]) -> Option<Record> {
-    /// A `T` from the start of `bytes`, if they hold one.
-    fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
+    /// A `T` at `offset` in `bytes`, if they hold one.
+    fn read<T: Copy>(bytes: &[u8], offset: usize) -> Option<T> {
+        let bytes = bytes.get(offset..)?;
         // SAFETY: the length is checked, and every bit pattern is a valid T (the ring's
         // records are plain integers, as events.h defines them).
         (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
     }
-    let event: types::event = read(bytes)?;
-    let python = |py: types::py_stack| (event.flags & EVF_PY_STACK != 0).then_some(py);
-    if event.flags & EVF_STACK_SCAN != 0 {
-        let full: types::event_with_scan = read(bytes)?;
-        return Some(Record { event, scan: Some(full.scan), python: python(full.py) });
+    use std::mem::offset_of;
+    use types::{event_with_scan, stack_scan};
+    let event: types::event = read(bytes, 0)?;
+    if event.flags & EVF_STACK_SCAN == 0 {
+        return Some(Record { event, scan: None, python: None });
     }
-    if event.flags & EVF_PY_STACK != 0 {
-        let full: types::event_with_py = read(bytes)?;
-        return Some(Record { event, scan: None, python: python(full.py) });
-    }
-    Some(Record { event, scan: None, python: None })
+    let record = bytes.get(..size_of::<event_with_scan>())?;
+    let scan_at = offset_of!(event_with_scan, scan);
+    let field = |offset: usize| read::<u64>(record, scan_at + offset);
+    let len: u32 = read(record, scan_at + offset_of!(stack_scan, len))?;
+    let words_at = scan_at + offset_of!(stack_scan, words);
+    let words_max = size_of::<stack_scan>() - offset_of!(stack_scan, words);
+    let words = &record[words_at..words_at + (len as usize * 8).min(words_max)];
+    let scan = Scan {
+        ip: field(offset_of!(stack_scan, ip))?,
+        sp: field(offset_of!(stack_scan, sp))?,
+        bp: field(offset_of!(stack_scan, bp))?,
+        words,
+    };
+    let python = match event.flags & EVF_PY_STACK {
+        0 => None,
+        _ => Some(read(record, offset_of!(event_with_scan, py))?),
+    };
+    Some(Record { event, scan: Some(scan), python })
 }
 
 /// `events.h`: the mapping was made inside an allocator call.
 pub const EVF_ALLOCATOR_INTERNAL: u8 = event_flag::EVF_ALLOCATOR_INTERNAL.0 as u8;
-/// `events.h`: a stack scan follows the event.
+/// `events.h`: the record is a creation's, with its stack words.
 pub const EVF_STACK_SCAN: u8 = event_flag::EVF_STACK_SCAN.0 as u8;
 /// `events.h`: the record holds the thread's Python stack.
 pub const EVF_PY_STACK: u8 = event_flag::EVF_PY_STACK.0 as u8;
@@ -782,7 +792,6 @@ mod tests {
         for (flags, full) in [
             (EVF_STACK_SCAN, size_of::<types::event_with_scan>()),
             (EVF_STACK_SCAN | EVF_PY_STACK, size_of::<types::event_with_scan>()),
-            (EVF_PY_STACK, size_of::<types::event_with_py>()),
         ] {
             let event = types::event { flags, ..Default::default() };
             // SAFETY: `event` is plain old data; this views its bytes.
@@ -798,5 +807,25 @@ mod tests {
             assert_eq!(decoded.scan.is_some(), flags & EVF_STACK_SCAN != 0);
             assert_eq!(decoded.python.is_some(), flags & EVF_PY_STACK != 0);
         }
+    }
+
+    #[test]
+    fn decode_holds_a_scan_to_the_words_read_and_to_the_record() {
+        let mut full = types::event_with_scan::default();
+        full.event.flags = EVF_STACK_SCAN;
+        (full.scan.ip, full.scan.sp, full.scan.bp) = (1, 2, 3);
+        full.scan.words[1] = 0xbeef;
+        // SAFETY: plain old data; this views its bytes.
+        let view = |full: &types::event_with_scan| unsafe {
+            std::slice::from_raw_parts((full as *const types::event_with_scan).cast::<u8>(), size_of_val(full)).to_vec()
+        };
+        full.scan.len = 2;
+        let bytes = view(&full);
+        let scan = decode(&bytes).unwrap().scan.unwrap();
+        assert_eq!((scan.ip, scan.sp, scan.bp, scan.words.len()), (1, 2, 3, 16));
+        assert_eq!(scan.words[8..16], 0xbeef_u64.to_ne_bytes());
+        full.scan.len = u32::MAX; // a corrupt length
+        let bytes = view(&full);
+        assert_eq!(decode(&bytes).unwrap().scan.unwrap().words.len(), size_of_val(&full.scan.words));
     }
 }

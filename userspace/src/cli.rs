@@ -154,6 +154,11 @@ struct TraceCli {
     #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
     entry_probes_first: bool,
+    /// Do not read the Python stack of each creation: cheaper per event, and the sites are then
+    /// grouped by their native stack alone.
+    #[cfg(target_os = "linux")]
+    #[arg(long)]
+    no_python_frames: bool,
 }
 
 impl TraceCli {
@@ -247,6 +252,7 @@ fn run_trace(t: &TraceCli) -> u8 {
             allocators: psleak_ebpf::Allocators::All,
             empty_programs: t.empty_probes,
             entry_probes_first: t.entry_probes_first,
+            python_frames: !t.no_python_frames,
         },
         ledger_room: t.max_live,
     });

@@ -28,6 +28,9 @@ pub struct Process {
     /// Sorted by address, disjoint.
     code: Vec<CodeMapping>,
     last_refresh: Instant,
+    /// The process mapped something since the mappings were read: an unknown code address
+    /// may be in it, and is worth a look at once.
+    mapped_since: bool,
     mem: Option<File>,
 }
 
@@ -67,7 +70,7 @@ impl Process {
             }
             opened => opened.ok(),
         };
-        let mut process = Self { pid, pidfd, code: Vec::new(), last_refresh: Instant::now(), mem };
+        let mut process = Self { pid, pidfd, code: Vec::new(), last_refresh: Instant::now(), mapped_since: false, mem };
         process.check_traceable_by(&Credentials::own())?;
         if !process.is_alive() {
             return Err(Error::NotTraceable(pid, "it has already exited".into()));
@@ -156,6 +159,7 @@ impl Process {
         let maps =
             fs::read_to_string(format!("/proc/{}/maps", self.pid)).map_err(|e| proc_error(self.pid, "maps", e))?;
         self.last_refresh = Instant::now();
+        self.mapped_since = false;
         // /proc lists mappings by address, without overlaps: `code` stays sorted and disjoint,
         // and is merged in O(n log n) (a target may map tens of thousands of code files).
         let mut fresh: Vec<CodeMapping> = maps.lines().filter_map(parse_code_mapping).collect();
@@ -238,9 +242,27 @@ impl Process {
         mapped.map(|m| psleak_ebpf::Mapping { start: m.start, end: m.end, file_offset: m.file_offset }).collect()
     }
 
-    /// Whether `addr` lies in code mapped from a file (as of the last look at the mappings).
-    pub fn in_code(&self, addr: u64) -> bool {
+    /// Whether `addr` lies in code mapped from a file; looks at the mappings again if the
+    /// address is new.
+    pub fn in_code(&mut self, addr: u64) -> bool {
+        self.look_again_for(addr);
         self.code_at(addr).is_some()
+    }
+
+    /// The process mapped memory (an mmap event): code may be there that the mappings as last
+    /// read do not have.
+    pub fn mapped(&mut self) {
+        self.mapped_since = true;
+    }
+
+    /// Reads the mappings again when `addr` is not in them, but not more often than every
+    /// REFRESH_PERIOD unless the process mapped something since: events may carry any words,
+    /// and each new one would have /proc read again. (Right after an exec the new program's
+    /// libraries are mapped and called within the period.)
+    fn look_again_for(&mut self, addr: u64) {
+        if self.code_at(addr).is_none() && (self.mapped_since || self.last_refresh.elapsed() >= REFRESH_PERIOD) {
+            let _ = self.refresh_mappings();
+        }
     }
 
     fn code_at(&self, addr: u64) -> Option<&CodeMapping> {
@@ -251,11 +273,7 @@ impl Process {
     /// The file mapped at a code address, and the address's offset in that file; looks at the
     /// mappings again if the address is new.
     pub fn locate(&mut self, addr: u64) -> Option<(PathBuf, u64)> {
-        // Not more often than every REFRESH_PERIOD: events may carry any words, and each new
-        // one would have /proc read again.
-        if self.code_at(addr).is_none() && self.last_refresh.elapsed() >= REFRESH_PERIOD {
-            self.refresh_mappings().ok()?;
-        }
+        self.look_again_for(addr);
         self.file_location(addr).map(|(path, offset)| (path.to_path_buf(), offset))
     }
 
@@ -446,6 +464,31 @@ mod tests {
         let count = me.code.len();
         me.refresh_mappings().unwrap();
         assert_eq!(me.code.len(), count, "refreshing twice adds nothing");
+    }
+
+    #[test]
+    fn code_mapped_since_the_last_look_is_found_at_once() {
+        // After an exec the new program's libc is mapped and called within the refresh period.
+        let mut me = Process::open(std::process::id()).unwrap();
+        let libc = File::open(me.libc().unwrap()).unwrap();
+        // SAFETY: a new private read-only mapping of a file, unmapped below; nothing else uses it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE,
+                libc.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        me.last_refresh = Instant::now() + Duration::from_secs(3600);
+        assert!(!me.in_code(addr as u64), "within the period an unknown address is not looked for");
+        me.mapped();
+        assert!(me.in_code(addr as u64), "after a mapping it is");
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(addr, 4096) };
     }
 
     #[test]

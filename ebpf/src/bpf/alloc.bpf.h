@@ -32,10 +32,9 @@ struct alloc_call {
 	__u64 caller;
 	__u64 entry_ip; /* the probe's instruction: where the stack words' unwinding starts */
 	__u64 entry_sp; /* the stack pointer there, still the entry's: the callers' frames above it */
-	__s32 stack_id;
+	__u64 entry_bp; /* rbp there, still the caller's */
 	__u8 op;
 	__u8 domain;
-	bool scanned;  /* its event carries stack words (see reserve_alloc_event) */
 };
 
 /* In-flight calls per thread, one map per layer, so a libc call can tell it is inside Python's. */
@@ -122,27 +121,23 @@ int BPF_UPROBE(alloc_enter)
 	call.caller = ret;
 	call.entry_ip = PT_REGS_IP(ctx);
 	call.entry_sp = sp;
-	call.scanned = domain != DOMAIN_LIBC || (call.caller >= python_code_start && call.caller < python_code_end);
-	/* A frame-pointer walk is useless where the stack words are unwound instead. */
-	call.stack_id = call.scanned ? -1 : user_stack_id(ctx);
+	call.entry_bp = PT_REGS_FP(ctx);
 	if (bpf_map_update_elem(calls_of(domain), &tid, &call, BPF_ANY))
 		count_loss(LOSS_UNTRACKED_CALL); /* more threads in allocator calls than the map holds */
 	return 0;
 }
 
 /*
- * Python's allocator is mostly called from inside libpython, built without frame pointers:
- * its events, and those of libc calls made from Python's code (PYTHONMALLOC=malloc, or an
- * allocator inlined by LTO), carry the callers' stack words, which userspace unwinds with
- * the CFI up to the extension that asked. Read at return: the frames above the entry stack
- * pointer are intact, but the return address slot holds the uretprobe trampoline, so it is
- * put back.
+ * An allocation's event carries the callers' stack words as they were at the call's entry,
+ * for userspace to unwind with each module's CFI (libpython and manylinux wheels have no
+ * frame pointers). Read at return: the frames above the entry stack pointer are intact, but
+ * the return address slot holds the uretprobe trampoline, so it is put back.
  */
 static __always_inline struct event *reserve_alloc_event(struct alloc_call *call, __u8 kind)
 {
-	if (!call->scanned)
-		return kind == EV_FREE ? reserve_event(kind) : reserve_creation_event(kind);
-	struct event *e = reserve_scan_event(kind, call->entry_ip, call->entry_sp);
+	if (kind == EV_FREE)
+		return reserve_event(kind);
+	struct event *e = reserve_creation_event(kind, call->entry_ip, call->entry_sp, call->entry_bp);
 	if (e)
 		((struct event_with_scan *)e)->scan.words[0] = call->caller; /* the event comes first */
 	return e;
@@ -157,8 +152,6 @@ static __always_inline void emit_alloc(struct alloc_call *call, __u8 kind, __u64
 	e->addr = addr;
 	e->size = kind == EV_FREE ? 0 : call->size;
 	e->old_addr = kind == EV_REALLOC ? call->old_addr : 0;
-	e->caller = call->caller;
-	e->stack_id = call->stack_id;
 	submit_event(e);
 }
 

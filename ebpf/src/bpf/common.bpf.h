@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* What every probe shares: the target, the event ring, the stack map and the loss counters. */
+/* What every probe shares: the target, the event ring, the loss counters and the stack readers. */
 #ifndef PSLEAK_COMMON_BPF_H
 #define PSLEAK_COMMON_BPF_H
 
@@ -18,9 +18,6 @@ const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
 /* Benchmark floor: the same probes fire but every program returns at once. */
 const volatile bool empty_programs = false;
-/* Where the Python runtime's code is mapped (empty when the target is not Python). */
-const volatile __u64 python_code_start = 0;
-const volatile __u64 python_code_end = 0;
 /* How to read the Python stack (events.h); its runtime is 0 when the target is not Python. */
 const volatile struct py_layout py_layout = {};
 
@@ -28,13 +25,6 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 32 << 20); /* resized by the loader */
 } events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
-	__uint(key_size, sizeof(__u32));
-	__uint(value_size, PSLEAK_STACK_DEPTH * sizeof(__u64));
-	__uint(max_entries, 32768);
-} stacks SEC(".maps");
 
 /* One counter per `enum loss_kind`. */
 struct {
@@ -102,14 +92,6 @@ static __always_inline __u64 return_address_at(__u64 user_sp)
 	return ret;
 }
 
-static __always_inline __s32 user_stack_id(void *ctx)
-{
-	__s32 id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-	if (id < 0)
-		count_loss(LOSS_NO_STACK);
-	return id;
-}
-
 /* Waking the collector for every event would cost the traced thread more than the probe:
  * it is woken only once this much is waiting, and drains the ring on a timer otherwise. */
 #define WAKEUP_BYTES (256 << 10)
@@ -121,8 +103,9 @@ static __always_inline void submit_event(struct event *e)
 	bpf_ringbuf_submit(e, flags);
 }
 
-/* A zeroed ring record of `size` bytes (a constant at each inlined call) that starts with an
- * event of `kind`, made now by the current thread. */
+/* A ring record of `size` bytes (a constant at each inlined call) that starts with a zeroed
+ * event of `kind`, made now by the current thread. What follows the event is its writers' to
+ * fill: zeroing the 2 KiB of stack words that are read over at once would double their cost. */
 static __always_inline struct event *reserve_record(__u64 size, __u8 kind)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, size, 0);
@@ -130,7 +113,7 @@ static __always_inline struct event *reserve_record(__u64 size, __u8 kind)
 		count_loss(LOSS_RING_FULL);
 		return NULL;
 	}
-	__builtin_memset(e, 0, size);
+	__builtin_memset(e, 0, sizeof(*e));
 	e->kind = kind;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->tid = current_tid();
@@ -156,7 +139,10 @@ static __always_inline __u64 read_user_u64(__u64 addr)
  * verified once: inlined at each event's reservation, the walk made the programs too large. */
 __noinline int read_python_stack(struct py_stack *py)
 {
-	if (!py || !py_layout.runtime)
+	if (!py)
+		return 0;
+	py->depth = 0;
+	if (!py_layout.runtime)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	__u64 fsbase = task->thread.fsbase;
@@ -191,42 +177,47 @@ __noinline int read_python_stack(struct py_stack *py)
 	return depth;
 }
 
-/* A creation's event followed by the user stack words from `sp` upward, for userspace to unwind
- * from `ip` with the code's CFI (.eh_frame), and by the thread's Python stack if it has one. */
-static __always_inline struct event *reserve_scan_event(__u8 kind, __u64 ip, __u64 sp)
+/* The user stack from `sp` upward into `scan`, a chunk at a time, until one cannot be read;
+ * how many words. A global function, verified once, as read_python_stack. */
+__noinline int read_stack_words(struct stack_scan *scan, __u64 ip, __u64 sp, __u64 bp)
+{
+	if (!scan)
+		return 0;
+	scan->ip = ip;
+	scan->sp = sp;
+	scan->bp = bp;
+	scan->len = 0;
+	for (int chunk = 0; chunk < PSLEAK_SCAN_WORDS / PSLEAK_SCAN_CHUNK_WORDS; chunk++) {
+		__u32 first = chunk * PSLEAK_SCAN_CHUNK_WORDS;
+		if (bpf_probe_read_user(&scan->words[first], PSLEAK_SCAN_CHUNK_WORDS * 8, (void *)(sp + 8 * (__u64)first)))
+			break;
+		scan->len = first + PSLEAK_SCAN_CHUNK_WORDS;
+	}
+	if (!scan->len)
+		count_loss(LOSS_NO_STACK);
+	return scan->len;
+}
+
+/* A creation's event, followed by the user stack words from `sp` upward, for userspace to
+ * unwind from `ip` (and `bp`) with the code's CFI, and by the thread's Python stack if it has one. */
+static __always_inline struct event *reserve_creation_event(__u8 kind, __u64 ip, __u64 sp, __u64 bp)
 {
 	struct event_with_scan *r = (struct event_with_scan *)reserve_record(sizeof(*r), kind);
 	if (!r)
 		return NULL;
 	r->event.flags = EVF_STACK_SCAN;
-	r->scan.ip = ip;
-	bpf_probe_read_user(&r->scan.words, sizeof(r->scan.words), (void *)sp);
+	read_stack_words(&r->scan, ip, sp, bp);
 	if (read_python_stack(&r->py) > 0)
 		r->event.flags |= EVF_PY_STACK;
 	return &r->event;
 }
 
-/* A creation's event without stack words: with the Python stack, in a Python target. */
-static __always_inline struct event *reserve_creation_event(__u8 kind)
+/* An event raised inside a syscall made by the target: its stack starts where the syscall was
+ * made, in libc's wrapper, which may have pushed a frame; its CFI says. */
+static __always_inline struct event *reserve_syscall_event(__u8 kind, struct pt_regs *user_regs)
 {
-	if (!py_layout.runtime)
-		return reserve_event(kind);
-	struct event_with_py *r = (struct event_with_py *)reserve_record(sizeof(*r), kind);
-	if (!r)
-		return NULL;
-	if (read_python_stack(&r->py) > 0)
-		r->event.flags = EVF_PY_STACK;
-	return &r->event;
-}
-
-/* An event raised inside a syscall made by the target: the caller is found in userspace from a
- * scan of the user stack, since libc's wrapper may have pushed a frame before the syscall. */
-static __always_inline struct event *reserve_syscall_event(void *ctx, __u8 kind, struct pt_regs *user_regs)
-{
-	struct event *e = reserve_scan_event(kind, PT_REGS_IP_CORE(user_regs), PT_REGS_SP_CORE(user_regs));
-	if (e)
-		e->stack_id = user_stack_id(ctx);
-	return e;
+	return reserve_creation_event(kind, PT_REGS_IP_CORE(user_regs), PT_REGS_SP_CORE(user_regs),
+				      PT_REGS_FP_CORE(user_regs));
 }
 
 /* The user registers of the current task, from inside the kernel. */

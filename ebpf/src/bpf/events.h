@@ -7,9 +7,6 @@
 #ifndef PSLEAK_EVENTS_H
 #define PSLEAK_EVENTS_H
 
-/* Depth of the user stacks kept in the stack map (frames per stack). */
-#define PSLEAK_STACK_DEPTH 32
-
 enum event_kind {
 	/* addr = new block, size = bytes asked for, domain = allocator family */
 	EV_ALLOC = 1,
@@ -70,10 +67,9 @@ enum free_op {
 enum event_flag {
 	/* The mapping was made inside an allocator call: its bytes are already counted as heap. */
 	EVF_ALLOCATOR_INTERNAL = 1,
-	/* A `struct stack_scan` follows the event in the same ring record. */
+	/* The record is a creation's `struct event_with_scan`: its stack words follow the event. */
 	EVF_STACK_SCAN = 2,
-	/* The record holds the Python stack of the thread that made the event (a `struct py_stack`,
-	 * after the scan when there is one: `struct event_with_scan`, else `struct event_with_py`). */
+	/* The record's `py` holds the Python stack of the thread that made the event. */
 	EVF_PY_STACK = 4,
 };
 
@@ -81,7 +77,7 @@ enum event_flag {
 enum loss_kind {
 	/* events dropped because the ring was full */
 	LOSS_RING_FULL = 0,
-	/* events sent without a stack (stack map full, or no walkable stack) */
+	/* creations sent without a stack (the words at the user stack pointer could not be read) */
 	LOSS_NO_STACK = 1,
 	/* allocator calls whose result was not seen: their return was missed, or there was no room
 	 * to follow the call */
@@ -89,10 +85,12 @@ enum loss_kind {
 	LOSS_KINDS = 3,
 };
 
-/* Words read upward from the user stack pointer for events raised inside a syscall, where the
- * libc wrapper may have pushed a frame: userspace finds the return address among them by
- * unwinding the wrapper's frame with its CFI (.eh_frame), at the user instruction pointer. */
-#define PSLEAK_SCAN_WORDS 64
+/* Words of the user stack copied with every creation, from the stack pointer upward (2 KiB):
+ * userspace unwinds them with the CFI (.eh_frame) of each module the stack passes through,
+ * frame pointers or not. Read in chunks, so that a stack whose top is near still gives its
+ * first ones. */
+#define PSLEAK_SCAN_WORDS 256
+#define PSLEAK_SCAN_CHUNK_WORDS 64
 
 struct event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -100,8 +98,6 @@ struct event {
 	__u64 size;
 	__u64 old_addr;
 	__u64 aux;
-	__u64 caller;   /* return address of the probed call: the immediate caller, even without frame pointers */
-	__s32 stack_id; /* user stack in the `stacks` map; negative when none was taken (the event carries stack words instead) or none could be */
 	__u32 tid;      /* thread that caused the event */
 	__u8 kind;      /* enum event_kind */
 	__u8 domain;    /* enum alloc_domain, for allocation events */
@@ -109,11 +105,16 @@ struct event {
 	__u8 pad;
 	__u16 sock_family;
 	__u16 sock_type;
+	__u32 pad2;
 };
 
 struct stack_scan {
-	__u64 ip;                        /* user instruction pointer: where in libc the syscall was made */
-	__u64 words[PSLEAK_SCAN_WORDS];  /* from the user stack pointer upward */
+	__u64 ip;  /* user instruction pointer: the probed function's entry, or where libc made the syscall */
+	__u64 sp;  /* user stack pointer there: the address of words[0] */
+	__u64 bp;  /* rbp there, for code whose CFI finds its frame from it */
+	__u32 len; /* words read */
+	__u32 pad;
+	__u64 words[PSLEAK_SCAN_WORDS];
 };
 
 /* Python frames read per event at most, innermost first (a power of two). */
@@ -158,12 +159,6 @@ struct py_layout {
 struct event_with_scan {
 	struct event event;
 	struct stack_scan scan;
-	struct py_stack py;
-};
-
-/* The record layout of an event carrying EVF_PY_STACK and no scan. */
-struct event_with_py {
-	struct event event;
 	struct py_stack py;
 };
 

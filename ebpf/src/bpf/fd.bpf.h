@@ -26,9 +26,9 @@ static __always_inline struct file *fd_file(__u32 fd)
 	return file;
 }
 
-static __always_inline void emit_fd_open(void *ctx, struct pt_regs *regs, __u32 fd)
+static __always_inline void emit_fd_open(struct pt_regs *regs, __u32 fd)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_FD_OPEN, regs);
+	struct event *e = reserve_syscall_event(EV_FD_OPEN, regs);
 	if (!e)
 		return;
 	e->addr = fd;
@@ -46,13 +46,13 @@ static __always_inline void emit_fd_open(void *ctx, struct pt_regs *regs, __u32 
 }
 
 /* pipe(), pipe2() and socketpair() write their two fds to user memory. */
-static __always_inline void emit_fd_pair(void *ctx, struct pt_regs *regs, __u64 user_fds)
+static __always_inline void emit_fd_pair(struct pt_regs *regs, __u64 user_fds)
 {
 	int fds[2] = {};
 	if (bpf_probe_read_user(fds, sizeof(fds), (void *)user_fds))
 		return;
-	emit_fd_open(ctx, regs, fds[0]);
-	emit_fd_open(ctx, regs, fds[1]);
+	emit_fd_open(regs, fds[0]);
+	emit_fd_open(regs, fds[1]);
 }
 
 static __always_inline void emit_fd_close(__u64 first, __u64 last)
@@ -65,7 +65,7 @@ static __always_inline void emit_fd_close(__u64 first, __u64 last)
 	submit_event(e);
 }
 
-static __always_inline void on_fd_syscall(void *ctx, struct pt_regs *regs, long nr, long ret)
+static __always_inline void on_fd_syscall(struct pt_regs *regs, long nr, long ret)
 {
 	switch (nr) {
 	case __NR_open: case __NR_openat: case __NR_openat2: case __NR_creat:
@@ -78,21 +78,21 @@ static __always_inline void on_fd_syscall(void *ctx, struct pt_regs *regs, long 
 	case __NR_perf_event_open: case __NR_io_uring_setup: case __NR_mq_open:
 	case __NR_open_tree: case __NR_fsopen: case __NR_fsmount: case __NR_fspick:
 		if (ret >= 0)
-			emit_fd_open(ctx, regs, ret);
+			emit_fd_open(regs, ret);
 		return;
 	case __NR_fcntl: {
 		long cmd = PT_REGS_PARM2_CORE_SYSCALL(regs);
 		if (ret >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
-			emit_fd_open(ctx, regs, ret);
+			emit_fd_open(regs, ret);
 		return;
 	}
 	case __NR_pipe: case __NR_pipe2:
 		if (ret == 0)
-			emit_fd_pair(ctx, regs, PT_REGS_PARM1_CORE_SYSCALL(regs));
+			emit_fd_pair(regs, PT_REGS_PARM1_CORE_SYSCALL(regs));
 		return;
 	case __NR_socketpair:
 		if (ret == 0)
-			emit_fd_pair(ctx, regs, PT_REGS_PARM4_CORE_SYSCALL(regs));
+			emit_fd_pair(regs, PT_REGS_PARM4_CORE_SYSCALL(regs));
 		return;
 	case __NR_close:
 		/* close() releases the fd even when the final flush reports an error (EINTR, EIO) */

@@ -10,9 +10,9 @@
 #include "common.bpf.h"
 #include "alloc.bpf.h"
 
-static __always_inline void on_mmap(void *ctx, struct pt_regs *regs, long ret)
+static __always_inline void on_mmap(struct pt_regs *regs, long ret)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_MMAP, regs);
+	struct event *e = reserve_syscall_event(EV_MMAP, regs);
 	if (!e)
 		return;
 	e->addr = ret;
@@ -32,9 +32,9 @@ static __always_inline void on_munmap(struct pt_regs *regs)
 	submit_event(e);
 }
 
-static __always_inline void on_mremap(void *ctx, struct pt_regs *regs, long ret)
+static __always_inline void on_mremap(struct pt_regs *regs, long ret)
 {
-	struct event *e = reserve_syscall_event(ctx, EV_MREMAP, regs);
+	struct event *e = reserve_syscall_event(EV_MREMAP, regs);
 	if (!e)
 		return;
 	e->addr = ret;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * psleak's probes, one header per concern. They form one object because they share state:
- * the event ring, the stack map, and the per-thread "inside an allocator" maps that let the
+ * the event ring, the loss counters, and the per-thread "inside an allocator" maps that let the
  * mmap probes tell an allocator's own mappings from the program's.
  */
 #include "common.bpf.h"
@@ -15,7 +15,6 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 /* Unused globals whose only purpose is to put the event types in the object's BTF, from which
  * libbpf-cargo generates their Rust twins (psleak_ebpf::types::event, ...). */
 struct event_with_scan unused_event_with_scan = {};
-struct event_with_py unused_event_with_py = {};
 struct py_layout unused_py_layout = {};
 enum event_kind unused_event_kind = EV_ALLOC;
 enum alloc_domain unused_alloc_domain = DOMAIN_LIBC;

@@ -22,7 +22,7 @@ int BPF_PROG(syscall_exit, struct pt_regs *regs, long ret)
 	switch (nr) {
 	case __NR_mmap:
 		if (!IS_SYSCALL_ERROR(ret))
-			on_mmap(ctx, regs, ret);
+			on_mmap(regs, ret);
 		return 0;
 	case __NR_munmap:
 		if (ret == 0)
@@ -30,10 +30,10 @@ int BPF_PROG(syscall_exit, struct pt_regs *regs, long ret)
 		return 0;
 	case __NR_mremap:
 		if (!IS_SYSCALL_ERROR(ret))
-			on_mremap(ctx, regs, ret);
+			on_mremap(regs, ret);
 		return 0;
 	}
-	on_fd_syscall(ctx, regs, nr, ret);
+	on_fd_syscall(regs, nr, ret);
 	return 0;
 }
 

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Threads of the target. The kernel sees a thread start in the clone that makes it, deep in
- * pthread_create; the site is the one taken at pthread_create's entry (alloc.bpf.h), where
- * the caller is exact.
+ * pthread_create; its stack is the one pthread_create was entered with (alloc.bpf.h), still
+ * intact above the call's entry.
  */
 #ifndef PSLEAK_THREAD_BPF_H
 #define PSLEAK_THREAD_BPF_H
@@ -21,17 +21,13 @@ int BPF_PROG(thread_start, struct task_struct *parent, struct task_struct *child
 	struct pt_regs *regs = current_user_regs();
 	struct event *e;
 	if (spawn && spawn->op == ALLOC_OP_SPAWN && PT_REGS_SP_CORE(regs) < spawn->entry_sp) {
-		e = reserve_creation_event(EV_THREAD_START);
-		if (!e)
-			return 0;
-		e->caller = spawn->caller;
-		e->stack_id = spawn->stack_id;
+		e = reserve_alloc_event(spawn, EV_THREAD_START);
 	} else {
-		/* a raw clone(): find the caller in the user stack */
-		e = reserve_syscall_event(ctx, EV_THREAD_START, regs);
-		if (!e)
-			return 0;
+		/* a raw clone(): its stack starts in libc's wrapper */
+		e = reserve_syscall_event(EV_THREAD_START, regs);
 	}
+	if (!e)
+		return 0;
 	e->addr = task_tid(child);
 	submit_event(e);
 	return 0;

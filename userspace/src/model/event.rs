@@ -113,13 +113,12 @@ impl HandleKind {
 }
 
 /// Where a resource was created: the immediate caller of the probed function (exact even
-/// without frame pointers) and the recorded user stack.
+/// without frame pointers) and the callers beyond it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Origin {
     pub caller: Option<u64>,
-    pub stack_id: Option<u32>,
-    /// Return addresses unwound from stack words with the CFI, caller first (interned by the
-    /// decoder): reaches through code built without frame pointers.
+    /// The whole chain of return addresses, caller first, when there is more than the caller
+    /// (interned by the backend): unwound with the CFI on Linux, ETW's stack on Windows.
     pub chain: Option<u32>,
     /// The Python frames of the thread, innermost first (interned by the decoder): two Python
     /// callers of one C function are two sites.

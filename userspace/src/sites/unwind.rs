@@ -1,23 +1,45 @@
-//! One step of DWARF unwinding: where, relative to the stack pointer, a function keeps its
-//! return address at a given instruction. Syscall-side events carry the user instruction
-//! pointer and the words above the stack pointer; with the CFI of the code there (libc's
-//! syscall wrapper, say, which may have pushed a frame), the caller is read from the exact
-//! word, where a scan for return-address-looking words would be fooled by stale ones.
+//! DWARF unwinding of copied stack words: creation events carry the user instruction pointer,
+//! stack pointer and rbp, and the 2 KiB above the stack pointer; with the CFI (`.eh_frame`) of
+//! each module the stack passes through, each frame's caller is read from the exact word its
+//! code saved it in — frame pointers or not, where a scan for return-address-looking words
+//! would be fooled by stale ones.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use gimli::{BaseAddresses, CfaRule, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64};
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64,
+};
 use object::{Object, ObjectSection};
 
 use crate::process::Process;
 use crate::sites::elf::Segments;
 
-/// The `.eh_frame` of one ELF file, and how its file offsets map to addresses.
+/// Where a frame's canonical frame address (the caller's stack pointer) is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    Sp,
+    Bp,
+}
+
+/// How to step from one frame to its caller at an instruction: the CFA is `base + cfa`, the
+/// return address is saved at CFA + `ra`, and the caller's rbp at CFA + `bp` (else rbp is
+/// unchanged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Step {
+    base: Base,
+    cfa: i64,
+    ra: i64,
+    bp: Option<i64>,
+}
+
+/// The `.eh_frame` (and its sorted index, `.eh_frame_hdr`) of one ELF file, and how its file
+/// offsets map to addresses.
 struct Cfi {
     data: Vec<u8>,
     eh_frame: std::ops::Range<usize>,
+    eh_frame_hdr: Option<std::ops::Range<usize>>,
     bases: BaseAddresses,
     segments: Segments,
 }
@@ -28,68 +50,151 @@ impl Cfi {
     fn load(path: &Path) -> Option<Self> {
         let mut data = Vec::new();
         psleak_ebpf::open_mapped(path).ok()?.read_to_end(&mut data).ok()?;
-        let (eh_frame, bases, segments) = {
+        let (eh_frame, eh_frame_hdr, bases, segments) = {
             let file = object::File::parse(&*data).ok()?;
+            let range = |section: &object::Section<'_, '_>| {
+                let (offset, size) = section.file_range()?;
+                let end = offset.checked_add(size).filter(|&end| end <= data.len() as u64)?;
+                Some(offset as usize..end as usize)
+            };
             let section = file.section_by_name(".eh_frame")?;
-            let (offset, size) = section.file_range()?;
-            let end = offset.checked_add(size).filter(|&end| end <= data.len() as u64)?;
             let mut bases = BaseAddresses::default().set_eh_frame(section.address());
             if let Some(text) = file.section_by_name(".text") {
                 bases = bases.set_text(text.address());
             }
-            (offset as usize..end as usize, bases, Segments::of(&file))
+            let hdr = file.section_by_name(".eh_frame_hdr").and_then(|hdr| {
+                bases = bases.clone().set_eh_frame_hdr(hdr.address());
+                range(&hdr)
+            });
+            (range(&section)?, hdr, bases, Segments::of(&file))
         };
-        Some(Self { data, eh_frame, bases, segments })
+        Some(Self { data, eh_frame, eh_frame_hdr, bases, segments })
     }
 
-    /// Offset from the stack pointer, in words, of the return address at `vaddr`.
-    fn return_address_slot(&self, vaddr: u64) -> Option<usize> {
+    /// How to find the caller at `vaddr`, an address of the file's own.
+    fn step(&self, vaddr: u64) -> Option<Step> {
         let eh_frame = EhFrame::new(&self.data[self.eh_frame.clone()], LittleEndian);
         let mut ctx = UnwindContext::new();
-        let row = eh_frame.unwind_info_for_address(&self.bases, &mut ctx, vaddr, EhFrame::cie_from_offset).ok()?;
-        let cfa_offset = match row.cfa() {
-            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => *offset,
+        // The sorted index finds the function's entry at once; without it, a scan of them all.
+        let indexed = self.eh_frame_hdr.clone().and_then(|hdr| {
+            let hdr = EhFrameHdr::new(&self.data[hdr], LittleEndian).parse(&self.bases, 8).ok()?;
+            let table = hdr.table()?;
+            Some(table.unwind_info_for_address(&eh_frame, &self.bases, &mut ctx, vaddr, EhFrame::cie_from_offset))
+        });
+        let row = match indexed {
+            Some(row) => row.ok()?,
+            None => eh_frame.unwind_info_for_address(&self.bases, &mut ctx, vaddr, EhFrame::cie_from_offset).ok()?,
+        };
+        let (base, cfa) = match row.cfa() {
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => (Base::Sp, *offset),
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => (Base::Bp, *offset),
             _ => return None,
         };
-        let ra_offset = match row.register(X86_64::RA) {
+        let ra = match row.register(X86_64::RA) {
             Some(RegisterRule::Offset(offset)) => offset,
             _ => return None,
         };
-        let slot = cfa_offset.checked_add(ra_offset)?;
-        (slot >= 0 && slot % 8 == 0).then_some(slot as usize / 8)
+        let bp = match row.register(X86_64::RBP) {
+            Some(RegisterRule::Offset(offset)) => Some(offset),
+            None | Some(RegisterRule::SameValue) => None,
+            _ => return None,
+        };
+        Some(Step { base, cfa, ra, bp })
     }
 }
 
-const MAX_SLOTS: usize = 1 << 20;
-const MAX_FILES: usize = 1024;
+/// The registers an unwinding step needs, and the stack copied from `sp` upward (native-endian
+/// words).
+#[derive(Debug, Clone, Copy)]
+pub struct Stack<'w> {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub bytes: &'w [u8],
+}
 
-/// Finds return-address slots, caching per file and per instruction pointer.
+impl<'w> Stack<'w> {
+    /// The copied word at `addr`, if the copy holds it.
+    fn word(&self, addr: u64) -> Option<u64> {
+        let offset = usize::try_from(addr.checked_sub(self.sp)?).ok()?;
+        let bytes = self.bytes.get(offset..offset.checked_add(8)?)?;
+        (offset % 8 == 0).then(|| u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+    }
+
+    /// The copied words, from `sp` upward.
+    pub fn words(self) -> impl Iterator<Item = u64> + 'w {
+        self.bytes.chunks_exact(8).map(|word| u64::from_ne_bytes(word.try_into().expect("8 bytes")))
+    }
+}
+
+const MAX_STEPS: usize = 1 << 20;
+const MAX_FILES: usize = 1024;
+/// Frames a chain holds at most (2 KiB of stack holds fewer real ones).
+const MAX_FRAMES: usize = 256;
+
+/// Unwinds stacks, caching the CFI per file and the step per instruction pointer.
 #[derive(Default)]
 pub struct Unwinder {
     files: HashMap<PathBuf, Option<Cfi>>,
-    slots: HashMap<u64, Option<usize>>,
+    steps: HashMap<u64, Option<Step>>,
 }
 
 impl Unwinder {
-    /// The index, in words above the stack pointer, of the return address when the process
-    /// is at `ip`; None when the code there has no usable CFI.
-    pub fn return_address_slot(&mut self, process: &mut Process, ip: u64) -> Option<usize> {
-        if let Some(&slot) = self.slots.get(&ip) {
-            return slot;
+    /// How to step to the caller when the process is at `ip`; None when the code there has no
+    /// usable CFI.
+    fn step(&mut self, process: &mut Process, ip: u64) -> Option<Step> {
+        if let Some(&step) = self.steps.get(&ip) {
+            return step;
         }
         // Bounded caches: a target may run code at endless addresses and map endless files.
-        if self.slots.len() >= MAX_SLOTS {
-            self.slots.clear();
+        if self.steps.len() >= MAX_STEPS {
+            self.steps.clear();
         }
         if self.files.len() >= MAX_FILES {
             self.files.clear();
         }
-        let slot = process.locate(ip).and_then(|(path, file_offset)| {
-            let cfi = self.files.entry(path.clone()).or_insert_with(|| Cfi::load(&path)).as_ref()?;
-            cfi.return_address_slot(cfi.segments.address_of(file_offset)?)
-        });
-        self.slots.insert(ip, slot);
-        slot
+        // An address in no mapping known yet is not remembered: its code may be mapped a
+        // moment later (a dlopen, the new program's libraries after an exec).
+        let (path, file_offset) = process.locate(ip)?;
+        let cfi = self.files.entry(path.clone()).or_insert_with(|| Cfi::load(&path)).as_ref();
+        let step = cfi.and_then(|cfi| cfi.step(cfi.segments.address_of(file_offset)?));
+        self.steps.insert(ip, step);
+        step
+    }
+
+    /// After an exec: the steps were the old program's, by address.
+    pub fn forget_addresses(&mut self) {
+        self.steps.clear();
+    }
+
+    /// The return addresses of `stack`, from the code at its `ip` outwards, as far as the
+    /// copied words and the CFI go. The words are the target's, hence anyone's: a chain ends
+    /// at the first frame that does not move up the stack or returns outside code.
+    pub fn chain(&mut self, process: &mut Process, stack: Stack<'_>) -> Vec<u64> {
+        let (mut ip, mut sp, mut bp) = (stack.ip, stack.sp, stack.bp);
+        let mut chain = Vec::with_capacity(32);
+        while chain.len() < MAX_FRAMES {
+            // A caller's frame is the call's: its return address may be the next function's first byte.
+            let at = if chain.is_empty() { ip } else { ip - 1 };
+            let Some(step) = self.step(process, at) else { break };
+            let base = match step.base {
+                Base::Sp => sp,
+                Base::Bp => bp,
+            };
+            let Some(cfa) = base.checked_add_signed(step.cfa).filter(|&cfa| cfa > sp) else { break };
+            let Some(ra) = cfa.checked_add_signed(step.ra).and_then(|at| stack.word(at)) else { break };
+            if ra == 0 || (!chain.is_empty() && !process.in_code(ra)) {
+                break;
+            }
+            chain.push(ra);
+            if let Some(saved) = step.bp {
+                // The caller is known, not how to go past it without its rbp.
+                let Some(caller_bp) = cfa.checked_add_signed(saved).and_then(|at| stack.word(at)) else { break };
+                bp = caller_bp;
+            }
+            (ip, sp) = (ra, cfa);
+        }
+        chain
     }
 }
 
@@ -98,7 +203,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_return_address_of_libc_syscall_wrappers() {
+    fn finds_the_return_address_at_libc_functions_entries() {
         let me = Process::open(std::process::id()).unwrap();
         let libc = me.libc().expect("a dynamic libc");
         let cfi = Cfi::load(&libc).expect("libc has .eh_frame");
@@ -110,8 +215,9 @@ mod tests {
                 .map(|s| object::ObjectSymbol::address(&s))
                 .unwrap()
         };
-        assert_eq!(cfi.return_address_slot(entry("socket")), Some(0));
-        assert_eq!(cfi.return_address_slot(entry("malloc")), Some(0));
+        let at_entry = Step { base: Base::Sp, cfa: 8, ra: -8, bp: None };
+        assert_eq!(cfi.step(entry("socket")), Some(at_entry));
+        assert_eq!(cfi.step(entry("malloc")), Some(at_entry));
     }
 
     #[test]
@@ -122,6 +228,7 @@ mod tests {
         assert_eq!(path, std::env::current_exe().unwrap());
         assert!(offset > 0);
         let mut unwinder = Unwinder::default();
-        assert_eq!(unwinder.return_address_slot(&mut me, here), Some(0), "at a function's entry");
+        let at_entry = Step { base: Base::Sp, cfa: 8, ra: -8, bp: None };
+        assert_eq!(unwinder.step(&mut me, here), Some(at_entry), "at a function's entry");
     }
 }

@@ -176,7 +176,7 @@ impl<'obj> Live<'obj> {
     pub fn with_sites<R>(&mut self, f: impl FnOnce(&Collector, &mut Described<'_>) -> R) -> R {
         let _ = self.collector.borrow_mut().decoder.process.refresh_mappings();
         let collector = self.collector.borrow();
-        let mut described = Described { sites: &mut self.sites, probes: &self.probes, collector: &collector };
+        let mut described = Described { sites: &mut self.sites, collector: &collector };
         f(&collector, &mut described)
     }
 

@@ -1,61 +1,68 @@
 //! Naming creation sites: the stack a resource was created with, symbolized, and the frame to
-//! blame — the first one outside libc and the Python runtime, where the program itself asked.
+//! blame — the first one outside the runtime (libc and its kin, the compilers' runtimes,
+//! libffi, the Python interpreter and its own extension modules), where the program itself asked.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use psleak_ebpf::{Probes, Target};
+use psleak_ebpf::Target;
 
 use crate::backends::ebpf::tracer::{Collector, RecordDecoder};
 use crate::model::event::Origin;
 use crate::sites::frame::{blame, Describe, Frame, PyFrame};
 use crate::sites::symbols::Symbols;
 
+/// The file names of the runtime's libraries, whatever their version suffix: what they call
+/// was asked for by someone else (ctypes' malloc by libffi's caller, an fstream's open by the
+/// C++ constructor).
+const RUNTIME_LIBRARIES: &[&str] = &[
+    "libc.so",
+    "libm.so",
+    "ld-linux",
+    "libpthread.so",
+    "libdl.so",
+    "libstdc++.so",
+    "libgcc_s.so",
+    "libffi.so",
+    "libpython",
+];
+
 pub struct SiteNamer {
+    /// libc and the interpreter psleak probes (where they are, whatever their names), and a
+    /// Python target's executable.
     runtime_modules: Vec<PathBuf>,
     symbols: Symbols,
-    stacks: HashMap<u32, Vec<u64>>,
 }
 
 impl SiteNamer {
     pub fn new(target: &Target) -> Self {
-        let runtime_modules = [Some(&target.libc), target.python.as_ref()].into_iter().flatten().cloned().collect();
-        Self { runtime_modules, symbols: Symbols::default(), stacks: HashMap::new() }
+        let executable =
+            target.python.as_ref().and_then(|_| std::fs::read_link(format!("/proc/{}/exe", target.pid)).ok());
+        let runtime_modules =
+            [Some(target.libc.clone()), target.python.clone(), executable].into_iter().flatten().collect();
+        Self { runtime_modules, symbols: Symbols::default() }
     }
 
-    /// Return addresses from the creating call outwards: the chain unwound from stack words
-    /// when there is one; else the exact caller first, then the
-    /// recorded stack without its innermost frame (the probed function itself), up to the
-    /// first address outside code (a frame-pointer walk through code built without frame
-    /// pointers goes astray there).
-    fn stack_of(&mut self, origin: Origin, probes: &Probes<'_>, decoder: &RecordDecoder) -> Vec<u64> {
-        if let Some(chain) = origin.chain {
-            return decoder.chain(chain).to_vec();
+    fn is_runtime(&self, module: &str) -> bool {
+        let path = Path::new(module);
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        self.runtime_modules.iter().any(|r| r == path)
+            || RUNTIME_LIBRARIES.iter().any(|library| name.starts_with(library))
+            || module.contains("/lib-dynload/")
+    }
+
+    /// Return addresses from the creating call outwards.
+    fn stack_of(origin: Origin, decoder: &RecordDecoder) -> Vec<u64> {
+        match origin.chain {
+            Some(chain) => decoder.chain(chain).to_vec(),
+            None => origin.caller.into_iter().collect(),
         }
-        let process = &decoder.process;
-        let recorded = match origin.stack_id {
-            Some(id) => self.stacks.entry(id).or_insert_with(|| probes.user_stack(id)).clone(),
-            None => Vec::new(),
-        };
-        let mut stack: Vec<u64> = origin.caller.into_iter().collect();
-        for addr in recorded.into_iter().skip(1).take_while(|&a| process.in_code(a)) {
-            if stack.last() != Some(&addr) {
-                stack.push(addr);
-            }
-        }
-        stack
     }
 
     /// The site to blame and the symbolized stack it was found in.
-    pub fn name(
-        &mut self,
-        origin: Origin,
-        probes: &Probes<'_>,
-        decoder: &RecordDecoder,
-    ) -> (Option<Frame>, Vec<Frame>) {
-        let addrs = self.stack_of(origin, probes, decoder);
+    pub fn name(&mut self, origin: Origin, decoder: &RecordDecoder) -> (Option<Frame>, Vec<Frame>) {
+        let addrs = Self::stack_of(origin, decoder);
         let frames = self.symbols.frames(&addrs, &decoder.process);
-        let site = blame(&frames, |m| self.runtime_modules.iter().any(|r| r == Path::new(m)));
+        let site = blame(&frames, |m| self.is_runtime(m));
         (site, frames)
     }
 }
@@ -63,13 +70,12 @@ impl SiteNamer {
 /// Names sites for a report from what the collector saw of the target.
 pub struct Described<'r> {
     pub sites: &'r mut SiteNamer,
-    pub probes: &'r Probes<'r>,
     pub collector: &'r Collector,
 }
 
 impl Describe for Described<'_> {
     fn site(&mut self, origin: Origin) -> (Option<Frame>, Vec<Frame>) {
-        self.sites.name(origin, self.probes, &self.collector.decoder)
+        self.sites.name(origin, &self.collector.decoder)
     }
 
     fn python(&mut self, origin: Origin) -> Vec<PyFrame> {

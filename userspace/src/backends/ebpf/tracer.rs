@@ -16,7 +16,7 @@ use crate::model::event::{Change, Domain, Event, FdKind, Origin};
 use crate::model::ledger::Ledger;
 use crate::process::Process;
 use crate::sites::frame::PyFrame;
-use crate::sites::unwind::Unwinder;
+use crate::sites::unwind::{Stack, Unwinder};
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -146,9 +146,10 @@ impl Collector {
         let event = psleak_ebpf::decode(record).and_then(|record| self.decoder.event(&record));
         match event {
             Some(event) => {
-                if event.change == Change::Exec {
-                    // The old program's code is unmapped: its addresses name nothing now.
-                    self.decoder.process.forget_mappings();
+                match event.change {
+                    Change::Exec => self.decoder.forget_code(),
+                    Change::Map { .. } | Change::Remap { .. } => self.decoder.process.mapped(),
+                    _ => {}
                 }
                 self.ledger.apply(&event);
             }
@@ -209,30 +210,30 @@ impl RecordDecoder {
         Self { process, unwinder: Unwinder::default(), chains, python, python_stacks }
     }
 
+    /// After an exec: the old program's code is unmapped, its addresses name nothing now.
+    pub fn forget_code(&mut self) {
+        self.process.forget_mappings();
+        self.unwinder.forget_addresses();
+    }
+
     /// The event of a record; `None` for a record that does not make sense.
     pub fn event(&mut self, record: &psleak_ebpf::Record) -> Option<Event> {
         let raw = &record.event;
         let change = change_of(raw)?;
+        // Named now, while the code objects are alive (the thread is still in them).
+        let python = match (&record.python, &mut self.python) {
+            (Some(stack), Some(names)) => Some(names.frames(stack, &self.process)).filter(|frames| !frames.is_empty()),
+            _ => None,
+        };
         let (caller, chain) = match &record.scan {
             Some(scan) => {
                 let chain = self.unwind(scan);
                 (chain.first().copied(), if chain.len() > 1 { self.chains.intern(chain) } else { None })
             }
-            None => ((raw.caller != 0).then_some(raw.caller), None),
+            None => (None, None),
         };
-        // Named now, while the code objects are alive (the thread is still in them).
-        let python = match (&record.python, &mut self.python) {
-            (Some(stack), Some(names)) => {
-                let frames = names.frames(stack, &self.process);
-                if frames.is_empty() {
-                    None
-                } else {
-                    self.python_stacks.intern(frames)
-                }
-            }
-            _ => None,
-        };
-        let origin = Origin { caller, stack_id: u32::try_from(raw.stack_id).ok(), chain, python };
+        let python = python.and_then(|frames| self.python_stacks.intern(frames));
+        let origin = Origin { caller, chain, python };
         Some(Event { ts_ns: raw.ts_ns, tid: raw.tid, origin, change })
     }
 
@@ -246,27 +247,16 @@ impl RecordDecoder {
         self.python_stacks.get(id)
     }
 
-    /// Return addresses in a stack scan, from the code at `scan.ip` outwards: each frame's
-    /// return address sits at the slot its code's CFI names, relative to the stack pointer
-    /// there. Without usable CFI at `scan.ip`, the first word that follows a call instruction.
-    fn unwind(&mut self, scan: &types::stack_scan) -> Vec<u64> {
-        let Some(mut slot) = self.unwinder.return_address_slot(&mut self.process, scan.ip) else {
-            return scan.words.iter().copied().find(|&w| self.process.is_return_address(w)).into_iter().collect();
-        };
-        let mut chain = Vec::new();
-        while let Some(&ra) = scan.words.get(slot) {
-            if ra == 0 || (!chain.is_empty() && !self.process.in_code(ra)) {
-                break;
-            }
-            chain.push(ra);
-            // The caller's stack pointer is just above the return address; its own return
-            // address is where the CFI at the return address says.
-            match self.unwinder.return_address_slot(&mut self.process, ra - 1) {
-                Some(next) => slot = slot.saturating_add(1).saturating_add(next),
-                None => break,
-            }
+    /// Return addresses in a stack scan, from the code at `scan.ip` outwards, unwound with
+    /// each module's CFI. Without usable CFI at `scan.ip`, the first word that follows a call
+    /// instruction.
+    fn unwind(&mut self, scan: &psleak_ebpf::Scan<'_>) -> Vec<u64> {
+        let stack = Stack { ip: scan.ip, sp: scan.sp, bp: scan.bp, bytes: scan.words };
+        let chain = self.unwinder.chain(&mut self.process, stack);
+        if !chain.is_empty() {
+            return chain;
         }
-        chain
+        stack.words().find(|&w| self.process.is_return_address(w)).into_iter().collect()
     }
 }
 
@@ -304,16 +294,9 @@ fn change_of(raw: &types::event) -> Option<Change> {
 mod tests {
     use super::*;
 
-    fn record(kind: event_kind, domain: alloc_domain) -> psleak_ebpf::Record {
-        let event = types::event {
-            kind: kind.0 as u8,
-            domain: domain.0 as u8,
-            addr: 0x1000,
-            size: 24,
-            caller: 0x401234,
-            stack_id: -14,
-            ..Default::default()
-        };
+    fn record(kind: event_kind, domain: alloc_domain) -> psleak_ebpf::Record<'static> {
+        let event =
+            types::event { kind: kind.0 as u8, domain: domain.0 as u8, addr: 0x1000, size: 24, ..Default::default() };
         psleak_ebpf::Record { event, ..Default::default() }
     }
 
@@ -326,11 +309,7 @@ mod tests {
         let mut d = decoder();
         let alloc = d.event(&record(event_kind::EV_ALLOC, alloc_domain::DOMAIN_PYOBJECT)).unwrap();
         assert_eq!(alloc.change, Change::Alloc { domain: Domain::Pyobject, addr: 0x1000, size: 24 });
-        assert_eq!(
-            alloc.origin,
-            Origin { caller: Some(0x401234), ..Origin::default() },
-            "a negative stack id is no stack"
-        );
+        assert_eq!(alloc.origin, Origin::default(), "a record without stack words has no origin");
         let mut close = record(event_kind::EV_FD_CLOSE, alloc_domain::DOMAIN_LIBC);
         close.event.aux = u64::from(u32::MAX);
         assert_eq!(d.event(&close).unwrap().change, Change::FdClose { first: 0x1000, last: i32::MAX });
@@ -344,9 +323,8 @@ mod tests {
         // At a function's entry, the return address is the word at the stack pointer; the
         // stale words above it must not be taken for it.
         let entry = reads_the_caller_from_the_slot_the_cfi_names as *const () as u64;
-        let mut scan = types::stack_scan { ip: entry, ..Default::default() };
-        scan.words[0] = 0xdead_beef;
-        scan.words[1] = entry + 1;
+        let words: Vec<u8> = [0xdead_beef, entry + 1].iter().flat_map(|w: &u64| w.to_ne_bytes()).collect();
+        let mut scan = psleak_ebpf::Scan { ip: entry, sp: 0x7000_0000, bp: 0, words: &words };
         let mut raw = record(event_kind::EV_MMAP, alloc_domain::DOMAIN_LIBC);
         raw.scan = Some(scan);
         assert_eq!(d.event(&raw).unwrap().origin.caller, Some(0xdead_beef));
