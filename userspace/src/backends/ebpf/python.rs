@@ -126,6 +126,9 @@ const LAYOUTS: [Layout; 5] = [
     },
 ];
 
+/// CPython's evaluation loop, the C function every Python function runs in (3.9-3.13).
+const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
+
 /// glibc's private offsets, from the descriptors libc exports for debuggers (`_thread_db_*`:
 /// bits, count and offset of a field).
 const PTHREAD_SPECIFIC: &str = "_thread_db_pthread_specific";
@@ -138,6 +141,8 @@ pub struct PythonStacks {
     probes: types::py_layout,
     /// `PyCode_Type`'s address: what a code object's type must be.
     code_type: u64,
+    /// Where the interpreter's evaluation loop is in the process (empty if not found).
+    eval_loop: std::ops::Range<u64>,
     codes: HashMap<u64, Option<Code>>,
 }
 
@@ -167,6 +172,11 @@ impl PythonStacks {
         let bias = load_bias(python, code)?;
         let runtime = bias.checked_add(python_binary.symbol_address("_PyRuntime").ok()??)?;
         let code_type = bias.checked_add(python_binary.symbol_address("PyCode_Type").ok()??)?;
+        let eval_loop = python_binary
+            .function_span(EVAL_LOOP)
+            .ok()
+            .flatten()
+            .and_then(|span| Some(bias.checked_add(span.start)?..bias.checked_add(span.end)?));
         let libc_binary = Binary::open(libc).ok()?;
         let field = |name: &str, index: u64| -> Option<u32> {
             let bytes = libc_binary.symbol_bytes(name, 12).ok()??;
@@ -188,7 +198,15 @@ impl PythonStacks {
             key_data_data: field(KEY_DATA_DATA, 2)?,
             pad: 0,
         };
-        Some(Self { layout, probes, code_type, codes: HashMap::new() })
+        Some(Self { layout, probes, code_type, eval_loop: eval_loop.unwrap_or(0..0), codes: HashMap::new() })
+    }
+
+    /// How much of a native chain (return addresses, innermost first) is the program's: the
+    /// frames before the first return into the evaluation loop, at least one. Past it the
+    /// Python frames say where the program was, and the loop's own return address changes
+    /// as the interpreter specializes a call (3.11+), which would split one leak in two sites.
+    pub fn native_depth(&self, chain: &[u64]) -> usize {
+        chain.iter().position(|addr| self.eval_loop.contains(addr)).map_or(chain.len(), |at| at.max(1))
     }
 
     /// What the probes are given to read the stacks.

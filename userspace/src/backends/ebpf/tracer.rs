@@ -227,7 +227,10 @@ impl RecordDecoder {
         };
         let (caller, chain) = match &record.scan {
             Some(scan) => {
-                let chain = self.unwind(scan);
+                let mut chain = self.unwind(scan);
+                if let (Some(_), Some(names)) = (&python, &self.python) {
+                    chain.truncate(names.native_depth(&chain));
+                }
                 (chain.first().copied(), if chain.len() > 1 { self.chains.intern(chain) } else { None })
             }
             None => (None, None),
