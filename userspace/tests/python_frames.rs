@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{line_of_file, repo_root, this_machines_pythons, Target, Tracer};
@@ -41,6 +42,87 @@ fn a_leak_through_ctypes_is_named_by_its_python_line_and_each_caller_is_its_own_
             // The whole Python stack goes on to the module's code, which called the function.
             let outer = site["python"].as_array().unwrap().iter().any(|f| f["function"] == "<module>");
             assert!(outer, "{}: {site:#}", python.display());
+        }
+    }
+}
+
+/// tests/targets/stripped_ext.cpp built for `python` as wheels are built (`-O2
+/// -fomit-frame-pointer`, no debug info) and stripped (`strip -s`): the directory it is in and
+/// the module's file name.
+fn stripped_ext(python: &Path) -> (PathBuf, String) {
+    let asked = Command::new(python)
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['include']); print(sysconfig.get_config_var('EXT_SUFFIX'))",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8(asked.stdout).unwrap();
+    let (include, suffix) = answer.trim().split_once('\n').unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("stripped-{suffix}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("stripped_ext{suffix}");
+    let source = repo_root().join("tests/targets/stripped_ext.cpp");
+    let built = Command::new("g++")
+        .args(["-O2", "-fomit-frame-pointer", "-fPIC", "-shared", "-pthread", "-I", include, "-o"])
+        .arg(dir.join(&name))
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(built.success(), "building {} for {}", source.display(), python.display());
+    assert!(Command::new("strip").arg("-s").arg(dir.join(&name)).status().unwrap().success());
+    (dir, name)
+}
+
+#[test]
+fn a_stripped_extension_without_frame_pointers_is_unwound_to_the_python_line() {
+    // Pillow's and numpy's wheels as a user has them: no symbols, no frame pointers. Each leak
+    // is two static helpers deep; the module's CFI leads back through them to Python.
+    let script = repo_root().join("tests/targets/stripped_calls.py");
+    let line = |marker: &str| line_of_file(&script, marker);
+    for python in this_machines_pythons() {
+        let (dir, module) = stripped_ext(&python);
+        let mut target = Target::start(Command::new(&python).arg(&script).arg(&dir));
+        let tracer = Tracer::attach(target.pid(), &[]);
+        target.run("blocks 30");
+        target.run("fds 3");
+        target.run("threads 2");
+        let report = tracer.finish();
+        let of_module = |entry: &Value| -> usize {
+            let frames = entry["stack"].as_array().unwrap();
+            let ours = frames.iter().filter(|f| f["module"].as_str().is_some_and(|m| m.ends_with(&module)));
+            ours.inspect(|f| {
+                assert!(f["function"].is_null(), "a stripped module names no function: {f}");
+                let text = f["text"].as_str().unwrap();
+                assert!(text.starts_with(&format!("{module}+0x")), "module+offset: {text}");
+            })
+            .count()
+        };
+        let context = format!("{}: {report:#}", python.display());
+        let blocks = report["suspects"].as_array().unwrap().iter().find(|s| s["count"] == 30 && s["bytes"] == 120_000);
+        let blocks = blocks.unwrap_or_else(|| panic!("no site of the 30 blocks: {context}"));
+        // grab and stash, and leak_blocks that called them.
+        assert!(of_module(blocks) >= 3, "the extension's frames: {context}");
+        assert!(blocks["site"]["module"].as_str().unwrap().ends_with(&module), "blamed: the extension: {context}");
+        let users = |entry: &Value, function: &str, marker: &str| {
+            assert_eq!(entry["called_from"]["function"], function, "{context}");
+            assert_eq!(entry["called_from"]["line"], line(marker), "{context}");
+            let text = entry["site_text"].as_str().unwrap();
+            assert!(
+                text.starts_with(&format!("{function} (stripped_calls.py:{}) → {module}+0x", line(marker))),
+                "{text}"
+            );
+        };
+        users(blocks, "blocks", "BLOCKS_LINE");
+        let fds: Vec<&Value> = report["fds"].as_array().unwrap().iter().filter(|f| of_module(f) > 0).collect();
+        assert_eq!(fds.len(), 3, "the constructor's fds: {context}");
+        for fd in fds {
+            users(fd, "fds", "FDS_LINE");
+        }
+        let threads: Vec<&Value> = report["threads"].as_array().unwrap().iter().filter(|t| of_module(t) > 0).collect();
+        assert_eq!(threads.len(), 2, "the extension's threads: {context}");
+        for thread in threads {
+            users(thread, "threads", "THREADS_LINE");
         }
     }
 }
