@@ -25,7 +25,8 @@ mod unprivileged;
 mod wine;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
-/// the bundled libbpf), and what the tests use (gcc for the C targets, bpftool to check that no
+/// the bundled libbpf), and what the tests use (gcc for the C targets, g++ for the C++ extension
+/// built as wheels are, bpftool to check that no
 /// probe remains, setpriv to run unprivileged, python3 as a traced interpreter, and with its
 /// headers and venv for the tests an unprivileged user runs through the daemon; mingw-w64 gcc,
 /// wine64 to build and run the Windows build).
@@ -36,6 +37,7 @@ const PACKAGES: &[&str] = &[
     "pkg-config",
     "make",
     "gcc",
+    "g++",
     "libc6-dev",
     "bpftool",
     "util-linux",
