@@ -153,6 +153,19 @@ const USS_WAIT: Duration = Duration::from_millis(250);
 /// Reads still under way, by path, with where their answer will come.
 type UnderWay = Vec<(String, mpsc::Receiver<io::Result<String>>)>;
 
+/// Blocks every signal on this thread: a process-directed one (psleak trace's SIGINT, read from
+/// a signalfd by its main thread) goes to any thread that does not block it, and if that is a
+/// reader (started before the main thread blocked it, waiting on a map lock or just exiting),
+/// its default action ends the process. A CI run saw psleak trace die of its SIGINT so.
+fn block_signals() {
+    // SAFETY: a sigset_t filled by sigfillset, set as this thread's mask only.
+    unsafe {
+        let mut all = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}
+
 /// `read(path)` on a thread of its own, waited for up to `wait`: None when it has not answered
 /// by then. A read still under way from an earlier call is waited for again (its answer is the
 /// freshest to be had), never started twice: a process that keeps its map locked must not
@@ -169,7 +182,11 @@ fn within(path: String, wait: Duration, read: fn(&str) -> io::Result<String>) ->
         None => {
             let (tx, answer) = mpsc::channel();
             let reading = path.clone();
-            std::thread::Builder::new().name("psleak-read".into()).spawn(move || tx.send(read(&reading)))?;
+            let reader = move || {
+                block_signals();
+                tx.send(read(&reading))
+            };
+            std::thread::Builder::new().name("psleak-read".into()).spawn(reader)?;
             answer
         }
     };
@@ -234,6 +251,21 @@ mod tests {
         assert!(threads(me).unwrap().iter().any(|(_, name)| name == "psleak-probe"));
         drop(tx);
         worker.join().unwrap().unwrap_err();
+    }
+
+    #[test]
+    fn a_reader_thread_takes_no_signal() {
+        // Its SIGINT's default action would end psleak trace, whose main thread reads it from a signalfd.
+        let blocked = within("/proc/mask".into(), Duration::from_secs(10), |_| {
+            // SAFETY: reads this thread's mask into a zeroed sigset_t.
+            let sigint = unsafe {
+                let mut mask = std::mem::zeroed::<libc::sigset_t>();
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask);
+                libc::sigismember(&mask, libc::SIGINT)
+            };
+            Ok(sigint.to_string())
+        });
+        assert_eq!(blocked.unwrap().as_deref(), Some("1"));
     }
 
     #[test]
