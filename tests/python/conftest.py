@@ -1,11 +1,13 @@
-"""Builds the deliberately leaking extension (tests/python/ext) for this session and makes it
-importable as ``leaky_ext``."""
+"""Builds the deliberately leaking extensions for this session and makes them importable:
+``leaky_ext`` (tests/python/ext) and, on Linux, ``stripped_ext`` (tests/targets/stripped_ext.cpp,
+built as wheels are: -O2, no frame pointers, stripped)."""
 
 import atexit
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 import pytest
@@ -28,6 +30,12 @@ subprocess.run(
     check=True,
     stdout=subprocess.DEVNULL,
 )
+if sys.platform.startswith("linux"):
+    STRIPPED_EXT = os.path.join(BUILD_DIR, "stripped_ext" + sysconfig.get_config_var("EXT_SUFFIX"))
+    SOURCE = os.path.join(os.path.dirname(__file__), "..", "targets", "stripped_ext.cpp")
+    FLAGS = ["-O2", "-fomit-frame-pointer", "-fPIC", "-shared", "-pthread", "-I", sysconfig.get_paths()["include"]]
+    subprocess.run(["g++", *FLAGS, "-o", STRIPPED_EXT, SOURCE], check=True)
+    subprocess.run(["strip", "-s", STRIPPED_EXT], check=True)
 sys.path.insert(0, BUILD_DIR)
 
 
