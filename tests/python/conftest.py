@@ -1,5 +1,5 @@
 """Builds the deliberately leaking extensions for this session and makes them importable:
-``leaky_ext`` (tests/python/ext) and, on Linux, ``stripped_ext`` (tests/targets/stripped_ext.cpp,
+``leaky_ext`` (tests/python/ext) and, on Linux, ``stripped_ext`` (tests/python/ext/stripped_ext.cpp,
 built as wheels are: -O2, no frame pointers, stripped)."""
 
 import atexit
@@ -32,7 +32,7 @@ subprocess.run(
 )
 if sys.platform.startswith("linux"):
     STRIPPED_EXT = os.path.join(BUILD_DIR, "stripped_ext" + sysconfig.get_config_var("EXT_SUFFIX"))
-    SOURCE = os.path.join(os.path.dirname(__file__), "..", "targets", "stripped_ext.cpp")
+    SOURCE = os.path.join(EXT_DIR, "stripped_ext.cpp")
     FLAGS = ["-O2", "-fomit-frame-pointer", "-fPIC", "-shared", "-pthread", "-I", sysconfig.get_paths()["include"]]
     subprocess.run(["g++", *FLAGS, "-o", STRIPPED_EXT, SOURCE], check=True)
     subprocess.run(["strip", "-s", STRIPPED_EXT], check=True)

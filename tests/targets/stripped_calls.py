@@ -1,4 +1,4 @@
-"""A Python program that leaks through the stripped C++ extension (tests/targets/stripped_ext.cpp),
+"""A Python program that leaks through the stripped C++ extension (tests/python/ext/stripped_ext.cpp),
 for the tests of whole native stacks: `blocks N`, `fds N` and `threads N` leak N of each. The
 extension is imported from the directory given as the first argument."""
 

@@ -15,6 +15,15 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#if PY_VERSION_HEX < 0x030A0000
+/* 3.10's, for 3.9. */
+static inline PyObject *Py_NewRef(PyObject *o)
+{
+	Py_INCREF(o);
+	return o;
+}
+#endif
+
 /* Keeps the compiler from dropping an allocation it can see is never used. */
 static void *volatile sink;
 
