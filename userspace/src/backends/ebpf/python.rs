@@ -126,8 +126,9 @@ const LAYOUTS: [Layout; 5] = [
     },
 ];
 
-/// CPython's evaluation loop, the C function every Python function runs in (3.9-3.13).
-const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
+/// CPython's evaluation loop, the C function every Python function runs in (3.9-3.13), and the
+/// part of it gcc moved out of line (its error paths, which allocate too).
+const EVAL_LOOP: [&str; 2] = ["_PyEval_EvalFrameDefault", "_PyEval_EvalFrameDefault.cold"];
 
 /// glibc's private offsets, from the descriptors libc exports for debuggers (`_thread_db_*`:
 /// bits, count and offset of a field).
@@ -141,8 +142,8 @@ pub struct PythonStacks {
     probes: types::py_layout,
     /// `PyCode_Type`'s address: what a code object's type must be.
     code_type: u64,
-    /// Where the interpreter's evaluation loop is in the process (empty if not found).
-    eval_loop: std::ops::Range<u64>,
+    /// Where the interpreter's evaluation loop is in the process (none if not found).
+    eval_loop: Vec<std::ops::Range<u64>>,
     codes: HashMap<u64, Option<Code>>,
 }
 
@@ -172,11 +173,11 @@ impl PythonStacks {
         let bias = load_bias(python, code)?;
         let runtime = bias.checked_add(python_binary.symbol_address("_PyRuntime").ok()??)?;
         let code_type = bias.checked_add(python_binary.symbol_address("PyCode_Type").ok()??)?;
-        let eval_loop = python_binary
-            .function_span(EVAL_LOOP)
-            .ok()
-            .flatten()
-            .and_then(|span| Some(bias.checked_add(span.start)?..bias.checked_add(span.end)?));
+        let eval_loop = EVAL_LOOP
+            .iter()
+            .filter_map(|part| python_binary.function_span(part).ok().flatten())
+            .filter_map(|span| Some(bias.checked_add(span.start)?..bias.checked_add(span.end)?))
+            .collect();
         let libc_binary = Binary::open(libc).ok()?;
         let field = |name: &str, index: u64| -> Option<u32> {
             let bytes = libc_binary.symbol_bytes(name, 12).ok()??;
@@ -198,7 +199,7 @@ impl PythonStacks {
             key_data_data: field(KEY_DATA_DATA, 2)?,
             pad: 0,
         };
-        Some(Self { layout, probes, code_type, eval_loop: eval_loop.unwrap_or(0..0), codes: HashMap::new() })
+        Some(Self { layout, probes, code_type, eval_loop, codes: HashMap::new() })
     }
 
     /// How much of a native chain (return addresses, innermost first) is the program's: the
@@ -206,7 +207,8 @@ impl PythonStacks {
     /// Python frames say where the program was, and the loop's own return address changes
     /// as the interpreter specializes a call (3.11+), which would split one leak in two sites.
     pub fn native_depth(&self, chain: &[u64]) -> usize {
-        chain.iter().position(|addr| self.eval_loop.contains(addr)).map_or(chain.len(), |at| at.max(1))
+        let in_loop = |addr: &u64| self.eval_loop.iter().any(|part| part.contains(addr));
+        chain.iter().position(in_loop).map_or(chain.len(), |at| at.max(1))
     }
 
     /// What the probes are given to read the stacks.
@@ -380,6 +382,22 @@ fn location_line(table: &[u8], first: i64, unit: u64) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eval_loops_out_of_line_part_is_found() {
+        // pyenv's 3.11 (gcc) moved the loop's error paths to `.cold`, a local symbol: a chain
+        // returning there must be cut as in the loop itself.
+        let pyenv = std::env::var_os("PYENV_ROOT").map_or_else(|| "/root/.pyenv".into(), std::path::PathBuf::from);
+        let versions = std::fs::read_dir(pyenv.join("versions")).expect("pyenv's CPythons are on this machine kind");
+        let libpython = versions
+            .flatten()
+            .map(|v| v.path().join("lib/libpython3.11.so.1.0"))
+            .find(|p| p.exists())
+            .expect("pyenv's 3.11");
+        let binary = Binary::open(&libpython).unwrap();
+        let [hot, cold] = EVAL_LOOP.map(|part| binary.function_span(part).unwrap());
+        assert!(hot.is_some() && cold.is_some(), "{}: {hot:?} {cold:?}", libpython.display());
+    }
 
     #[test]
     fn versions_are_read_from_the_file_name() {
