@@ -170,7 +170,9 @@ impl Unwinder {
     /// The return addresses of `stack`, from the code at its `ip` outwards, as far as the
     /// copied words and the CFI go. The words are the target's, hence anyone's: a chain ends
     /// at the first frame that does not move up the stack or returns outside code.
-    pub fn chain(&mut self, process: &mut Process, stack: Stack<'_>) -> Vec<u64> {
+    /// It also ends before the first return address that `ends` says is where the caller's
+    /// frames stop mattering (kept when it is the first).
+    pub fn chain(&mut self, process: &mut Process, stack: Stack<'_>, ends: impl Fn(u64) -> bool) -> Vec<u64> {
         let (mut ip, mut sp, mut bp) = (stack.ip, stack.sp, stack.bp);
         let mut chain = Vec::with_capacity(32);
         while chain.len() < MAX_FRAMES {
@@ -186,7 +188,14 @@ impl Unwinder {
             if ra == 0 || (!chain.is_empty() && !process.in_code(ra)) {
                 break;
             }
+            let last = ends(ra);
+            if last && !chain.is_empty() {
+                break;
+            }
             chain.push(ra);
+            if last {
+                break;
+            }
             if let Some(saved) = step.bp {
                 // The caller is known, not how to go past it without its rbp.
                 let Some(caller_bp) = cfa.checked_add_signed(saved).and_then(|at| stack.word(at)) else { break };

@@ -202,13 +202,12 @@ impl PythonStacks {
         Some(Self { layout, probes, code_type, eval_loop, codes: HashMap::new() })
     }
 
-    /// How much of a native chain (return addresses, innermost first) is the program's: the
-    /// frames before the first return into the evaluation loop, at least one. Past it the
-    /// Python frames say where the program was, and the loop's own return address changes
-    /// as the interpreter specializes a call (3.11+), which would split one leak in two sites.
-    pub fn native_depth(&self, chain: &[u64]) -> usize {
-        let in_loop = |addr: &u64| self.eval_loop.iter().any(|part| part.contains(addr));
-        chain.iter().position(in_loop).map_or(chain.len(), |at| at.max(1))
+    /// Whether a native chain ends before `return_address`: a return into the evaluation loop.
+    /// Past it the Python frames say where the program was, and the loop's own return address
+    /// changes as the interpreter specializes a call (3.11+), which would split one leak in two
+    /// sites. Unwinding no further also spares the collector the interpreter's deep frames.
+    pub fn ends_native_chain(&self, return_address: u64) -> bool {
+        self.eval_loop.iter().any(|part| part.contains(&return_address))
     }
 
     /// What the probes are given to read the stacks.

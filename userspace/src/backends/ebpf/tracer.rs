@@ -227,10 +227,9 @@ impl RecordDecoder {
         };
         let (caller, chain) = match &record.scan {
             Some(scan) => {
-                let mut chain = self.unwind(scan);
-                if let (Some(_), Some(names)) = (&python, &self.python) {
-                    chain.truncate(names.native_depth(&chain));
-                }
+                let interpreter = self.python.as_ref().filter(|_| python.is_some());
+                let ends = |ra: u64| interpreter.is_some_and(|names| names.ends_native_chain(ra));
+                let chain = unwind(&mut self.unwinder, &mut self.process, scan, ends);
                 (chain.first().copied(), if chain.len() > 1 { self.chains.intern(chain) } else { None })
             }
             None => (None, None),
@@ -249,18 +248,23 @@ impl RecordDecoder {
     pub fn python_stack(&self, id: u32) -> &[PyFrame] {
         self.python_stacks.get(id)
     }
+}
 
-    /// Return addresses in a stack scan, from the code at `scan.ip` outwards, unwound with
-    /// each module's CFI. Without usable CFI at `scan.ip`, the first word that follows a call
-    /// instruction.
-    fn unwind(&mut self, scan: &psleak_ebpf::Scan<'_>) -> Vec<u64> {
-        let stack = Stack { ip: scan.ip, sp: scan.sp, bp: scan.bp, bytes: scan.words };
-        let chain = self.unwinder.chain(&mut self.process, stack);
-        if !chain.is_empty() {
-            return chain;
-        }
-        stack.words().find(|&w| self.process.is_return_address(w)).into_iter().collect()
+/// Return addresses in a stack scan, from the code at `scan.ip` outwards, unwound with each
+/// module's CFI until `ends`. Without usable CFI at `scan.ip`, the first word that follows a
+/// call instruction.
+fn unwind(
+    unwinder: &mut Unwinder,
+    process: &mut Process,
+    scan: &psleak_ebpf::Scan<'_>,
+    ends: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let stack = Stack { ip: scan.ip, sp: scan.sp, bp: scan.bp, bytes: scan.words };
+    let chain = unwinder.chain(process, stack, ends);
+    if !chain.is_empty() {
+        return chain;
     }
+    stack.words().find(|&w| process.is_return_address(w)).into_iter().collect()
 }
 
 fn change_of(raw: &types::event) -> Option<Change> {
