@@ -4,11 +4,16 @@ line and frames as its replies carry them)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from psleak import _native
 
 human_bytes = _native.human_bytes
+
+# psleak's own frames drive the calls: they are between the tested function and the test in
+# every stack, and say nothing to the user.
+_PSLEAK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0) -> str:
@@ -29,12 +34,13 @@ def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0
 
 def format_leak_sites(sites: list[dict[str, Any]], calls: int) -> str:
     """The sites of a traced batch's reply, each its line, its first native frames and the
-    Python frames that called them."""
+    Python frames that called them (not psleak's)."""
     lines = ["", f"Leak sites (a traced replay of {calls} calls: created by them, still live, and growing):"]
     for site in sites:
         lines.append(f"* {site['text']}")
         lines.extend(f"    {frame['text']}" for frame in site["stack"][:12])
-        lines.extend(f"    {frame['text']}" for frame in site.get("python", ())[:8])
+        python = [frame for frame in site.get("python", ()) if not frame["file"].startswith(_PSLEAK_DIR)]
+        lines.extend(f"    {frame['text']}" for frame in python[:8])
     return "\n".join(lines)
 
 

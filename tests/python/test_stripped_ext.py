@@ -30,3 +30,8 @@ def test_a_stripped_extensions_leak_is_named_by_the_line_that_called_it(psleak, 
         # The static helper that called malloc, the one that called it, and the module function.
         frames = re.findall(r"^ +stripped_ext\.\S+\.so\+0x[0-9a-f]+$", message, re.MULTILINE)
         assert len(frames) >= 3, message
+        # Then the Python frames: the tested function's and the test's, not psleak's between them.
+        assert (
+            "    test_a_stripped_extensions_leak_is_named_by_the_line_that_called_it (test_stripped_ext.py:" in message
+        )
+        assert "_testcase.py" not in message, message
