@@ -26,6 +26,13 @@ const RUNTIME_LIBRARIES: &[&str] = &[
     "libpython",
 ];
 
+/// Whether `module` is one of the runtime's libraries by its name, or one of CPython's own
+/// extension modules.
+fn is_runtime_library(module: &str) -> bool {
+    let name = Path::new(module).file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    RUNTIME_LIBRARIES.iter().any(|library| name.starts_with(library)) || module.contains("/lib-dynload/")
+}
+
 pub struct SiteNamer {
     /// libc and the interpreter psleak probes (where they are, whatever their names), and a
     /// Python target's executable.
@@ -43,11 +50,7 @@ impl SiteNamer {
     }
 
     fn is_runtime(&self, module: &str) -> bool {
-        let path = Path::new(module);
-        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-        self.runtime_modules.iter().any(|r| r == path)
-            || RUNTIME_LIBRARIES.iter().any(|library| name.starts_with(library))
-            || module.contains("/lib-dynload/")
+        self.runtime_modules.iter().any(|r| r == Path::new(module)) || is_runtime_library(module)
     }
 
     /// Return addresses from the creating call outwards.
@@ -88,5 +91,30 @@ impl Describe for Described<'_> {
 
     fn thread_name(&self, tid: u32) -> Option<String> {
         self.collector.decoder.process.thread_name(tid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_libraries_by_name() {
+        for (module, runtime) in [
+            ("/usr/lib/x86_64-linux-gnu/libc.so.6", true),
+            ("/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30", true),
+            ("/usr/lib/x86_64-linux-gnu/libffi.so.8.1.2", true),
+            ("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", true),
+            ("/root/.pyenv/versions/3.13.0/lib/libpython3.13.so.1.0", true),
+            ("/usr/lib/python3.11/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so", true),
+            // Names that only begin like a runtime library's.
+            ("/usr/lib/x86_64-linux-gnu/libcrypto.so.3", false),
+            ("/usr/lib/x86_64-linux-gnu/libmagic.so.1", false),
+            // The user's code, installed or built in place.
+            ("/venv/lib/python3.11/site-packages/numpy/core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so", false),
+            ("/tmp/build/stripped_ext.cpython-313-x86_64-linux-gnu.so", false),
+        ] {
+            assert_eq!(is_runtime_library(module), runtime, "{module}");
+        }
     }
 }
