@@ -40,6 +40,9 @@ from psleak._testcase import (
     _emit_warnings as _emit_warnings,
 )
 
+# The workspace's version (Cargo.toml), the same as `psleak --version` and the metadata's.
+__version__: str = _native.__version__
+
 __all__ = [
     "BackendError",
     "Checkers",

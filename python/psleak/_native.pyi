@@ -2,6 +2,7 @@
 
 import sys
 
+__version__: str
 PROTOCOL_VERSION: int
 """The version of the protocol spoken to the collector and the daemon (psleak::serve::protocol)."""
 DEFAULT_SOCKET: str

@@ -327,6 +327,7 @@ fn heap_count() -> usize {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Defined once, in the protocol: the Python package speaks it.
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", psleak::serve::protocol::VERSION)?;
     m.add("DEFAULT_SOCKET", psleak::serve::protocol::DEFAULT_SOCKET)?;
     m.add_function(wrap_pyfunction!(memory, m)?)?;

@@ -11,6 +11,7 @@
 //!   cargo xtask soak    the daemon under 10,000 sessions and ten minutes of hostile clients
 //!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
 //!   cargo xtask wine    run the Windows build under Wine (also in `test`)
+//!   cargo xtask wheel   the sdist and the manylinux wheel built from it, checked (also in `test`)
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,13 +20,16 @@ use std::time::Instant;
 
 mod bench;
 mod cost;
+mod pythons;
 mod soak;
 mod targets;
 mod unprivileged;
+mod wheel;
 mod wine;
 
 /// Debian packages: what the build needs (clang for the BPF C, libelf/zlib/pkg-config/make for
-/// the bundled libbpf), and what the tests use (gcc for the C targets, g++ for the C++ extension
+/// the bundled libbpf; autotools, gettext, flex and bison for the wheel's libelf, built from
+/// elfutils' sources by libbpf-sys), and what the tests use (gcc for the C targets, g++ for the C++ extension
 /// built as wheels are, bpftool to check that no
 /// probe remains, setpriv to run unprivileged, python3 as a traced interpreter, and with its
 /// headers and venv for the tests an unprivileged user runs through the daemon; mingw-w64 gcc,
@@ -36,6 +40,14 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "pkg-config",
     "make",
+    "autoconf",
+    "automake",
+    "autopoint",
+    "libtool",
+    "gettext",
+    "flex",
+    "bison",
+    "gawk",
     "gcc",
     "g++",
     "libc6-dev",
@@ -61,11 +73,12 @@ fn main() -> ExitCode {
         "bench-cost" => setup().and_then(|()| cost::bench_cost()),
         "soak" => setup().and_then(|()| soak::soak()),
         "check-targets" => targets::check(),
+        "wheel" => setup().and_then(|()| wheel_task()),
         "wine" => setup().and_then(|()| wine::smoke()).and_then(|(_, failed)| match failed {
             0 => Ok(()),
             n => Err(format!("{n} checks failed")),
         }),
-        _ => Err("usage: cargo xtask setup|demo|test|bench|bench-cost|soak|check-targets|wine".into()),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|bench-cost|soak|check-targets|wine|wheel".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,6 +183,9 @@ fn test() -> Result {
     }
     let status = cargo.wait().map_err(|e| e.to_string())?;
     let python = python_tests();
+    let packaging = wheel::wheel().map(|w| wheel::checks(&w, &root().join("target/venv")));
+    let packaging_checks = packaging.as_ref().map_or(1, |checks| checks.len() as u64);
+    let packaging_failed = packaging.map_or(1, checked);
     let other_targets = targets::check();
     let under_wine = wine::smoke();
     let lints = lints();
@@ -179,8 +195,8 @@ fn test() -> Result {
     // One closing line for the whole suite: cargo's own last line is the last test binary's.
     println!(
         "tests: {} passed, {} failed",
-        passed + py_passed + wine_passed + lints.len() as u64 - lint_failed,
-        failed + py_failed + wine_failed + lint_failed
+        passed + py_passed + wine_passed + lints.len() as u64 - lint_failed + packaging_checks - packaging_failed,
+        failed + py_failed + wine_failed + lint_failed + packaging_failed
     );
     if let Err(err) = &python {
         eprintln!("xtask: the Python tests could not run: {err}");
@@ -189,6 +205,9 @@ fn test() -> Result {
         return Err(format!("cargo test failed ({status})"));
     }
     other_targets?;
+    if packaging_failed > 0 {
+        return Err(format!("{packaging_failed} checks of the wheel failed"));
+    }
     for (lint, result) in lints {
         result.map_err(|err| format!("{lint} failed: {err}"))?;
     }
@@ -221,8 +240,16 @@ fn lints() -> Vec<(&'static str, Result)> {
 
 /// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
 /// run unchanged against our package, import it.
-const PYTHON_TEST_DEPS: &[&str] =
-    &["maturin==1.16.0", PYTEST, "pytest-instafail", "pytest-xdist", "psutil", "setuptools", "ruff==0.17.5"];
+const PYTHON_TEST_DEPS: &[&str] = &[
+    "maturin==1.16.0",
+    "auditwheel==6.8.2",
+    PYTEST,
+    "pytest-instafail",
+    "pytest-xdist",
+    "psutil",
+    "setuptools",
+    "ruff==0.17.5",
+];
 
 /// The pytest of every Python run, ours and the benchmark's.
 const PYTEST: &str = "pytest==9.2.0";
@@ -269,43 +296,63 @@ fn python_tests() -> Result<PytestCounts> {
     ];
     let mut total = PytestCounts::default();
     let mut times = Vec::new();
-    for (name, dir, backend, pythonmalloc, args, env) in runs {
-        println!("xtask: Python tests ({name})");
-        let started = Instant::now();
-        let mut command = Command::new(&python);
-        command
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:instafail"])
-            .args(&args)
-            .current_dir(dir)
-            .env("PSLEAK_BACKEND", backend)
-            .env("PYTHONUNBUFFERED", "1")
-            .envs(env);
-        match pythonmalloc {
-            Some(allocator) => command.env("PYTHONMALLOC", allocator),
-            None => command.env_remove("PYTHONMALLOC"),
-        };
-        let counts = pytest(&mut command)?;
+    let mut record = |name: String, started: Instant, counts: PytestCounts| {
         times.push((name, started.elapsed(), counts.passed, counts.failed));
         total.passed += counts.passed;
         total.failed += counts.failed;
+    };
+    for (name, dir, backend, pythonmalloc, args, env) in runs {
+        println!("xtask: Python tests ({name})");
+        let started = Instant::now();
+        record(name.into(), started, pytest_under(&python, dir, backend, pythonmalloc, &args, &env)?);
+    }
+    // Ours under every other interpreter, with each allocator: what depends on the version
+    // (frame layouts, the allocator's probes, the C API) is in both.
+    let wheel = wheel::wheel()?;
+    for interpreter in pythons::others(&python)? {
+        let other = pythons::venv(&interpreter, &wheel)?;
+        for (kind, pythonmalloc) in [("trace", malloc), ("trace, pymalloc", None)] {
+            let name = format!("ours, {kind}, {}", interpreter.name);
+            println!("xtask: Python tests ({name})");
+            let started = Instant::now();
+            record(name, started, pytest_under(&other, &ours, "trace", pythonmalloc, &[], &[])?);
+        }
     }
     print_calls_to_verdict(&trace_report, &poll_report);
 
     let started = Instant::now();
     let counts = unprivileged::run_through_daemon()?;
-    times.push((
-        "ours (leaky_ext), Debian python3: root, then a user through the daemon",
-        started.elapsed(),
-        counts.passed,
-        counts.failed,
-    ));
-    total.passed += counts.passed;
-    total.failed += counts.failed;
+    record("ours (leaky_ext), Debian python3: root, then a user through the daemon".into(), started, counts);
     println!("\n| Python test run | wall time | passed | failed |\n|---|---:|---:|---:|");
     for (name, took, passed, failed) in &times {
         println!("| {name} | {:.1} s | {passed} | {failed} |", took.as_secs_f64());
     }
     Ok(total)
+}
+
+/// Runs pytest in `dir` with `python`, on `backend`, with PYTHONMALLOC set to `pythonmalloc` or
+/// unset.
+fn pytest_under(
+    python: &Path,
+    dir: &Path,
+    backend: &str,
+    pythonmalloc: Option<&str>,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<PytestCounts> {
+    let mut command = Command::new(python);
+    command
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:instafail"])
+        .args(args)
+        .current_dir(dir)
+        .env("PSLEAK_BACKEND", backend)
+        .env("PYTHONUNBUFFERED", "1")
+        .envs(env.iter().copied());
+    match pythonmalloc {
+        Some(allocator) => command.env("PYTHONMALLOC", allocator),
+        None => command.env_remove("PYTHONMALLOC"),
+    };
+    pytest(&mut command)
 }
 
 fn deselect(poll: bool) -> Vec<String> {
@@ -327,25 +374,37 @@ fn python_with_psleak() -> Result<PathBuf> {
     run(Command::new(&python)
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
         .args(PYTHON_TEST_DEPS))?;
-    let wheels = target.join("wheels");
-    let _ = std::fs::remove_dir_all(&wheels);
-    run(Command::new(venv.join("bin/maturin"))
-        .args(["build", "--release", "--locked", "--compatibility", "linux", "--auditwheel", "skip", "-q", "-o"])
-        .arg(&wheels)
-        .arg("-i")
-        .arg(&python)
-        .current_dir(root().join("python")))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(wheel()?))?;
+    let wheel = wheel::build(&venv)?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]).arg(wheel))?;
     Ok(python)
 }
 
-/// The wheel that `python_with_psleak` built.
-fn wheel() -> Result<PathBuf> {
-    std::fs::read_dir(root().join("target/wheels"))
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| "maturin built no wheel".into())
+/// `cargo xtask wheel`: builds the sdist and the wheel, installs it in the venv and checks it.
+fn wheel_task() -> Result {
+    let python = python_with_psleak()?;
+    let venv = python.parent().and_then(Path::parent).ok_or("the venv's python has no venv")?;
+    let wheel = wheel::wheel()?;
+    let failed = checked(wheel::checks(&wheel, venv));
+    println!("xtask: {}", wheel.display());
+    match failed {
+        0 => Ok(()),
+        n => Err(format!("{n} checks of the wheel failed")),
+    }
+}
+
+/// Prints each named check's outcome; returns how many failed.
+fn checked(checks: Vec<(&str, Result)>) -> u64 {
+    let mut failed = 0;
+    for (name, result) in checks {
+        match result {
+            Ok(()) => println!("xtask: {name}: ok"),
+            Err(err) => {
+                println!("xtask: {name}: FAILED: {err}");
+                failed += 1;
+            }
+        }
+    }
+    failed
 }
 
 /// psleak 0.1.6's test files and their C extension, from the sdist on PyPI, unchanged.

@@ -33,7 +33,7 @@ pub fn run_through_daemon() -> Result<PytestCounts> {
     run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
     run(Command::new(&python)
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", PYTEST, "setuptools"])
-        .arg(wheel()?))?;
+        .arg(wheel::wheel()?))?;
     // The user's own: its home, and the tests (the extension is built beside them).
     let home = dir.join("home");
     run(Command::new("cp").arg("-r").arg(root().join("tests/python")).arg(&home))?;
