@@ -30,6 +30,9 @@ class PollBackend:
     name = "poll"
     exact = False
 
+    def __init__(self, why="PSLEAK_BACKEND=poll"):
+        self.why = why
+
     def describe(self):
         return "poll (the OS's counters and the allocator's statistics; memory checks need PYTHONMALLOC=malloc)"
 
@@ -45,8 +48,9 @@ class Tracer:
     name = "trace"
     exact = True
 
-    def __init__(self, daemon=None):
+    def __init__(self, daemon=None, why="this process may load eBPF probes"):
         self.daemon = daemon
+        self.why = why
 
     def describe(self):
         where = f"the daemon at {self.daemon}" if self.daemon else "a private collector"
@@ -214,24 +218,58 @@ def _start_collector(theirs, allocators):
     return process
 
 
+# What a user does to get the tracer where this process cannot load probes.
+TRACER_HINT = f"have root run `psleak daemon` and set PSLEAK_SOCKET to its socket (default {DEFAULT_SOCKET})"
+
+# What a run may require (--psleak-require, PSLEAK_REQUIRE): "checks", every check that is
+# enabled runs (none is skipped); "trace", the same, with the tracer judging.
+REQUIREMENTS = ("checks", "trace")
+
 _backend = None
+_requirement = None
+
+
+def require(level, source):
+    """Makes ``level`` (None or one of REQUIREMENTS) this process's requirement, as ``source``
+    (``--psleak-require=trace``) asked; before the backend is chosen."""
+    global _requirement
+    if level is not None and level not in REQUIREMENTS:
+        msg = f"{source.split('=')[0]} must be {' or '.join(REQUIREMENTS)} (got {level!r})"
+        raise BackendError(msg)
+    _requirement = (level, source) if level else None
+
+
+def requirement():
+    """(level, who asked) of this process's requirement, or None: ``require``'s, else
+    ``PSLEAK_REQUIRE``'s."""
+    if _requirement is None:
+        level = os.environ.get("PSLEAK_REQUIRE", "").strip().lower()
+        if level:
+            require(level, f"PSLEAK_REQUIRE={level}")
+    return _requirement
 
 
 def current():
     """The backend of this process, chosen on first use: ``PSLEAK_BACKEND`` (auto, trace or
     poll) says which; auto takes the tracer when a psleak daemon answers (``PSLEAK_SOCKET``, else
-    /run/psleak.sock) or this process may load probes itself. Nothing is attached yet."""
+    /run/psleak.sock) or this process may load probes itself, and must when the requirement is
+    "trace". Nothing is attached yet. Its ``why`` says why it was chosen."""
     global _backend
     if _backend is None:
-        _backend = _choose(os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto")
+        wanted = os.environ.get("PSLEAK_BACKEND", "auto").strip().lower() or "auto"
+        required = requirement()
+        _backend = _choose(wanted, required[1] if required and required[0] == "trace" else None)
     return _backend
 
 
-def _choose(wanted):
+def _choose(wanted, trace_required_by=None):
     if wanted not in {"auto", "trace", "poll"}:
         msg = f"PSLEAK_BACKEND must be auto, trace or poll (got {wanted!r})"
         raise BackendError(msg)
     if wanted == "poll":
+        if trace_required_by:
+            msg = f"{trace_required_by} asks for the tracer, and PSLEAK_BACKEND=poll refuses it"
+            raise BackendError(msg)
         return PollBackend()
     daemon = os.environ.get("PSLEAK_SOCKET") or (DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None)
     daemon_error = None
@@ -244,15 +282,18 @@ def _choose(wanted):
                 raise BackendError(msg) from None
             daemon_error = err
         else:
-            return Tracer(daemon)
+            return Tracer(daemon, why=f"the psleak daemon at {daemon} answers")
     why = _native.tracer_unavailable()
     if why is None:
         return Tracer()
-    if wanted == "trace":
-        msg = f"PSLEAK_BACKEND=trace, but the tracer cannot work here: {why}"
+    if wanted == "trace" or trace_required_by:
+        msg = f"{trace_required_by or 'PSLEAK_BACKEND=trace'}, but the tracer cannot work here: {why}"
         if daemon_error is not None:
             msg += f"; and {daemon_error}"
         elif not daemon and sys.platform != "win32":
-            msg += f"; or have root run `psleak daemon` and set PSLEAK_SOCKET to its socket (default {DEFAULT_SOCKET})"
+            msg += f"; or {TRACER_HINT}"
         raise BackendError(msg)
-    return PollBackend()
+    because = f"the tracer cannot work here: {why}"
+    if daemon_error is not None:
+        because += f"; and {daemon_error}"
+    return PollBackend(because)

@@ -25,6 +25,10 @@ class UnclosedResourceError(Error):
         name = self.resource_name
         name += "s" if count > 1 else ""  # pluralize
         msg = f"detected {count} {self.verb} {name} after calling {fun_name!r} 1 time"
+        # The first line is what pytest's summary shows: it names where the first one was made.
+        first = extras[0] if isinstance(extras, (list, tuple)) and extras else None
+        if getattr(first, "site", ""):
+            msg += f", the first {first.made_by} by {first.site}"
         if extras:
             msg += ":" + "".join(f"\n* {extra!r}" for extra in extras)
         super().__init__(msg)
@@ -70,4 +74,9 @@ class UncollectableGarbageError(UnclosedResourceError):
 
 class MemoryLeakError(Error):
     """Memory kept growing with the number of calls: ``malloc()`` without ``free()``,
-    ``mmap()`` without ``munmap()``, a forgotten ``Py_DECREF``..."""
+    ``mmap()`` without ``munmap()``, a forgotten ``Py_DECREF``... ``sites``: where, as the
+    tracer named them (the collector's sites, top first, each with its frames), else empty."""
+
+    def __init__(self, msg: str = "", sites: list[dict[str, Any]] | tuple[()] = ()) -> None:
+        self.sites = list(sites)
+        super().__init__(msg)

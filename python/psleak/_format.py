@@ -5,6 +5,7 @@ line and frames as its replies carry them)."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from psleak import _native
@@ -12,8 +13,19 @@ from psleak import _native
 human_bytes = _native.human_bytes
 
 # psleak's own frames drive the calls: they are between the tested function and the test in
-# every stack, and say nothing to the user.
+# every stack, and say nothing to the user; nor do the test runner's below the test.
 _PSLEAK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_RUNNER_PACKAGES = ("_pytest", "pluggy", "unittest")
+
+
+def _not_the_users() -> tuple[str, ...]:
+    """The directories of psleak and of the test runners this process imported."""
+    dirs = [_PSLEAK_DIR]
+    for name in _RUNNER_PACKAGES:
+        module = sys.modules.get(name)
+        if getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    return tuple(dirs)
 
 
 def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0) -> str:
@@ -22,10 +34,9 @@ def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0
     if blocks > 0:
         parts.append(f"blocks=+{blocks}")
     metrics = " | ".join(parts)
-    avg = "0B"
     grown = [k for k, v in diffs.items() if v > 0]
-    if grown:
-        avg = human_bytes(diffs[grown[0]] // times)
+    # Only CPython's blocks may have grown (its allocator's pools hide them from the heap).
+    avg = human_bytes(diffs[grown[0]] // times) if grown else f"{blocks / times:.2g} blocks"
     s = f"Run #{idx:>2}: {metrics:<50} (calls={times:>4}, avg/call=+{avg})"
     if idx == 1:
         s = "\n" + s
@@ -35,11 +46,12 @@ def format_run_line(idx: int, diffs: dict[str, int], times: int, blocks: int = 0
 def format_leak_sites(sites: list[dict[str, Any]], calls: int) -> str:
     """The sites of a traced batch's reply, each its line, its first native frames and the
     Python frames that called them (not psleak's)."""
+    not_the_users = _not_the_users()
     lines = ["", f"Leak sites (a traced replay of {calls} calls: created by them, still live, and growing):"]
     for site in sites:
         lines.append(f"* {site['text']}")
         lines.extend(f"    {frame['text']}" for frame in site["stack"][:12])
-        python = [frame for frame in site.get("python", ()) if not frame["file"].startswith(_PSLEAK_DIR)]
+        python = [frame for frame in site.get("python", ()) if not frame["file"].startswith(not_the_users)]
         lines.extend(f"    {frame['text']}" for frame in python[:8])
     return "\n".join(lines)
 

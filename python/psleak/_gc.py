@@ -67,6 +67,7 @@ class GCDebugger:
         return [obj for obj in self.after if obj not in self.before and not self.is_transient(obj)]
 
     def check(self, fun: Callable[..., Any]) -> None:
+        __tracebackhide__ = True
         leaked = self.leaked_objects()
         if leaked:
             raise UncollectableGarbageError(len(leaked), qualname(fun), extras=leaked)

@@ -4,7 +4,7 @@ native stack, innermost first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -22,11 +22,19 @@ class _Sited:
         return self._what() + (f", {self.made_by} by {self.site}" if self.site else "")
 
 
-def named(reply: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+def named(reply: dict[str, Any]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """The site and stack of a resource in a collector's reply, as the collector wrote them:
-    the native frames, innermost first, then the Python frames that called into them."""
+    the native frames, innermost first, then the Python frames that called into them; and the
+    reply's frames themselves (``origin``)."""
     frames = [*reply["stack"], *reply.get("python", ())]
-    return reply["site_text"], tuple(frame["text"] for frame in frames)
+    origin = {key: reply.get(key) for key in ORIGIN_FIELDS}
+    return reply["site_text"], tuple(frame["text"] for frame in frames), origin
+
+
+# What ``origin`` keeps of a collector's reply: the blamed frame, the native and Python stacks,
+# the Python frame that made the call (each frame with its function, file, line, module,
+# offset and build-id).
+ORIGIN_FIELDS = ("site", "stack", "python", "called_from")
 
 
 @dataclass(frozen=True, repr=False)
@@ -41,6 +49,8 @@ class OpenFd(_Sited):
     kind: str
     site: str = ""
     stack: tuple[str, ...] = ()
+    # The collector's frames, structured (named's origin); not part of what the resource is.
+    origin: dict[str, Any] | None = field(default=None, compare=False)
 
     def _what(self) -> str:
         return f"fd {self.fd}: {self.kind} {self.path}"
@@ -55,6 +65,8 @@ class NativeThread(_Sited):
     name: str
     site: str = ""
     stack: tuple[str, ...] = ()
+    # The collector's frames, structured (named's origin); not part of what the resource is.
+    origin: dict[str, Any] | None = field(default=None, compare=False)
 
     def _what(self) -> str:
         return f"thread {self.tid} ({self.name})"
@@ -70,6 +82,8 @@ class OpenHandle(_Sited):
     kind: str
     site: str = ""
     stack: tuple[str, ...] = ()
+    # The collector's frames, structured (named's origin); not part of what the resource is.
+    origin: dict[str, Any] | None = field(default=None, compare=False)
 
     def _what(self) -> str:
         return f"handle {self.handle:#x}: {self.kind}"
@@ -84,6 +98,8 @@ class PrivateHeap(_Sited):
     heap: int
     site: str = ""
     stack: tuple[str, ...] = ()
+    # The collector's frames, structured (named's origin); not part of what the resource is.
+    origin: dict[str, Any] | None = field(default=None, compare=False)
 
     def _what(self) -> str:
         return f"heap {self.heap:#x}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from psleak import _backends, _native
 from psleak._backends import BackendError
-from psleak._checkers import Checkers
+from psleak._checkers import Checkers, CheckersLike
 from psleak._errors import (
     Error,
     MemoryLeakError,
@@ -36,9 +37,16 @@ from psleak._gc import GCDebugger
 from psleak._resources import NativeThread, OpenFd, OpenHandle, PrivateHeap, named
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from typing_extensions import TypeAlias
 
-    Tolerance: TypeAlias = "int | dict[Literal['heap', 'mmap', 'uss', 'rss', 'vms'], int]"
+    # A number of bytes for every metric, or per metric (heap, mmap, uss, rss, vms): a plain
+    # ``{"heap": 4096}`` a user keeps in a variable is a dict[str, int].
+    Tolerance: TypeAlias = "int | Mapping[str, int]"
+
+# Under pytest, a failure shows the user's test line and psleak's message: each psleak frame
+# between them has a local __tracebackhide__, which pytest leaves out.
 
 # An exact counter must grow in this many batches in a row to be a leak (psleak::model::verdict).
 CONFIRM_BATCHES = 3
@@ -56,14 +64,30 @@ NAMING_BUDGET = 0.25
 POSIX = os.name == "posix"
 WINDOWS = os.name == "nt"
 
+# What execute() takes beside the function and its arguments (the pytest marker's arguments).
+EXECUTE_OPTIONS = ("warmup_times", "times", "retries", "tolerance", "trim_callback", "checkers")
+
+# Said below a failure the polling backend found: it counts, and cannot say where.
+POLL_HINT = f"the tracer would name the site of each: it needs root, or {_backends.TRACER_HINT}"
+
 # The counts the Windows checkers compare, and what each raises when it grew.
 WINDOWS_COUNTS = {"num_handles": UnclosedHandleError, "heap_count": UnclosedHeapCreateError}
 
 
+class Unchecked(unittest.SkipTest):
+    """A check could not run: the test is skipped (pytest's report points at the test)."""
+
+
 class LastRun(TypedDict):
+    function: str
     backend: Literal["trace", "poll"]
     calls: int
     batches: int
+
+
+# Every execute() of this process, as its last_run, since the pytest plugin last cleared it
+# (a test's setup): which tests called it, and how many calls it made.
+executions: list[LastRun] = []
 
 
 def warm_caches() -> None:
@@ -189,6 +213,7 @@ class MemoryLeakTestCase(unittest.TestCase):
 
             def make_test(fun, execute_kwargs, test_name=test_name, name=name):
                 def test(self):
+                    __tracebackhide__ = True
                     self.execute(fun, **execute_kwargs)
 
                 test.__name__ = test_name
@@ -259,6 +284,7 @@ class MemoryLeakTestCase(unittest.TestCase):
     # --- checkers
 
     def _check_counters(self, fun, checkers):
+        __tracebackhide__ = True
         before = self._get_counters(checkers)
         self.call(fun)
         after = self._get_counters(checkers)
@@ -378,6 +404,7 @@ class MemoryLeakTestCase(unittest.TestCase):
         return _native.memory_since_mark()
 
     def _check_mem(self, fun, times, retries, tolerance):
+        __tracebackhide__ = True
         tolerances = tolerance if isinstance(tolerance, dict) else dict.fromkeys(self._get_mem(), tolerance)
         with contextlib.ExitStack() as sessions:
             self._sessions = sessions
@@ -404,6 +431,7 @@ class MemoryLeakTestCase(unittest.TestCase):
         }
 
     def _judge_batches(self, fun, times, retries, tolerances):
+        __tracebackhide__ = True
         self.last_run["calls"] = self.last_run.get("calls", 0) + self._warmup_calls
         judge = _native.Judge(tolerances, retries, min(CONFIRM_BATCHES, retries))
         can_trace = _backends.current().exact
@@ -438,12 +466,16 @@ class MemoryLeakTestCase(unittest.TestCase):
                 messages.append(line)
                 self._log(line, 1)
             if verdict == "leak":
-                msg = f"memory kept increasing after {idx} runs of {qualname(fun)!r}" + "\n".join(messages)
+                sites, text = [], ""
                 if traced is not None and traced["sites"]:
-                    msg += format_leak_sites(traced["sites"], calls)
+                    sites, text = traced["sites"], format_leak_sites(traced["sites"], calls)
                 elif exact:
-                    msg += self._name_leak(fun, max(2, first_times // NAMING_SHARE), tolerances, grown)
-                raise MemoryLeakError(msg)
+                    sites, text = self._name_leak(fun, max(2, first_times // NAMING_SHARE), tolerances, grown)
+                msg = f"memory kept increasing after {idx} runs of {qualname(fun)!r}"
+                # The first line is what pytest's summary shows: it names the top site.
+                if sites:
+                    msg += f"; top site: {sites[0]['text']}"
+                raise MemoryLeakError(msg + "\n".join(messages) + text, sites=sites)
             if verdict == "clean":
                 if idx > 1 and leaks:
                     self._log("Memory stabilized (growth per call faded)", 1)
@@ -451,10 +483,11 @@ class MemoryLeakTestCase(unittest.TestCase):
             times = int(times * 1.5)
 
     def _name_leak(self, fun, most_calls, tolerances, grown):
-        """The sites that a short traced replay of fun finds growing, as text for the error."""
+        """The sites that a short traced replay of fun finds growing, and the text for the
+        error."""
         backend = _backends.current()
         if not backend.exact:
-            return ""
+            return [], ""
         # Only CPython's blocks grew: libc's malloc family need not be probed.
         allocators = "python" if grown and set(grown) <= {"py_blocks"} else "all"
         try:
@@ -470,14 +503,14 @@ class MemoryLeakTestCase(unittest.TestCase):
                     self._measure_batch(fun, calls, (session, fields))
                 batch = self._traced
         except BackendError as err:
-            return f"\n\nThe tracer could not name the leak: {err}"
+            return [], f"\n\nThe tracer could not name the leak: {err}"
         missed = missed_events(lost_before, batch.get("lost", {}), fun)
         # Sites that grew in every batch; else in the last (a free list may have served the
         # first batch's calls without an allocation).
         sites = batch["sites"]
         named = [site for site in sites if site["streak"] >= NAMING_BATCHES] or sites
         text = format_leak_sites(named, calls * NAMING_BATCHES) if named else "\n\n" + _native.unnamed(grown or ["uss"])
-        return text + (f"\n({missed})" if missed else "")
+        return named, text + (f"\n({missed})" if missed else "")
 
     def _validate_opts(self, warmup_times, times, retries, tolerance, trim_callback):
         assert_isinstance("warmup_times", warmup_times, int)
@@ -513,6 +546,7 @@ class MemoryLeakTestCase(unittest.TestCase):
     # ---
 
     def call(self, fun: Callable[[], Any]) -> Any:
+        __tracebackhide__ = True
         return fun()
 
     def execute(
@@ -524,43 +558,70 @@ class MemoryLeakTestCase(unittest.TestCase):
         retries: int | None = None,
         tolerance: Tolerance | None = None,
         trim_callback: Callable[[], Any] | None = None,
-        checkers: Checkers | None = None,
+        checkers: CheckersLike | None = None,
     ) -> None:
         """Run a full leak test on a callable. The optional arguments override the class
-        attributes with the same name."""
+        attributes with the same name. ``checkers``: a Checkers, or the names of the only
+        checkers to run (``"fds"``, ``["fds", "c_threads"]``)."""
+        __tracebackhide__ = True
         warmup_times = warmup_times if warmup_times is not None else self.warmup_times
         times = times if times is not None else self.times
         retries = retries if retries is not None else self.retries
         tolerance = tolerance if tolerance is not None else self.tolerance
-        checkers = checkers if checkers is not None else self.checkers
+        checkers = Checkers._of(checkers if checkers is not None else self.checkers)
         trim_callback = trim_callback if trim_callback is not None else self.trim_callback
         self._validate_opts(warmup_times, times, retries, tolerance, trim_callback)
 
         backend = _backends.current()
         _announce(backend, self.verbosity)
+        # What cannot be checked here is skipped after the rest was (or fails the test, when
+        # the run requires every check).
+        unchecked = None
         if checkers.memory and not backend.exact and os.environ.get("PYTHONMALLOC", "") != "malloc":
-            msg = "PYTHONMALLOC=malloc was not set (needed by the polling backend)"
-            raise unittest.SkipTest(msg)
+            unchecked = "PYTHONMALLOC=malloc was not set (needed by the polling backend)"
+            checkers = dataclasses.replace(checkers, memory=False)
 
         _emit_warnings()
         if args:
             fun = functools.partial(fun, *args)
         self._trim_callback = trim_callback
 
-        self.last_run = {"backend": backend.name, "calls": 2, "batches": 0}
+        self.last_run = {"function": qualname(fun), "backend": backend.name, "calls": 2, "batches": 0}
+        executions.append(self.last_run)
         self._warmup_calls = warmup_times
-        # First-call effects (lazy imports, caches, module-level cycles) are not leaks.
-        self.call(fun)
-        if checkers.gcgarbage:
-            with GCDebugger() as gcdbg:
+        try:
+            # First-call effects (lazy imports, caches, module-level cycles) are not leaks.
+            self.call(fun)
+            if checkers.gcgarbage:
+                with GCDebugger() as gcdbg:
+                    self._check_counters(fun, checkers)
+                gcdbg.check(fun)
+            else:
                 self._check_counters(fun, checkers)
-            gcdbg.check(fun)
-        else:
-            self._check_counters(fun, checkers)
 
-        if checkers.memory:
-            self._warmup(fun, warmup_times)
-            self._check_mem(fun, times=times, retries=retries, tolerance=tolerance)
+            if checkers.memory:
+                self._warmup(fun, warmup_times)
+                self._check_mem(fun, times=times, retries=retries, tolerance=tolerance)
+        except Error as err:
+            # A note, not the message: psleak 0.1.6's users match the message (Python 3.11+
+            # shows notes; pytest's summary says it on every version).
+            if not backend.exact and hasattr(err, "add_note"):
+                err.add_note(f"(found by polling, which cannot say where; {POLL_HINT})")
+            raise
+        if unchecked is not None:
+            self._could_not_check("memory", fun, unchecked)
+
+    @staticmethod
+    def _could_not_check(what, fun, why):
+        """A check that could not run: the test is skipped, saying so, or fails when the run
+        requires every check (``--psleak-require``, ``PSLEAK_REQUIRE``)."""
+        __tracebackhide__ = True
+        required = _backends.requirement()
+        if required is not None:
+            msg = f"the {what} check of {qualname(fun)!r} could not run: {why}; {required[1]} makes that a failure"
+            raise Error(msg)
+        msg = f"{what} not checked: {why}; the other checks of {qualname(fun)!r} passed"
+        raise Unchecked(msg)
 
     def execute_w_exc(self, exc: type[BaseException], fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``execute()`` expecting fun() to raise exc on every call. If it does not, the

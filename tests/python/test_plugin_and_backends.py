@@ -49,10 +49,16 @@ def test_marker_fixture_and_report(tmp_path, backend):
     assert "1 failed, 2 passed" in result.stdout, result.stdout
     findings = {f["test"].split("::")[1]: f for f in json.loads(report.read_text())["findings"]}
     leak = findings["test_opens_and_forgets"]
-    assert (leak["outcome"], leak["error"], leak["count"], leak["backend"]) == ("failed", "UnclosedFdError", 1, backend)
-    assert "kept" in leak["extras"][0]
+    error = leak["error"]
+    assert (leak["outcome"], error["type"], error["count"], leak["backend"]) == (
+        "failed",
+        "UnclosedFdError",
+        1,
+        backend,
+    )
+    assert error["resources"][0]["path"].endswith("kept")
     if backend == "trace":
-        assert "test_opens_and_forgets" in leak["message"] or "opened by" in leak["extras"][0], leak
+        assert error["resources"][0]["called_from"]["function"] == "test_opens_and_forgets", leak
     assert findings["test_opens_and_closes"]["outcome"] == "passed"
     assert findings["test_with_the_fixture"]["outcome"] == "passed"
     assert findings["test_with_the_fixture"]["calls"] == 2, "a first call, then the counted one"

@@ -12,8 +12,13 @@ use super::{root, run, Result};
 const SUPPORTED: &[&str] = &["3.9", "3.10", "3.11", "3.12", "3.13"];
 
 /// What every interpreter's venv needs for our tests: pytest 9 has left 3.9.
-const TEST_DEPS: &[&str] =
-    &["pytest==9.2.0; python_version >= '3.10'", "pytest==8.4.2; python_version < '3.10'", "setuptools"];
+const TEST_DEPS: &[&str] = &[
+    "pytest==9.2.0; python_version >= '3.10'",
+    "pytest==8.4.2; python_version < '3.10'",
+    "pytest-xdist==3.8.0",
+    "jsonschema==4.25.1",
+    "setuptools",
+];
 
 /// An interpreter to test under: what to call it, and its executable.
 pub struct Interpreter {
