@@ -174,7 +174,7 @@ class MemoryLeakTestCase(unittest.TestCase):
     # Optional callable to free caches before starting measurement.
     trim_callback: ClassVar[Callable[[], Any] | None] = None
     # Which checkers to run.
-    checkers: ClassVar[Checkers] = Checkers()
+    checkers: ClassVar[CheckersLike] = Checkers()
     # 0 = no messages; 1 = print diagnostics when memory increases.
     verbosity: ClassVar[int] = 0
     # What the last execute() did: its backend, calls of fun, memory batches (benchmarks).
@@ -182,7 +182,7 @@ class MemoryLeakTestCase(unittest.TestCase):
     # A tracer session and its measurement's fields, while batches are judged traced.
     _judging_tracer = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         warm_caches()
 
@@ -196,7 +196,7 @@ class MemoryLeakTestCase(unittest.TestCase):
         """Return a dict {name: LeakTest}. Override in subclasses."""
         return {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         calls = cls.auto_generate()
         if not isinstance(calls, dict):

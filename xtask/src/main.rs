@@ -11,6 +11,7 @@
 //!   cargo xtask soak    the daemon under 10,000 sessions and ten minutes of hostile clients
 //!   cargo xtask check-targets   type-check the Windows, macOS and FreeBSD code (also in `test`)
 //!   cargo xtask wine    run the Windows build under Wine (also in `test`)
+//!   cargo xtask typecheck   mypy and pyright on a user's tests and mistakes (also in `test`)
 //!   cargo xtask wheel   the sdist and the manylinux wheel built from it, checked (also in `test`)
 
 use std::io::{BufRead, BufReader};
@@ -23,6 +24,7 @@ mod cost;
 mod pythons;
 mod soak;
 mod targets;
+mod typecheck;
 mod unprivileged;
 mod wheel;
 mod wine;
@@ -73,12 +75,16 @@ fn main() -> ExitCode {
         "bench-cost" => setup().and_then(|()| cost::bench_cost()),
         "soak" => setup().and_then(|()| soak::soak()),
         "check-targets" => targets::check(),
+        "typecheck" => match checked(typecheck::checks()) {
+            0 => Ok(()),
+            n => Err(format!("{n} type checks failed")),
+        },
         "wheel" => setup().and_then(|()| wheel_task()),
         "wine" => setup().and_then(|()| wine::smoke()).and_then(|(_, failed)| match failed {
             0 => Ok(()),
             n => Err(format!("{n} checks failed")),
         }),
-        _ => Err("usage: cargo xtask setup|demo|test|bench|bench-cost|soak|check-targets|wine|wheel".into()),
+        _ => Err("usage: cargo xtask setup|demo|test|bench|bench-cost|soak|check-targets|typecheck|wine|wheel".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -225,17 +231,19 @@ fn test() -> Result {
 
 /// The lints the suite keeps, each counted as one test: clippy on every target of the workspace
 /// (the other platforms' code in `targets::check`), ruff's lints and format on the Python
-/// (config: ruff.toml).
+/// (config: ruff.toml), and the package's types under mypy and pyright (`typecheck`).
 fn lints() -> Vec<(&'static str, Result)> {
     let clippy = ["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"];
     let ruff = root().join("target/venv/bin/ruff");
-    let python_code = ["python", "tests/python", "bench"];
+    let python_code = ["python", "tests/python", "tests/typing", "bench"];
     let ruff_run = |args: &[&str]| run(Command::new(&ruff).args(args).args(python_code).current_dir(root()));
-    vec![
+    let mut lints = vec![
         ("cargo clippy -D warnings", run(Command::new("cargo").args(clippy).current_dir(root()))),
         ("ruff check", ruff_run(&["check"])),
         ("ruff format --check", ruff_run(&["format", "--check"])),
-    ]
+    ];
+    lints.extend(typecheck::checks());
+    lints
 }
 
 /// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
