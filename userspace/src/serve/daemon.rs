@@ -336,13 +336,14 @@ impl Daemon {
                     };
                     session::serve_process(client, a.process, a.pid, &config)
                 });
-            drop(registered);
             let lost = a.control.lost();
             let counts = format!("{} events{}", a.control.events.load(Ordering::Relaxed), lost.describe());
             match ended {
                 Ok(()) => say(&format!("psleak: session {} ended ({counts})", a.id)),
                 Err(e) => say(&format!("psleak: session {} ended ({counts}): {e}", a.id)),
             }
+            // After its end is logged: a session --status no longer lists has its line in the log.
+            drop(registered);
             // The session's ledger, ring and symbols are freed: give the memory back.
             crate::backends::poll::trim_own_heap();
         });
