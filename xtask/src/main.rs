@@ -246,17 +246,21 @@ fn lints() -> Vec<(&'static str, Result)> {
     lints
 }
 
-/// PyPI packages of the Python test runs; psutil only because psleak 0.1.6's own test files,
-/// run unchanged against our package, import it.
+/// PyPI packages of the Python test runs and lints (auditwheel for the wheel's checks, mypy and
+/// pyright for `typecheck`); psutil only because psleak 0.1.6's own test files, run unchanged
+/// against our package, import it.
 const PYTHON_TEST_DEPS: &[&str] = &[
     "maturin==1.16.0",
     "auditwheel==6.8.2",
     PYTEST,
     "pytest-instafail",
-    "pytest-xdist",
+    "pytest-xdist==3.8.0",
+    "jsonschema==4.25.1",
     "psutil",
     "setuptools",
     "ruff==0.17.5",
+    "mypy==2.4.1",
+    "pyright[nodejs]==1.1.414",
 ];
 
 /// The pytest of every Python run, ours and the benchmark's.
