@@ -24,6 +24,8 @@ const TEST_DEPS: &[&str] = &[
 pub struct Interpreter {
     pub name: String,
     pub python: PathBuf,
+    /// Built with LTO, its object allocator inlined out of the probes' sight (Debian's).
+    pub inlines_its_allocator: bool,
 }
 
 /// pyenv's newest build of each supported version, then Debian's python3, leaving out `main`'s
@@ -46,10 +48,14 @@ pub fn others(main: &Path) -> Result<Vec<Interpreter>> {
             .ok_or_else(|| format!("no CPython {minor} under {}: `pyenv install {minor}`", versions.display()))?;
         let python = versions.join(build).join("bin/python3");
         if base_executable(&python)? != main_base {
-            found.push(Interpreter { name: format!("pyenv's {build}"), python });
+            found.push(Interpreter { name: format!("pyenv's {build}"), python, inlines_its_allocator: false });
         }
     }
-    found.push(Interpreter { name: "Debian's python3".into(), python: "/usr/bin/python3".into() });
+    found.push(Interpreter {
+        name: "Debian's python3".into(),
+        python: "/usr/bin/python3".into(),
+        inlines_its_allocator: true,
+    });
     Ok(found)
 }
 
