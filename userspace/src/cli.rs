@@ -3,14 +3,13 @@
 //! On Linux `trace` runs the eBPF probes and `daemon` serves them; on Windows `trace` runs ETW.
 
 use std::ffi::OsString;
-#[cfg(target_os = "linux")]
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::error::exit_status;
-use crate::report::Selection;
+use crate::report::{Selection, SortKey};
 #[cfg(target_os = "linux")]
 use crate::serve::{
     daemon::{self, DaemonArgs},
@@ -18,6 +17,7 @@ use crate::serve::{
 };
 #[cfg(target_os = "linux")]
 use crate::trace::ebpf::{self as trace, TraceArgs};
+use crate::trace::{Colour, Output};
 #[cfg(target_os = "linux")]
 use psleak_ebpf::Options;
 
@@ -114,12 +114,22 @@ struct TraceCli {
     /// Stop after this many seconds (default: until Ctrl-C or the target exits).
     #[arg(long, short, value_parser = positive_seconds)]
     duration: Option<Duration>,
-    /// One JSON object per report, one per line.
+    /// One JSON object per report, one per line (the layout: docs/trace-json.md).
     #[arg(long)]
     json: bool,
+    /// Write the reports to this file instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Colour the text: auto (on a terminal, unless NO_COLOR is set), always or never.
+    #[arg(long, value_enum, default_value_t = ColourArg::Auto)]
+    color: ColourArg,
     /// How many memory sites to show.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// Which memory sites first: most live bytes, most live blocks, or fastest growing since
+    /// the previous report.
+    #[arg(long, value_enum, default_value_t = SortArg::Bytes)]
+    sort: SortArg,
     /// Ignore allocations and mappings smaller than this many bytes.
     #[arg(long, default_value_t = 0)]
     min_size: u64,
@@ -161,9 +171,37 @@ struct TraceCli {
     no_python_frames: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ColourArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SortArg {
+    Bytes,
+    Count,
+    Rate,
+}
+
 impl TraceCli {
     fn selection(&self) -> Selection {
-        Selection { top: self.top, min_size: self.min_size, max_size: self.max_size, min_age: self.min_age }
+        let sort = match self.sort {
+            SortArg::Bytes => SortKey::Bytes,
+            SortArg::Count => SortKey::Count,
+            SortArg::Rate => SortKey::Rate,
+        };
+        Selection { top: self.top, sort, min_size: self.min_size, max_size: self.max_size, min_age: self.min_age }
+    }
+
+    fn output(&self) -> Result<Output, crate::error::Error> {
+        let colour = match self.color {
+            ColourArg::Auto => Colour::Auto,
+            ColourArg::Always => Colour::Always,
+            ColourArg::Never => Colour::Never,
+        };
+        Output::open(self.json, colour, self.output.as_deref())
     }
 }
 
@@ -238,26 +276,32 @@ fn run_trace(t: &TraceCli) -> u8 {
         return 2;
     }
     let (interval, duration) = (t.interval, t.duration);
+    let output = match t.output() {
+        Ok(output) => output,
+        Err(e) => return exit_status(Err(e)),
+    };
     #[cfg(target_os = "linux")]
-    let result = trace::run(&TraceArgs {
-        pid: t.pid,
-        interval,
-        duration,
-        json: t.json,
-        selection: t.selection(),
-        options: Options {
-            btf: t.btf.clone(),
-            ring_bytes: t.ring_mib << 20,
-            probes_at_entry: t.probes_at_entry,
-            allocators: psleak_ebpf::Allocators::All,
-            empty_programs: t.empty_probes,
-            entry_probes_first: t.entry_probes_first,
-            python_frames: !t.no_python_frames,
+    let result = trace::run(
+        &TraceArgs {
+            pid: t.pid,
+            interval,
+            duration,
+            selection: t.selection(),
+            options: Options {
+                btf: t.btf.clone(),
+                ring_bytes: t.ring_mib << 20,
+                probes_at_entry: t.probes_at_entry,
+                allocators: psleak_ebpf::Allocators::All,
+                empty_programs: t.empty_probes,
+                entry_probes_first: t.entry_probes_first,
+                python_frames: !t.no_python_frames,
+            },
+            ledger_room: t.max_live,
         },
-        ledger_room: t.max_live,
-    });
+        output,
+    );
     #[cfg(windows)]
-    let result = crate::trace::etw::run(t.pid, interval, duration, t.json, t.selection());
+    let result = crate::trace::etw::run(t.pid, interval, duration, output, t.selection());
     exit_status(result)
 }
 

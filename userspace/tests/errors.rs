@@ -192,7 +192,7 @@ fn a_target_that_exits_while_traced_ends_the_session_with_a_report() {
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(report["stopped_by"], "the target exited");
+    assert_eq!(report["stopped_by"], "target_exited");
     assert_eq!(report["process"], serde_json::Value::Null, "no metrics of a process that is gone");
     assert_eq!(report["live"]["heap_blocks"], 5);
     assert_eq!(report["suspects"][0]["site"]["function"], "leak_malloc", "named after the target is gone: {report:#}");

@@ -17,15 +17,24 @@ use crate::model::verdict::SiteGrowth;
 use crate::sites::frame::{Describe, Frame, PyFrame};
 use text::site_text;
 
+/// The version of the JSON layout of `psleak trace --json` (docs/trace-json.md): a reader
+/// checks it first.
+pub const SCHEMA: u32 = 1;
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub schema: u32,
+    /// The version of psleak that made it.
+    pub psleak: &'static str,
+    /// When it was made: UTC, RFC 3339, to the millisecond.
+    pub time: String,
     pub pid: u32,
     pub elapsed_s: f64,
     /// The last report of the session, and why it ended.
     #[serde(rename = "final")]
     pub is_final: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stopped_by: Option<&'static str>,
+    pub stopped_by: Option<StoppedBy>,
     /// Why no events come (the process's counters are all there is), if none do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub untraced: Option<String>,
@@ -41,6 +50,30 @@ pub struct Report {
     pub suspects: Vec<Sited<Suspect>>,
     #[serde(flatten)]
     pub resources: Resources,
+}
+
+/// Why a trace ended: a code in the JSON, a sentence in the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoppedBy {
+    DurationEnded,
+    Interrupted,
+    Terminated,
+    TargetExited,
+    /// The target exec'd a program that runs as another user (setuid): nothing more is shown.
+    TargetChangedUser,
+}
+
+impl StoppedBy {
+    pub fn describe(self) -> &'static str {
+        match self {
+            StoppedBy::DurationEnded => "the duration ended",
+            StoppedBy::Interrupted => "interrupted",
+            StoppedBy::Terminated => "terminated",
+            StoppedBy::TargetExited => "the target exited",
+            StoppedBy::TargetChangedUser => "the target exec'd a program that runs as another user",
+        }
+    }
 }
 
 /// The fds, threads, handles and heaps created since a mark and still open or alive.
@@ -149,6 +182,8 @@ pub struct Suspect {
     pub bytes: u64,
     /// Live bytes of this site divided by the time since attach.
     pub bytes_per_s: f64,
+    /// What its live bytes grew by since the previous report, per second (0 in the first).
+    pub recent_bytes_per_s: f64,
     /// Consecutive reports in which this site's live bytes grew.
     pub growing_for: u32,
 }
@@ -223,10 +258,24 @@ pub struct Heap {
 pub struct Selection {
     /// How many memory sites.
     pub top: usize,
+    /// Which first.
+    pub sort: SortKey,
     pub min_size: u64,
     pub max_size: Option<u64>,
     /// Memory younger than this is left out (short-lived allocations).
     pub min_age: Duration,
+}
+
+/// How the memory sites of a report are ranked, largest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// Live bytes.
+    #[default]
+    Bytes,
+    /// Live blocks and mappings.
+    Count,
+    /// Growth of the live bytes since the previous report.
+    Rate,
 }
 
 /// Turns one session's ledger into reports, following each site's growth between them.
@@ -235,6 +284,7 @@ pub struct Reporter {
     selection: Selection,
     growth: Growth,
     attached_at: Instant,
+    last_report: Instant,
     /// The target's classic metrics at attach.
     baseline: Option<Metrics>,
     /// Why no events come, when the backend could not be had: the reports say so.
@@ -244,7 +294,8 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(pid: u32, selection: Selection) -> Self {
         let baseline = poll::metrics(pid).ok();
-        Self { pid, selection, growth: Growth::default(), attached_at: Instant::now(), baseline, untraced: None }
+        let now = Instant::now();
+        Self { pid, selection, growth: Growth::default(), attached_at: now, last_report: now, baseline, untraced: None }
     }
 
     /// The report now: `now_ns` on the clock of the events' timestamps; the classic metrics
@@ -256,9 +307,10 @@ impl Reporter {
         now_ns: u64,
         alive: bool,
         lost: Lost,
-        stopped_by: Option<&'static str>,
+        stopped_by: Option<StoppedBy>,
     ) -> Report {
         let elapsed = self.attached_at.elapsed();
+        let since_last = std::mem::replace(&mut self.last_report, Instant::now()).elapsed().as_secs_f64().max(1e-3);
         let filter = Filter {
             created_by_ns: Some(now_ns.saturating_sub(self.selection.min_age.as_nanos() as u64)),
             min_size: self.selection.min_size,
@@ -267,20 +319,33 @@ impl Reporter {
         };
         let sites = ledger.memory_by_site(&filter);
         let live = LiveTotals::of(&sites);
-        let mut suspects = Vec::new();
-        for s in &sites {
-            let growing_for = self.growth.update((s.memory, s.site), s.bytes);
-            if suspects.len() < self.selection.top {
+        // Every site's growth is followed, shown or not: one may rise into the top later.
+        let mut ranked: Vec<(&SiteTotals, Suspect)> = sites
+            .iter()
+            .map(|s| {
+                let (growing_for, grown) = self.growth.update((s.memory, s.site), s.bytes);
                 let suspect = Suspect {
                     memory: s.memory,
                     count: s.count,
                     bytes: s.bytes,
                     bytes_per_s: s.bytes as f64 / elapsed.as_secs_f64().max(1e-3),
+                    recent_bytes_per_s: grown as f64 / since_last,
                     growing_for,
                 };
-                suspects.push(Sited::new(suspect, describe, ledger.origin(s.site)));
-            }
+                (s, suspect)
+            })
+            .collect();
+        // The ledger's order (bytes) breaks ties.
+        match self.selection.sort {
+            SortKey::Bytes => {}
+            SortKey::Count => ranked.sort_by_key(|s| std::cmp::Reverse(s.1.count)),
+            SortKey::Rate => ranked.sort_by(|a, b| b.1.recent_bytes_per_s.total_cmp(&a.1.recent_bytes_per_s)),
         }
+        let suspects = ranked
+            .into_iter()
+            .take(self.selection.top)
+            .map(|(s, suspect)| Sited::new(suspect, describe, ledger.origin(s.site)))
+            .collect();
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
         let resources = Resources::since(ledger, describe, Mark::default(), age);
         let process = match (self.baseline, poll::metrics(self.pid)) {
@@ -288,6 +353,9 @@ impl Reporter {
             _ => None,
         };
         Report {
+            schema: SCHEMA,
+            psleak: env!("CARGO_PKG_VERSION"),
+            time: utc_now(),
             pid: self.pid,
             elapsed_s: elapsed.as_secs_f64(),
             is_final: stopped_by.is_some(),
@@ -312,13 +380,39 @@ pub struct Growth {
 }
 
 impl Growth {
-    /// Records this report's bytes for a site and returns for how many reports it has grown.
-    pub fn update(&mut self, key: (Memory, SiteId), bytes: u64) -> u32 {
+    /// Records this report's bytes for a site; returns for how many reports it has grown, and by
+    /// how many bytes since the previous one (a site new since then grew from nothing: all it
+    /// holds was made since attach).
+    pub fn update(&mut self, key: (Memory, SiteId), bytes: u64) -> (u32, u64) {
         let entry = self.last.entry(key).or_insert((0, 0));
+        let grown = bytes.saturating_sub(entry.0);
         entry.1 = if bytes > entry.0 { entry.1 + 1 } else { 0 };
         entry.0 = bytes;
-        entry.1
+        (entry.1, grown)
     }
+}
+
+/// The time now, UTC, as RFC 3339 to the millisecond (`2026-12-03T12:01:02.345Z`).
+pub fn utc_now() -> String {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(since_epoch)
+}
+
+fn rfc3339(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's days_from_civil, inverted).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s) = (day_secs / 3600, day_secs % 3600 / 60, day_secs % 60);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z", since_epoch.subsec_millis())
 }
 
 #[cfg(test)]
@@ -329,6 +423,9 @@ mod tests {
     /// A report of nothing: no events, no process metrics, no resources.
     fn empty_report() -> Report {
         Report {
+            schema: SCHEMA,
+            psleak: "0.0.0",
+            time: "2026-12-03T12:01:02.345Z".into(),
             pid: 1,
             elapsed_s: 9.0,
             is_final: false,
@@ -375,7 +472,7 @@ mod tests {
     fn a_session_without_events_says_so_rather_than_show_an_empty_ledger() {
         let mut reporter = Reporter::new(
             std::process::id(),
-            Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO },
+            Selection { top: 5, sort: SortKey::Bytes, min_size: 0, max_size: None, min_age: Duration::ZERO },
         );
         reporter.untraced = Some("no ETW events (the kernel session could not be started)".into());
         let report = reporter.report(&Ledger::new(), &mut NoNames, 0, true, Lost::default(), None);
@@ -407,12 +504,50 @@ mod tests {
     }
 
     #[test]
-    fn growth_counts_consecutive_increases() {
+    fn growth_counts_consecutive_increases_and_what_each_added() {
         let mut g = Growth::default();
         let key = (Memory::Mmap, 0);
-        assert_eq!(g.update(key, 10), 1);
-        assert_eq!(g.update(key, 20), 2);
-        assert_eq!(g.update(key, 20), 0);
-        assert_eq!(g.update(key, 30), 1);
+        assert_eq!(g.update(key, 10), (1, 10), "a new site grew from nothing");
+        assert_eq!(g.update(key, 20), (2, 10));
+        assert_eq!(g.update(key, 20), (0, 0));
+        assert_eq!(g.update(key, 5), (0, 0));
+        assert_eq!(g.update(key, 30), (1, 25));
+    }
+
+    #[test]
+    fn times_are_utc_rfc3339_to_the_millisecond() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_250, "2000-02-29T00:00:00.250Z"),
+            (1_796_299_262_345, "2026-12-03T12:01:02.345Z"),
+            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
+        ];
+        for (ms, expected) in cases {
+            assert_eq!(rfc3339(Duration::from_millis(ms)), expected, "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn the_text_tells_the_time_and_colours_only_when_asked() {
+        let report = Report { lost: Lost { ring_full: 1, ..Lost::default() }, ..empty_report() };
+        let plain = report.to_text();
+        assert!(plain.starts_with("[12:01:02Z     9.0s] pid 1: heap 0B"), "{plain}");
+        assert!(!plain.contains('\x1b'), "{plain}");
+        let coloured = report.render(text::Paint { on: true });
+        assert!(coloured.starts_with("\x1b[1m[12:01:02Z"), "{coloured}");
+        assert!(coloured.contains("\x1b[31m (LOST: 1 events"), "the loss in red: {coloured}");
+    }
+
+    #[test]
+    fn stopped_by_is_a_code_in_json_and_a_sentence_in_text() {
+        let report = Report { is_final: true, stopped_by: Some(StoppedBy::TargetChangedUser), ..empty_report() };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            (&json["stopped_by"], &json["schema"], &json["final"]),
+            (&"target_changed_user".into(), &SCHEMA.into(), &true.into())
+        );
+        assert!(report
+            .to_text()
+            .ends_with("psleak: stopped (the target exec'd a program that runs as another user)\n"));
     }
 }

@@ -61,42 +61,85 @@ pub fn growing_site_text(g: &GrowingSite, site: &str, calls: u64) -> String {
     )
 }
 
+/// Whether the text is coloured (ANSI SGR), and how each part is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paint {
+    pub on: bool,
+}
+
+impl Paint {
+    pub const PLAIN: Paint = Paint { on: false };
+
+    fn with(self, code: &str, text: &str) -> String {
+        if self.on {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// Each report's first line.
+    fn heading(self, text: &str) -> String {
+        self.with("1", text)
+    }
+
+    /// Where something was made: what the user reads first.
+    fn site(self, text: &str) -> String {
+        self.with("33", text)
+    }
+
+    /// What was lost, or makes the report incomplete.
+    fn warning(self, text: &str) -> String {
+        self.with("31", text)
+    }
+
+    /// The stacks' frames, below what they explain.
+    fn frame(self, text: &str) -> String {
+        self.with("2", text)
+    }
+}
+
 impl Report {
     pub fn to_text(&self) -> String {
+        self.render(Paint::PLAIN)
+    }
+
+    /// The report as text, coloured when `paint` is on (a terminal).
+    pub fn render(&self, paint: Paint) -> String {
         let mut out = String::new();
-        self.summary_lines(&mut out);
-        self.suspect_lines(&mut out);
+        self.summary_lines(&mut out, paint);
+        self.suspect_lines(&mut out, paint);
         // Resources from the same site are told once, with their numbers.
-        resource_lines(&mut out, &self.resources.fds);
-        resource_lines(&mut out, &self.resources.threads);
-        resource_lines(&mut out, &self.resources.handles);
-        resource_lines(&mut out, &self.resources.heaps);
+        resource_lines(&mut out, &self.resources.fds, paint);
+        resource_lines(&mut out, &self.resources.threads, paint);
+        resource_lines(&mut out, &self.resources.handles, paint);
+        resource_lines(&mut out, &self.resources.heaps, paint);
         if let Some(by) = self.stopped_by {
-            let _ = writeln!(out, "psleak: stopped ({by})");
+            let _ = writeln!(out, "psleak: stopped ({})", by.describe());
         }
         out
     }
 
     /// The first line (what is live, and what was lost), then the process's own counters.
-    fn summary_lines(&self, out: &mut String) {
+    fn summary_lines(&self, out: &mut String, paint: Paint) {
         // A backend sees fds (Linux) or handles (Windows), never both.
         let open = self.resources.fds.len() + self.resources.handles.len();
         let kind = OPEN_OBJECTS;
+        // `[12:01:02Z    5.0s]`: the time of day (UTC) and the time since attach.
+        let when = format!("[{}Z {:7.1}s]", self.time.get(11..19).unwrap_or("??:??:??"), self.elapsed_s);
         if let Some(why) = &self.untraced {
-            let _ = writeln!(out, "[{:7.1}s] pid {}: {why}; its counters only", self.elapsed_s, self.pid);
+            let _ = writeln!(out, "{}", paint.heading(&format!("{when} pid {}: {why}; its counters only", self.pid)));
         } else {
-            let _ = writeln!(
-                out,
-                "[{:7.1}s] pid {}: heap {} in {} blocks, mmap {} live since attach; {open} {kind}, {} threads; {} events{}",
-                self.elapsed_s,
+            let heading = format!(
+                "{when} pid {}: heap {} in {} blocks, mmap {} live since attach; {open} {kind}, {} threads; {} events",
                 self.pid,
                 human_bytes(self.live.heap_bytes),
                 self.live.heap_blocks,
                 human_bytes(self.live.mmap_bytes),
                 self.resources.threads.len(),
                 self.events,
-                self.lost.describe(),
             );
+            let _ = writeln!(out, "{}{}", paint.heading(&heading), paint.warning(&self.lost.describe()));
         }
         if self.execs > 0 {
             let _ = writeln!(
@@ -124,7 +167,7 @@ impl Report {
         }
     }
 
-    fn suspect_lines(&self, out: &mut String) {
+    fn suspect_lines(&self, out: &mut String, paint: Paint) {
         for (rank, s) in self.suspects.iter().enumerate() {
             let m = &s.resource;
             let growing =
@@ -137,9 +180,9 @@ impl Report {
                 m.count,
                 memory_name(m.memory),
                 human_bytes(m.bytes_per_s as u64),
-                s.site_text,
+                paint.site(&s.site_text),
             );
-            stack_lines(out, s);
+            stack_lines(out, s, paint);
         }
     }
 }
@@ -226,7 +269,7 @@ impl Told for Heap {
 }
 
 /// One line per site and detail, with the numbers of all its resources and the oldest's age.
-fn resource_lines<T: Told>(out: &mut String, items: &[Sited<T>]) {
+fn resource_lines<T: Told>(out: &mut String, items: &[Sited<T>], paint: Paint) {
     for group in group_by(items, |s| (s.site.clone(), s.resource.detail())) {
         let first = group[0];
         let numbers = list_numbers(group.iter().map(|s| s.resource.number()));
@@ -238,18 +281,18 @@ fn resource_lines<T: Told>(out: &mut String, items: &[Sited<T>]) {
             first.resource.detail(),
             T::STATE,
             T::MADE,
-            first.site_text,
+            paint.site(&first.site_text),
             T::LABEL,
         );
-        stack_lines(out, first);
+        stack_lines(out, first, paint);
     }
 }
 
 /// The native frames, innermost first, then the Python frames that called into them.
-fn stack_lines<T>(out: &mut String, sited: &Sited<T>) {
+fn stack_lines<T>(out: &mut String, sited: &Sited<T>, paint: Paint) {
     let native = sited.stack.iter().map(Frame::describe);
     for frame in native.chain(sited.python.iter().map(PyFrame::describe)) {
-        let _ = writeln!(out, "        {frame}");
+        let _ = writeln!(out, "        {}", paint.frame(&frame));
     }
 }
 

@@ -1,7 +1,7 @@
 //! `psleak trace --pid PID`: attach to a running process and report, every interval, what it
 //! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
 
-use std::io::{self, Write};
+use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -10,21 +10,21 @@ use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
 use crate::error::{say, Error};
 use crate::model::ledger::Ledger;
 use crate::process::{Credentials, Process};
-use crate::report::{self, Selection};
+use crate::report::{self, Selection, StoppedBy};
+use crate::trace::Output;
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
     pub pid: u32,
     pub interval: Duration,
     pub duration: Option<Duration>,
-    pub json: bool,
     pub selection: Selection,
     pub options: psleak_ebpf::Options,
     /// Heap blocks and mappings the ledger keeps at most.
     pub ledger_room: usize,
 }
 
-pub fn run(args: &TraceArgs) -> Result<(), Error> {
+pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
     crate::backends::ebpf::tracer::check_prerequisites(&args.options)?;
     keep_up_with_busy_targets();
     let process = Process::open(args.pid)?;
@@ -44,7 +44,7 @@ pub fn run(args: &TraceArgs) -> Result<(), Error> {
         target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
         started.elapsed().as_secs_f64(),
     );
-    let mut reporter = Reporter { json: args.json, reports: report::Reporter::new(args.pid, args.selection) };
+    let mut reporter = Reporter { output, reports: report::Reporter::new(args.pid, args.selection) };
     watch(args, &mut live, &mut reporter, &attached)
 }
 
@@ -57,12 +57,6 @@ fn keep_up_with_busy_targets() {
     // SAFETY: setpriority has no preconditions; a refusal leaves the priority as it was.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
 }
-
-/// Why a trace ended.
-const EXITED: &str = "the target exited";
-const CREDENTIALS_CHANGED: &str = "the target exec'd a program that runs as another user";
-const INTERRUPTED: &str = "interrupted";
-const TERMINATED: &str = "terminated";
 
 /// Consumes events as they arrive and reports every interval until the session ends.
 fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
@@ -78,7 +72,7 @@ fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attache
     let stopped_by = loop {
         let now = Instant::now();
         if ends_at.is_some_and(|end| now >= end) {
-            break "the duration ended";
+            break StoppedBy::DurationEnded;
         }
         if now >= next_report {
             // A report right before the end would repeat the final one.
@@ -93,17 +87,17 @@ fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attache
         let timeout = if more { Duration::ZERO } else { until_timer.min(DRAIN_PERIOD) };
         live.wait(&[signals.fd.as_raw_fd()], timeout)?;
         match signals.pending() {
-            Some(libc::SIGINT) => break INTERRUPTED,
-            Some(_) => break TERMINATED,
+            Some(libc::SIGINT) => break StoppedBy::Interrupted,
+            Some(_) => break StoppedBy::Terminated,
             None => {}
         }
         if !live.target_alive() {
-            break EXITED;
+            break StoppedBy::TargetExited;
         }
         more = live.drain_some()?;
         // After what was drained, before anything is shown: the target may have become root.
         if !still_traceable(live)? {
-            break CREDENTIALS_CHANGED;
+            break StoppedBy::TargetChangedUser;
         }
     };
     drain_final(live, stopped_by)?;
@@ -151,11 +145,11 @@ impl Signals {
 /// The last drain: what the ring holds, unless the target now runs as someone we may not see.
 /// Asked to stop, the user gets at most `SIGNALLED_DRAIN` of it (in a flood, a full ring
 /// takes a while to read).
-fn drain_final(live: &mut Live<'_>, stopped_by: &str) -> Result<(), Error> {
-    if stopped_by == CREDENTIALS_CHANGED || !still_traceable(live)? {
+fn drain_final(live: &mut Live<'_>, stopped_by: StoppedBy) -> Result<(), Error> {
+    if stopped_by == StoppedBy::TargetChangedUser || !still_traceable(live)? {
         return Ok(());
     }
-    let signalled = [INTERRUPTED, TERMINATED].contains(&stopped_by);
+    let signalled = [StoppedBy::Interrupted, StoppedBy::Terminated].contains(&stopped_by);
     let unread = live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))?;
     if unread > 0 {
         say(&format!(
@@ -187,37 +181,25 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
 }
 
 /// Emits the reports of one session: the ledger's, with sites symbolized from the target's ELF
-/// files, as text or JSON lines on stdout.
+/// files, to the output.
 struct Reporter {
-    json: bool,
+    output: Output,
     reports: report::Reporter,
 }
 
 impl Reporter {
-    fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<&'static str>) -> Result<(), Error> {
+    fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
         let lost = live.lost();
         // Once the target runs as someone we may not trace, nothing of what it does is shown:
         // neither its ledger (all made since the exec) nor its counters.
-        let censored = stopped_by == Some(CREDENTIALS_CHANGED);
+        let censored = stopped_by == Some(StoppedBy::TargetChangedUser);
         let alive = live.target_alive() && !censored;
         let nothing = Ledger::new();
         let report = live.with_sites(|collector, described| {
             let ledger = if censored { &nothing } else { &collector.ledger };
             self.reports.report(ledger, described, monotonic_ns(), alive, lost, stopped_by)
         });
-        let text = if self.json {
-            let mut line = serde_json::to_string(&report).expect("reports serialize");
-            line.push('\n');
-            line
-        } else {
-            report.to_text()
-        };
-        let mut out = io::stdout().lock();
-        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-            // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
-            result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
-        }
+        self.output.emit(&report)
     }
 }
 

@@ -2,7 +2,6 @@
 //! the reports are the eBPF backend's. Type-checked in CI, never run (see
 //! the README); what it is made of is tested on Linux (`etw`, `report`).
 
-use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,8 @@ use crate::backends::etw::target::Followed;
 use crate::backends::poll;
 use crate::error::Error;
 use crate::model::lost::Lost;
-use crate::report::{Reporter, Selection};
+use crate::report::{Reporter, Selection, StoppedBy};
+use crate::trace::Output;
 
 /// Set by Ctrl-C or Ctrl-Break: the sessions must be stopped, or they outlive psleak.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -30,7 +30,7 @@ pub fn run(
     pid: u32,
     interval: Duration,
     duration: Option<Duration>,
-    json: bool,
+    mut output: Output,
     selection: Selection,
 ) -> Result<(), Error> {
     if !poll::is_running(pid) {
@@ -60,24 +60,17 @@ pub fn run(
         let alive = poll::is_running(pid);
         let (ledger, mut sites) = followed.ledger_and_sites();
         let report = reporter.report(ledger, &mut sites, now_ns(), alive, Lost::default(), stopped_by);
-        let text =
-            if json { serde_json::to_string(&report).expect("reports serialize") + "\n" } else { report.to_text() };
-        let mut out = io::stdout().lock();
-        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-            // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),
-            result => result.map_err(|e| Error::Io("cannot write the report".into(), e)),
-        }
+        output.emit(&report)
     };
     let stopped_by = loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
-            break "interrupted";
+            break StoppedBy::Interrupted;
         }
         if duration.is_some_and(|d| started.elapsed() >= d) {
-            break "the duration ended";
+            break StoppedBy::DurationEnded;
         }
         if !poll::is_running(pid) {
-            break "the target exited";
+            break StoppedBy::TargetExited;
         }
         let wait = next_report.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
         if followed.next(wait).is_some() {

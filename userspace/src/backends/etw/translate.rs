@@ -154,7 +154,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::model::ledger::{Filter, Ledger, Memory};
     use crate::model::lost::Lost;
-    use crate::report::{Reporter, Selection};
+    use crate::report::{Reporter, Selection, SortKey};
     use crate::sites::frame::Addresses;
 
     fn payload(fields: &[u64]) -> Vec<u8> {
@@ -267,7 +267,8 @@ pub(crate) mod tests {
         let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
         let handle = handle(32, 0x1a4, r"\Device\Afd");
         feed(&mut ledger, &mut translation, &[handle, heap(32, &[0x2a0000]), heap(33, &[0x2a0000, 64, 0x2a1000])]);
-        let selection = Selection { top: 5, min_size: 0, max_size: None, min_age: Duration::ZERO };
+        let selection =
+            Selection { top: 5, sort: SortKey::Bytes, min_size: 0, max_size: None, min_age: Duration::ZERO };
         let mut reporter = Reporter::new(std::process::id(), selection);
         let mut sites = Sites { translation: &translation, symbols: &mut Addresses };
         let report = reporter.report(&ledger, &mut sites, 10, true, Lost::default(), None);

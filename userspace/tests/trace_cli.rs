@@ -1,0 +1,126 @@
+//! `psleak trace` as a bcc or bpftrace user drives it: a versioned JSON layout with a
+//! machine-readable end, sites sorted by what the user asks, reports to a file, colour only
+//! where it is wanted; each against the real leaking C program under the real probes.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // a test crate: an unwrap that fails is a test that fails
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::daemon::fresh_dir;
+use common::{psleak, Target, Tracer};
+use serde_json::Value;
+
+/// The functions of a report's memory sites, in its order.
+fn site_functions(report: &Value) -> Vec<String> {
+    let suspects = report["suspects"].as_array().unwrap();
+    suspects.iter().map(|s| s["site"]["function"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+#[test]
+fn each_report_says_its_layout_version_time_and_why_it_ended() {
+    let mut target = Target::leaky();
+    let tracer = Tracer::attach(target.pid(), &[]);
+    target.run("malloc 3 100");
+    let report = tracer.finish();
+    assert_eq!(report["schema"], 1, "{report}");
+    assert_eq!(report["psleak"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(report["stopped_by"], "interrupted", "a code, not a sentence");
+    let time = report["time"].as_str().unwrap();
+    let shape: String = time.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999Z", "UTC, RFC 3339: {time}");
+}
+
+#[test]
+fn sites_come_in_the_order_asked_for() {
+    // leak_malloc holds the most bytes (10 × 5000), leak_calloc the most blocks (100 × 10).
+    let mut target = Target::leaky();
+    let bytes = Tracer::attach(target.pid(), &["--sort", "bytes"]);
+    let count = Tracer::attach(target.pid(), &["--sort", "count"]);
+    target.run("malloc 10 5000");
+    target.run("calloc 100 10");
+    assert_eq!(site_functions(&bytes.finish())[..2], ["leak_malloc", "leak_calloc"]);
+    assert_eq!(site_functions(&count.finish())[..2], ["leak_calloc", "leak_malloc"]);
+}
+
+#[test]
+fn the_fastest_growing_site_leads_when_sorted_by_rate() {
+    let mut target = Target::leaky();
+    let mut tracer = Tracer::attach(target.pid(), &["--sort", "rate", "--interval", "0.5"]);
+    let mut report_with = |function: &str| loop {
+        let report = tracer.next_report();
+        if site_functions(&report).iter().any(|f| f == function) {
+            break report;
+        }
+    };
+    target.run("malloc 10 5000");
+    report_with("leak_malloc");
+    // Fewer bytes than leak_malloc holds, but made since the last report.
+    target.run("realloc 20 300");
+    let report = report_with("leak_realloc");
+    assert_eq!(site_functions(&report)[..2], ["leak_realloc", "leak_malloc"], "{report:#}");
+    assert_eq!(report["suspects"][1]["recent_bytes_per_s"], 0.0, "leak_malloc grew before");
+    tracer.finish();
+}
+
+#[test]
+fn reports_go_to_the_file_asked_for() {
+    let mut target = Target::leaky();
+    let dir = fresh_dir("trace-output", 0o755);
+    let path = dir.join("reports.jsonl");
+    let tracer = Tracer::attach(target.pid(), &["-o", path.to_str().unwrap()]);
+    target.run("malloc 2 100");
+    tracer.signal(libc::SIGINT);
+    let output = tracer.into_output();
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stdout.is_empty(), "nothing on stdout");
+    let written = std::fs::read_to_string(&path).unwrap();
+    let last: Value = serde_json::from_str(written.lines().last().unwrap()).unwrap();
+    assert_eq!((&last["final"], &site_functions(&last)[0]), (&Value::Bool(true), &"leak_malloc".to_string()));
+}
+
+#[test]
+fn a_file_that_cannot_be_written_stops_it_before_anything_is_attached() {
+    let target = Target::leaky();
+    let out = psleak()
+        .args(["trace", "--pid", &target.pid().to_string(), "-o", "/nonexistent/dir/reports"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("psleak: cannot write to /nonexistent/dir/reports: No such file or directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn colour_only_when_asked_or_on_a_terminal_without_no_color() {
+    let target = Target::leaky();
+    let trace = ["trace", "--duration", "0.5", "--pid", &target.pid().to_string()].map(String::from);
+    let text = |extra: &[&str]| {
+        let out = psleak().args(&trace).args(extra).stderr(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(text(&["--color", "always"]).starts_with("\x1b[1m["), "bold headings");
+    assert!(!text(&["--color", "never"]).contains('\x1b'));
+    assert!(!text(&[]).contains('\x1b'), "auto: stdout is a pipe here, not a terminal");
+    assert!(!text(&["--color", "always", "--json"]).contains('\x1b'), "JSON is never coloured");
+    // On a terminal (script(1) gives it one), auto colours unless NO_COLOR is set.
+    let on_a_terminal = |no_color: &str| {
+        let command = format!("{} {}", psleak().get_program().to_string_lossy(), trace.join(" "));
+        let out = Command::new("script")
+            .args(["-q", "-e", "-c", &command, "/dev/null"])
+            .env("NO_COLOR", no_color)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(on_a_terminal("").contains("\x1b[1m["), "an empty NO_COLOR is not set");
+    assert!(!on_a_terminal("1").contains("\x1b[1m"), "NO_COLOR=1");
+}
