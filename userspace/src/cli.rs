@@ -31,8 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to a running process and show what it creates and keeps: memory by site,
-    /// fds and threads opened since attach and still open.
+    /// Attach to a running process (--pid), or start a command (after --), and show what it
+    /// creates and keeps: memory by site, fds and threads opened since attach and still open.
     Trace(TraceCli),
     /// Serve unprivileged test processes over a Unix socket: run as root, e.g. on a CI runner.
     /// Each client may trace only its own uid's processes.
@@ -104,10 +104,14 @@ fn octal_mode(s: &str) -> Result<u32, String> {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "command"])))]
 struct TraceCli {
     /// The process to trace.
     #[arg(long, short)]
-    pid: u32,
+    pid: Option<u32>,
+    /// A command to start and trace from its first instruction: `psleak trace -- ./prog ARGS`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
     /// Seconds between reports.
     #[arg(long, short, default_value = "5", value_parser = positive_seconds)]
     interval: Duration,
@@ -281,9 +285,14 @@ fn run_trace(t: &TraceCli) -> u8 {
         Err(e) => return exit_status(Err(e)),
     };
     #[cfg(target_os = "linux")]
+    let target = match t.pid {
+        Some(pid) => trace::Target::Pid(pid),
+        None => trace::Target::Command(t.command.clone()),
+    };
+    #[cfg(target_os = "linux")]
     let result = trace::run(
         &TraceArgs {
-            pid: t.pid,
+            target,
             interval,
             duration,
             selection: t.selection(),
@@ -301,7 +310,12 @@ fn run_trace(t: &TraceCli) -> u8 {
         output,
     );
     #[cfg(windows)]
-    let result = crate::trace::etw::run(t.pid, interval, duration, output, t.selection());
+    let result = match t.pid {
+        Some(pid) => crate::trace::etw::run(pid, interval, duration, output, t.selection()),
+        None => Err(crate::error::Error::Refused(
+            "starting a command to trace is Linux only: start it, then use --pid".into(),
+        )),
+    };
     exit_status(result)
 }
 

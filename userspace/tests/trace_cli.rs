@@ -124,3 +124,33 @@ fn colour_only_when_asked_or_on_a_terminal_without_no_color() {
     assert!(on_a_terminal("").contains("\x1b[1m["), "an empty NO_COLOR is not set");
     assert!(!on_a_terminal("1").contains("\x1b[1m"), "NO_COLOR=1");
 }
+
+#[test]
+fn a_command_started_for_the_trace_is_followed_from_its_first_instruction() {
+    let program = common::build_target("leaks_at_start", false);
+    let out = psleak().args(["trace", "--json", "--"]).arg(&program).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["stopped_by"], "target_exited");
+    let leak = &report["suspects"][0];
+    let line = common::line_of("leaks_at_start", "LEAK_LINE");
+    assert_eq!((&leak["site"]["function"], &leak["site"]["line"]), (&"main".into(), &line.into()), "{report:#}");
+    assert_eq!((leak["count"].as_u64(), leak["bytes"].as_u64()), (Some(5), Some(5000)), "every block, the first too");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(", started for it): "), "{stderr}");
+    assert!(stderr.trim_end().ends_with("ended (exit status: 3)"), "its exit status is said: {stderr}");
+}
+
+#[test]
+fn a_command_that_cannot_run_or_a_target_given_twice_is_refused_in_a_line() {
+    let refused = |args: &[&str]| {
+        let out = psleak().arg("trace").args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = refused(&["--", "/nonexistent/prog", "arg"]);
+    assert_eq!(missing.trim_end(), "psleak: cannot run /nonexistent/prog: No such file or directory (os error 2)");
+    assert!(refused(&["--pid", "1", "--", "/bin/true"]).contains("cannot be used with"));
+    assert!(refused(&[]).contains("<--pid <PID>|CMD>"), "either is needed");
+}

@@ -1,6 +1,8 @@
-//! `psleak trace --pid PID`: attach to a running process and report, every interval, what it
-//! created since attach and still holds, until the duration ends, Ctrl-C, or the target exits.
+//! `psleak trace --pid PID` (or `-- CMD ARGS...`): attach to a running process (or one started
+//! for it) and report, every interval, what it created since attach and still holds, until the
+//! duration ends, Ctrl-C, or the target exits.
 
+use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,11 +13,19 @@ use crate::error::{say, Error};
 use crate::model::ledger::Ledger;
 use crate::process::{Credentials, Process};
 use crate::report::{self, Selection, StoppedBy};
+use crate::trace::launch::{self, Launched};
 use crate::trace::Output;
+
+/// What to trace: a running process, or a command started for it.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Pid(u32),
+    Command(Vec<OsString>),
+}
 
 #[derive(Debug, Clone)]
 pub struct TraceArgs {
-    pub pid: u32,
+    pub target: Target,
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub selection: Selection,
@@ -27,7 +37,16 @@ pub struct TraceArgs {
 pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
     crate::backends::ebpf::tracer::check_prerequisites(&args.options)?;
     keep_up_with_busy_targets();
-    let process = Process::open(args.pid)?;
+    let mut launched = match &args.target {
+        Target::Pid(_) => None,
+        Target::Command(command) => Some(launch::launch(command)?),
+    };
+    let pid = match (&args.target, &launched) {
+        (_, Some(launched)) => launched.pid(),
+        (Target::Pid(pid), None) => *pid,
+        (Target::Command(_), None) => unreachable!("a command is launched"),
+    };
+    let process = Process::open(pid)?;
     let name = process.name();
     let started = Instant::now();
     let mut storage = MaybeUninit::uninit();
@@ -36,16 +55,32 @@ pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
     // target a setuid program's.
     live.collector().decoder.process.check_traceable_by(&Credentials::own())?;
     let target = &live.target;
+    // Only once the probes are in does a launched command run its own first instruction.
+    if let Some(launched) = &mut launched {
+        launched.release()?;
+    }
     let attached = format!(
-        "psleak: tracing pid {} ({name}): {} probes on {}{}, attached in {:.2}s",
-        args.pid,
+        "psleak: tracing pid {pid} ({name}{}): {} probes on {}{}, attached in {:.2}s",
+        if launched.is_some() { ", started for it" } else { "" },
         live.probes.attachments(),
         target.libc.display(),
         target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
         started.elapsed().as_secs_f64(),
     );
-    let mut reporter = Reporter { output, reports: report::Reporter::new(args.pid, args.selection) };
-    watch(args, &mut live, &mut reporter, &attached)
+    let mut reporter = Reporter { output, reports: report::Reporter::new(pid, args.selection) };
+    let traced = watch(args, &mut live, &mut reporter, &attached);
+    if let Some(launched) = launched {
+        say_how_it_ended(launched);
+    }
+    traced
+}
+
+/// What became of a command psleak started: its exit status, or that it runs on.
+fn say_how_it_ended(mut launched: Launched) {
+    match launched.child.try_wait() {
+        Ok(Some(status)) => say(&format!("psleak: {} ended ({status})", launched.name)),
+        _ => say(&format!("psleak: {} (pid {}) runs on", launched.name, launched.pid())),
+    }
 }
 
 /// A target whose threads keep every CPU busy would starve its tracer: events pile up and are

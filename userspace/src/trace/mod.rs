@@ -5,6 +5,8 @@
 pub mod ebpf;
 #[cfg(windows)]
 pub mod etw;
+#[cfg(target_os = "linux")]
+pub mod launch;
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
