@@ -4,6 +4,7 @@ line and frames as its replies carry them)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -68,5 +69,8 @@ def missed_events(before: dict[str, int], after: dict[str, int], fun: object) ->
 
 
 def qualname(obj: object) -> str:
-    """A human-readable qualified name for a function, method or class."""
+    """A human-readable qualified name for a function, method or class; for execute(fun, *args),
+    fun's (``functools.partial`` has none of its own)."""
+    if isinstance(obj, functools.partial):
+        return qualname(obj.func)
     return getattr(obj, "__qualname__", getattr(obj, "__name__", str(obj)))
