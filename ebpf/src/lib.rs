@@ -101,7 +101,14 @@ pub struct Options {
     /// Read the Python stack of every creation, where the target's interpreter is known
     /// (off: the cost of reading it, measured by `cargo xtask bench-cost`).
     pub python_frames: bool,
+    /// Bytes of each creation's stack copied for unwinding: a multiple of `STACK_CHUNK_BYTES`
+    /// up to `MAX_STACK_BYTES` (the record's room).
+    pub stack_bytes: u32,
 }
+
+/// What the probes copy of a stack at a time (`PSLEAK_SCAN_CHUNK_WORDS` words), and at most.
+pub const STACK_CHUNK_BYTES: u32 = 512;
+pub const MAX_STACK_BYTES: u32 = 2048;
 
 impl Default for Options {
     fn default() -> Self {
@@ -113,6 +120,7 @@ impl Default for Options {
             empty_programs: false,
             entry_probes_first: false,
             python_frames: true,
+            stack_bytes: MAX_STACK_BYTES,
         }
     }
 }
@@ -416,6 +424,7 @@ impl<'obj> Probes<'obj> {
         let rodata = open.maps.rodata_data.as_deref_mut().expect("the probes have read-only data");
         rodata.target_tgid = target.pid;
         rodata.empty_programs = options.empty_programs;
+        rodata.scan_chunks = (options.stack_bytes / STACK_CHUNK_BYTES).clamp(1, MAX_STACK_BYTES / STACK_CHUNK_BYTES);
         if options.python_frames {
             rodata.py_layout = target.python_stack.unwrap_or_default();
         }

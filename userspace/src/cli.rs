@@ -173,6 +173,11 @@ struct TraceCli {
     #[cfg(target_os = "linux")]
     #[arg(long)]
     no_python_frames: bool,
+    /// Bytes of each creation's stack copied for unwinding: 512, 1024, 1536 or 2048. Less is
+    /// cheaper per event and reaches fewer frames.
+    #[cfg(target_os = "linux")]
+    #[arg(long, default_value_t = psleak_ebpf::MAX_STACK_BYTES, value_parser = stack_bytes)]
+    stack_depth: u32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -226,6 +231,15 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     match non_negative_seconds(s)? {
         v if !v.is_zero() => Ok(v),
         _ => Err("must be more than 0 seconds".into()),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn stack_bytes(s: &str) -> Result<u32, String> {
+    use psleak_ebpf::{MAX_STACK_BYTES, STACK_CHUNK_BYTES};
+    match s.parse::<u32>() {
+        Ok(v) if v > 0 && v <= MAX_STACK_BYTES && v % STACK_CHUNK_BYTES == 0 => Ok(v),
+        _ => Err(format!("`{s}` is not 512, 1024, 1536 or 2048 (bytes)")),
     }
 }
 
@@ -304,6 +318,7 @@ fn run_trace(t: &TraceCli) -> u8 {
                 empty_programs: t.empty_probes,
                 entry_probes_first: t.entry_probes_first,
                 python_frames: !t.no_python_frames,
+                stack_bytes: t.stack_depth,
             },
             ledger_room: t.max_live,
         },

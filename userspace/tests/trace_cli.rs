@@ -154,3 +154,21 @@ fn a_command_that_cannot_run_or_a_target_given_twice_is_refused_in_a_line() {
     assert!(refused(&["--pid", "1", "--", "/bin/true"]).contains("cannot be used with"));
     assert!(refused(&[]).contains("<--pid <PID>|CMD>"), "either is needed");
 }
+
+#[test]
+fn a_shallower_stack_depth_copies_fewer_frames() {
+    let program = common::build_target("deep_leak", false);
+    let frames = |depth: &str| {
+        let out = psleak().args(["trace", "--json", "--stack-depth", depth, "--"]).arg(&program).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let report: Value =
+            serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap();
+        let leak = report["suspects"].as_array().unwrap().iter().find(|s| s["site"]["function"] == "leak_deep");
+        let stack = leak.unwrap_or_else(|| panic!("a leak_deep site: {report:#}"))["stack"].as_array().unwrap().clone();
+        stack.iter().filter(|f| f["function"] == "leak_deep").count()
+    };
+    // Each of the 13 calls takes ~240 bytes of stack.
+    let (shallow, deep) = (frames("512"), frames("2048"));
+    assert!((1..=3).contains(&shallow), "512 bytes reach at most 3 calls: {shallow}");
+    assert!(deep >= 8, "2048 bytes reach 8 calls at least: {deep}");
+}

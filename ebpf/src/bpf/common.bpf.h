@@ -18,6 +18,9 @@ const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
 /* Benchmark floor: the same probes fire but every program returns at once. */
 const volatile bool empty_programs = false;
+/* How many chunks of each creation's stack are copied (psleak trace --stack-depth): fewer is
+ * cheaper per event and reaches fewer frames. */
+const volatile __u32 scan_chunks = PSLEAK_SCAN_WORDS / PSLEAK_SCAN_CHUNK_WORDS;
 /* How to read the Python stack (events.h); its runtime is 0 when the target is not Python. */
 const volatile struct py_layout py_layout = {};
 
@@ -187,7 +190,7 @@ __noinline int read_stack_words(struct stack_scan *scan, __u64 ip, __u64 sp, __u
 	scan->sp = sp;
 	scan->bp = bp;
 	scan->len = 0;
-	for (int chunk = 0; chunk < PSLEAK_SCAN_WORDS / PSLEAK_SCAN_CHUNK_WORDS; chunk++) {
+	for (int chunk = 0; chunk < PSLEAK_SCAN_WORDS / PSLEAK_SCAN_CHUNK_WORDS && chunk < scan_chunks; chunk++) {
 		__u32 first = chunk * PSLEAK_SCAN_CHUNK_WORDS;
 		if (bpf_probe_read_user(&scan->words[first], PSLEAK_SCAN_CHUNK_WORDS * 8, (void *)(sp + 8 * (__u64)first)))
 			break;
