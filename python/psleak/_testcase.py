@@ -85,9 +85,9 @@ class LastRun(TypedDict):
     batches: int
 
 
-# Every execute() of this process, as its last_run, since the pytest plugin last cleared it
-# (a test's setup): which tests called it, and how many calls it made.
-executions: list[LastRun] = []
+# Every execute() of the test that runs, as its last_run, when the pytest plugin asks (it sets
+# a list at each test's setup): which tests called it, and how many calls it made.
+executions: list[LastRun] | None = None
 
 
 def warm_caches() -> None:
@@ -604,7 +604,8 @@ class MemoryLeakTestCase(unittest.TestCase):
         self._trim_callback = trim_callback
 
         self.last_run = {"function": qualname(fun), "backend": backend.name, "calls": 2, "batches": 0}
-        executions.append(self.last_run)
+        if executions is not None:
+            executions.append(self.last_run)
         self._warmup_calls = warmup_times
         try:
             # First-call effects (lazy imports, caches, module-level cycles) are not leaks.

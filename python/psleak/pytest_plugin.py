@@ -157,7 +157,7 @@ def _raise_at_the_test(err, test):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     if call.when == "setup":
-        _testcase.executions.clear()
+        _testcase.executions = []
     # Seen before pytest's unittest support replaces it by its own skip.
     unchecked = call.excinfo is not None and isinstance(call.excinfo.value, _testcase.Unchecked)
     outcome = yield
@@ -178,7 +178,7 @@ def pytest_runtest_makereport(item, call):
 
 def _finding(item, call, report):
     """A test's entry in the report (report.schema.json)."""
-    runs = list(_testcase.executions)
+    runs = list(_testcase.executions or ())
     finding = {
         "test": item.nodeid,
         "outcome": report.outcome,
