@@ -140,11 +140,12 @@ fn session(contender: &Contender, ext: &Path) -> Result<(f64, f64)> {
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
 
 /// How each probed function is timed by bench/probe_cost.py, untraced and traced two ways.
-const PLACEMENTS: [(&str, &[&str]); 4] = [
+const PLACEMENTS: [(&str, &[&str]); 5] = [
     ("untraced", &[]),
     ("probes at function entry", &["--probes-at-entry"]),
     ("probes placed", &[]),
     ("probes placed, no Python frames", &["--no-python-frames"]),
+    ("probes placed, 512 bytes of stack", &["--stack-depth", "512"]),
 ];
 
 /// The probe cost table: for each allocation function, what an alloc/free pair costs more
@@ -158,9 +159,9 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
         command
     };
     // name -> placement -> ns per pair, over the rounds
-    let mut ns: Vec<(String, [Vec<f64>; 4])> = Vec::new();
+    let mut ns: Vec<(String, [Vec<f64>; 5])> = Vec::new();
     // placement -> the tracer's CPU per event (ns), over the rounds
-    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<f64>; 5] = Default::default();
     for round in 0..ROUNDS {
         for (k, (placement, flags)) in PLACEMENTS.iter().enumerate() {
             let mut waiting = Waiting::start(&mut target())?;
@@ -192,28 +193,32 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
          Each row: an allocation of 64 bytes by that function, freed at once by its family's free, 20,000 times in \
          leaky_ext (bench/probe_cost.py, default allocator); traced by `psleak trace`. The extra time is the \
          function's probe hit (its entry and return probes share one place) and its free's, with the whole \
-         stack read at each creation; the last column without the Python stack (`--no-python-frames`).\n\n\
-         | function | probe sits on | untraced (ns) | extra, probes at entry (ns) | extra, probes placed (ns) | placed / at entry | extra, placed, no Python frames (ns) |\n\
-         |---|---|---:|---:|---:|---:|---:|\n"
+         stack read at each creation (2 KiB); the last columns without the Python stack (`--no-python-frames`), \
+         and with 512 bytes of the native stack (`--stack-depth 512`).\n\n\
+         | function | probe sits on | untraced (ns) | extra, probes at entry (ns) | extra, probes placed (ns) | placed / at entry | extra, placed, no Python frames (ns) | extra, placed, 512 B of stack (ns) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n"
     );
     for (name, by_placement) in &ns {
-        let [untraced, at_entry, placed, native_only] = by_placement.clone().map(|v| median(v).unwrap_or(f64::NAN));
+        let [untraced, at_entry, placed, native_only, shallow] =
+            by_placement.clone().map(|v| median(v).unwrap_or(f64::NAN));
         let (extra_entry, extra_placed) = (at_entry - untraced, placed - untraced);
         // A function under two names (glibc's memalign, aligned_alloc) is probed once, as the first.
         let on = sits_on.iter().find(|(f, _)| f == name).map_or("probed under another name", |(_, on)| on.as_str());
         if name == SMALL_CALL {
             md += &format!(
-                "| {name} (untraced, at entry, placed: ×untraced) | | {untraced:.0} | ×{:.0} | ×{:.0} | {:.2} | ×{:.0} |\n",
+                "| {name} (untraced, at entry, placed: ×untraced) | | {untraced:.0} | ×{:.0} | ×{:.0} | {:.2} | ×{:.0} | ×{:.0} |\n",
                 at_entry / untraced,
                 placed / untraced,
                 placed / at_entry,
-                native_only / untraced
+                native_only / untraced,
+                shallow / untraced
             );
         } else {
             md += &format!(
-                "| {name} | {on} | {untraced:.0} | {extra_entry:.0} | {extra_placed:.0} | {:.2} | {:.0} |\n",
+                "| {name} | {on} | {untraced:.0} | {extra_entry:.0} | {extra_placed:.0} | {:.2} | {:.0} | {:.0} |\n",
                 extra_placed / extra_entry,
-                native_only - untraced
+                native_only - untraced,
+                shallow - untraced
             );
         }
     }
@@ -226,10 +231,11 @@ fn probe_costs(psleak: &Path, label: &str, python: &Path, ext: &Path) -> Result<
         })
         .collect();
     md += &format!("\nThe frees' probes: {}.\n", frees.join("; "));
-    let [_, at_entry, placed, native_only] = cpu.map(|v| median(v).unwrap_or(f64::NAN));
+    let [_, at_entry, placed, native_only, shallow] = cpu.map(|v| median(v).unwrap_or(f64::NAN));
     md += &format!(
         "\nThe tracer's CPU per event it read (user and system time, its attach included): probes at entry \
-         {at_entry:.0} ns, placed {placed:.0} ns, placed without Python frames {native_only:.0} ns.\n"
+         {at_entry:.0} ns, placed {placed:.0} ns, placed without Python frames {native_only:.0} ns, placed with \
+         512 bytes of stack {shallow:.0} ns.\n"
     );
     Ok(md)
 }
