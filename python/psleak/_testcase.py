@@ -17,7 +17,7 @@ import threading
 import time
 import unittest
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from psleak import _backends, _native
@@ -37,8 +37,6 @@ from psleak._gc import GCDebugger
 from psleak._resources import NativeThread, OpenFd, OpenHandle, PrivateHeap, named
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from typing_extensions import TypeAlias
 
     # A number of bytes for every metric, or per metric (heap, mmap, uss, rss, vms): a plain
@@ -405,7 +403,8 @@ class MemoryLeakTestCase(unittest.TestCase):
 
     def _check_mem(self, fun, times, retries, tolerance):
         __tracebackhide__ = True
-        tolerances = tolerance if isinstance(tolerance, dict) else dict.fromkeys(self._get_mem(), tolerance)
+        # Any mapping of metric to bytes (the types say Mapping), else one number for all.
+        tolerances = dict(tolerance) if isinstance(tolerance, Mapping) else dict.fromkeys(self._get_mem(), tolerance)
         with contextlib.ExitStack() as sessions:
             self._sessions = sessions
             try:
@@ -533,7 +532,7 @@ class MemoryLeakTestCase(unittest.TestCase):
         assert_isinstance("warmup_times", warmup_times, int)
         assert_isinstance("times", times, int)
         assert_isinstance("retries", retries, int)
-        assert_isinstance("tolerance", tolerance, (int, dict))
+        assert_isinstance("tolerance", tolerance, (int, Mapping))
         if trim_callback is not None:
             assert_isinstance("trim_callback", trim_callback, collections.abc.Callable)
         if warmup_times < 0:

@@ -253,3 +253,12 @@ def test_the_report_says_why_a_test_was_skipped(tmp_path):
     skipped = check_report(report, "poll")["test_forgets_a_block"]
     assert skipped["outcome"] == "skipped"
     assert skipped["skip_reason"].startswith("memory not checked: PYTHONMALLOC=malloc was not set"), skipped
+
+
+def test_tolerance_takes_any_mapping(psleak):
+    """The types say Mapping: a read-only one is a tolerance per metric like a dict."""
+    import types
+
+    psleak.execute(lambda: None, tolerance=types.MappingProxyType({"heap": 4096}), checkers="fds")
+    with pytest.raises(ValueError, match="invalid tolerance key 'heap_bytes'"):
+        psleak.execute(lambda: None, tolerance=types.MappingProxyType({"heap_bytes": 1}))

@@ -45,3 +45,9 @@ def test_errors() -> None:
         print(count, err.extras)
     version: str = psleak.__version__
     print(version)
+
+
+def test_a_read_only_tolerance() -> None:
+    import types
+
+    TestMine().execute(fun, tolerance=types.MappingProxyType({"heap": 4096}), checkers="memory")
