@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{root, run, Result};
+use super::{output, root, run, Result};
 
 /// The minor versions the package supports (pyproject.toml's classifiers).
 const SUPPORTED: &[&str] = &["3.9", "3.10", "3.11", "3.12", "3.13"];
@@ -60,17 +60,13 @@ pub fn others(main: &Path) -> Result<Vec<Interpreter>> {
 }
 
 fn pyenv_root() -> Result<PathBuf> {
-    let out = Command::new("pyenv").arg("root").output().map_err(|e| format!("cannot run pyenv root: {e}"))?;
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    Ok(PathBuf::from(output(Command::new("pyenv").arg("root"))?.trim()))
 }
 
 /// The interpreter behind a venv's python, or the python itself.
 fn base_executable(python: &Path) -> Result<PathBuf> {
-    let out = Command::new(python)
-        .args(["-c", "import os, sys; print(os.path.realpath(getattr(sys, '_base_executable', sys.executable)))"])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    let script = "import os, sys; print(os.path.realpath(getattr(sys, '_base_executable', sys.executable)))";
+    Ok(PathBuf::from(output(Command::new(python).args(["-c", script]))?.trim()))
 }
 
 /// A venv for `interpreter` under target/ (made once), with the test dependencies and `wheel`.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{root, run, Result};
+use super::{output, root, run, Result};
 
 /// The version of the whole workspace (Cargo.toml), which the wheel's metadata, `psleak
 /// --version` and `psleak.__version__` must all say.
@@ -118,14 +118,6 @@ fn versions(venv: &Path) -> Result {
         true => Ok(()),
         false => Err(format!("the versions differ from the workspace's {VERSION}: {said}")),
     }
-}
-
-fn output(command: &mut Command) -> Result<String> {
-    let out = command.output().map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
