@@ -110,6 +110,16 @@ pub struct Options {
 pub const STACK_CHUNK_BYTES: u32 = 512;
 pub const MAX_STACK_BYTES: u32 = 2048;
 
+/// `bytes` if it is a stack depth the probes can copy (a whole number of chunks, at most the
+/// record's room), else why not: for the command line and the daemon's clients alike.
+pub fn check_stack_bytes(bytes: u32) -> Result<u32, String> {
+    if bytes > 0 && bytes <= MAX_STACK_BYTES && bytes.is_multiple_of(STACK_CHUNK_BYTES) {
+        Ok(bytes)
+    } else {
+        Err(format!("{bytes} is not a stack depth of 512, 1024, 1536 or 2048 bytes"))
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {

@@ -91,7 +91,7 @@ struct DaemonCli {
     #[arg(long)]
     btf: Option<PathBuf>,
     /// Size of each session's kernel event ring in MiB (a power of two).
-    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
+    #[arg(long, default_value_t = DEFAULT_RING_MIB, value_parser = ring_mib)]
     ring_mib: u32,
 }
 
@@ -127,8 +127,8 @@ struct TraceCli {
     /// Colour the text: auto (on a terminal, unless NO_COLOR is set), always or never.
     #[arg(long, value_enum, default_value_t = ColourArg::Auto)]
     color: ColourArg,
-    /// How many memory sites to show.
-    #[arg(long, default_value_t = 10)]
+    /// How many memory sites to show (at most 1000).
+    #[arg(long, default_value_t = crate::report::DEFAULT_TOP, value_parser = report_sites)]
     top: usize,
     /// Which memory sites first: most live bytes, most live blocks, or fastest growing since
     /// the previous report.
@@ -143,19 +143,26 @@ struct TraceCli {
     /// Ignore memory younger than this many seconds (short-lived allocations).
     #[arg(long, default_value = "0", value_parser = non_negative_seconds)]
     min_age: Duration,
-    /// Heap blocks and mappings followed at most; past it, new ones are counted as lost
-    /// (~150 bytes each).
+    /// Trace through the psleak daemon on this socket (also $PSLEAK_SOCKET): what a user who
+    /// may not load probes does. Without it, psleak loads its own probes if it may, else uses
+    /// the daemon on /run/psleak.sock if there is one.
     #[cfg(target_os = "linux")]
-    #[arg(long, default_value_t = session::DEFAULT_LEDGER_ROOM)]
-    max_live: usize,
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Heap blocks and mappings followed at most; past it, new ones are counted as lost
+    /// (~150 bytes each) [default: 2000000].
+    #[cfg(target_os = "linux")]
+    #[arg(long)]
+    max_live: Option<usize>,
     /// Kernel BTF file, for kernels without /sys/kernel/btf/vmlinux.
     #[cfg(target_os = "linux")]
     #[arg(long)]
     btf: Option<PathBuf>,
-    /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost.
+    /// Size of the kernel event ring in MiB (a power of two); raise it if events are lost
+    /// [default: 32].
     #[cfg(target_os = "linux")]
-    #[arg(long, default_value_t = 32, value_parser = ring_mib)]
-    ring_mib: u32,
+    #[arg(long, value_parser = ring_mib)]
+    ring_mib: Option<u32>,
     /// Probe every function at its entry instead of on an emulated instruction (for `cargo xtask bench`).
     #[cfg(target_os = "linux")]
     #[arg(long, hide = true)]
@@ -204,6 +211,20 @@ impl TraceCli {
         Selection { top: self.top, sort, min_size: self.min_size, max_size: self.max_size, min_age: self.min_age }
     }
 
+    /// The options given that set up psleak's own probes, which a daemon's session does not take.
+    #[cfg(target_os = "linux")]
+    fn own_probe_options(&self) -> Vec<&'static str> {
+        let given = [
+            ("--btf", self.btf.is_some()),
+            ("--ring-mib", self.ring_mib.is_some()),
+            ("--max-live", self.max_live.is_some()),
+            ("--probes-at-entry", self.probes_at_entry),
+            ("--empty-probes", self.empty_probes),
+            ("--entry-probes-first", self.entry_probes_first),
+        ];
+        given.into_iter().filter_map(|(name, given)| given.then_some(name)).collect()
+    }
+
     fn output(&self) -> Result<Output, crate::error::Error> {
         let colour = match self.color {
             ColourArg::Auto => Colour::Auto,
@@ -213,6 +234,10 @@ impl TraceCli {
         Output::open(self.json, colour, self.output.as_deref())
     }
 }
+
+/// The event ring's size unless told otherwise, in MiB.
+#[cfg(target_os = "linux")]
+const DEFAULT_RING_MIB: u32 = 32;
 
 /// The longest wait any option may ask for: a century, in seconds.
 const MAX_SECONDS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
@@ -234,13 +259,18 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn report_sites(s: &str) -> Result<usize, String> {
+    use crate::serve::protocol::MAX_REPORT_SITES;
+    match s.parse::<usize>() {
+        Ok(top) if top <= MAX_REPORT_SITES => Ok(top),
+        _ => Err(format!("`{s}` is not a number of sites from 0 to {MAX_REPORT_SITES}")),
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn stack_bytes(s: &str) -> Result<u32, String> {
-    use psleak_ebpf::{MAX_STACK_BYTES, STACK_CHUNK_BYTES};
-    match s.parse::<u32>() {
-        Ok(v) if v > 0 && v <= MAX_STACK_BYTES && v % STACK_CHUNK_BYTES == 0 => Ok(v),
-        _ => Err(format!("`{s}` is not 512, 1024, 1536 or 2048 (bytes)")),
-    }
+    let bytes = s.parse::<u32>().map_err(|_| format!("`{s}` is not 512, 1024, 1536 or 2048 (bytes)"))?;
+    psleak_ebpf::check_stack_bytes(bytes)
 }
 
 #[cfg(target_os = "linux")]
@@ -312,7 +342,7 @@ fn run_trace(t: &TraceCli) -> u8 {
             selection: t.selection(),
             options: Options {
                 btf: t.btf.clone(),
-                ring_bytes: t.ring_mib << 20,
+                ring_bytes: t.ring_mib.unwrap_or(DEFAULT_RING_MIB) << 20,
                 probes_at_entry: t.probes_at_entry,
                 allocators: psleak_ebpf::Allocators::All,
                 empty_programs: t.empty_probes,
@@ -320,7 +350,12 @@ fn run_trace(t: &TraceCli) -> u8 {
                 python_frames: !t.no_python_frames,
                 stack_bytes: t.stack_depth,
             },
-            ledger_room: t.max_live,
+            ledger_room: t.max_live.unwrap_or(session::DEFAULT_LEDGER_ROOM),
+            socket: t
+                .socket
+                .clone()
+                .or_else(|| std::env::var_os("PSLEAK_SOCKET").filter(|s| !s.is_empty()).map(PathBuf::from)),
+            own_probe_options: t.own_probe_options(),
         },
         output,
     );

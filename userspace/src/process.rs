@@ -19,12 +19,47 @@ struct CodeMapping {
     path: PathBuf,
 }
 
+/// A process held by a pidfd: its exit is seen, and its number never taken for the next
+/// process that gets it. Opening one needs no privilege over the process.
+#[derive(Debug)]
+pub struct Pidfd(OwnedFd);
+
+impl Pidfd {
+    pub fn open(pid: u32) -> Result<Self, Error> {
+        if pid == 0 || pid > i32::MAX as u32 {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+                _ => Error::Io(format!("cannot open process {pid}"), io::Error::last_os_error()),
+            });
+        }
+        // SAFETY: pidfd_open returned a new fd that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+
+    /// Readable once the process has exited.
+    pub fn exit_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        let mut poll = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 0
+    }
+}
+
 /// A process psleak traces. Holds a pidfd, so that its exit is seen and its pid is never
 /// confused with a later process that reuses the number.
 #[derive(Debug)]
 pub struct Process {
     pid: u32,
-    pidfd: OwnedFd,
+    pidfd: Pidfd,
     /// Sorted by address, disjoint.
     code: Vec<CodeMapping>,
     last_refresh: Instant,
@@ -43,22 +78,10 @@ const MAX_GONE_MAPPINGS: usize = 4096;
 impl Process {
     /// Opens `pid` for tracing, or says in one line why it cannot be traced.
     pub fn open(pid: u32) -> Result<Self, Error> {
-        if pid == 0 || pid > i32::MAX as u32 {
-            return Err(Error::NoSuchProcess(pid));
-        }
         // The pidfd comes first: whatever is checked below is then checked of the process it
         // refers to, as long as that is alive afterwards (a pid changes hands only once its
         // process has exited and been reaped).
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ESRCH) => Error::NoSuchProcess(pid),
-                _ => Error::Io(format!("cannot open process {pid}"), io::Error::last_os_error()),
-            });
-        }
-        // SAFETY: pidfd_open returned a new fd that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let pidfd = Pidfd::open(pid)?;
         let root = PathBuf::from(format!("/proc/{pid}"));
         let stat = fs::read_to_string(root.join("stat")).map_err(|e| proc_error(pid, "stat", e))?;
         if stat_flags(&stat).is_some_and(|flags| flags & PF_KTHREAD != 0) {
@@ -93,58 +116,16 @@ impl Process {
     /// dumpable, hence /proc/PID is the uid's). Root may trace any. A process that is gone is
     /// refused too; callers check it is still alive afterwards.
     pub fn check_traceable_by(&self, tracer: &Credentials) -> Result<(), Error> {
-        let uid = tracer.uid;
-        if uid == 0 {
-            return Ok(());
-        }
-        let pid = self.pid;
-        let root = PathBuf::from(format!("/proc/{pid}"));
-        let status = fs::read_to_string(root.join("status")).map_err(|e| proc_error(pid, "status", e))?;
-        let ids = |field: &str| -> Option<Vec<u32>> {
-            let line = status.lines().find_map(|l| l.strip_prefix(field))?;
-            line.split_whitespace().map(|id| id.parse().ok()).collect()
-        };
-        let (Some(uids), Some(gids)) = (ids("Uid:"), ids("Gid:")) else {
-            return Err(Error::NotTraceable(pid, "its credentials cannot be read".into()));
-        };
-        let owner = fs::metadata(&root).map_err(|e| proc_error(pid, "owner", e))?.uid();
-        let real = uids.first().copied().unwrap_or(owner);
-        if real != uid {
-            return Err(Error::NotTraceable(pid, format!("it belongs to uid {real}, and you are uid {uid}")));
-        }
-        if uids.iter().any(|&u| u != uid) || gids.windows(2).any(|g| g[0] != g[1]) || owner != uid {
-            let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join("/");
-            return Err(Error::NotTraceable(
-                pid,
-                format!(
-                    "it runs a setuid or setgid program or is not dumpable (uids {}, gids {}), which uid {uid} may not trace",
-                    list(&uids),
-                    list(&gids)
-                ),
-            ));
-        }
-        // Capabilities the tracer lacks (ambient ones a parent gave it) make it more than its
-        // uid, as ptrace sees it; those of a user namespace of its own (a rootless container's
-        // root) do not.
-        let user_namespace = |of: &str| fs::read_link(format!("/proc/{of}/ns/user")).ok();
-        // Unknown capabilities count as all of them.
-        let more = capabilities_in(&status).unwrap_or(u64::MAX) & !tracer.capabilities;
-        if more != 0 && user_namespace(&pid.to_string()) == user_namespace("self") {
-            return Err(Error::NotTraceable(pid, format!("it holds capabilities ({more:#x}) that uid {uid} lacks")));
-        }
-        Ok(())
+        check_traceable(self.pid, tracer)
     }
 
     /// The pidfd: readable once the process has exited.
     pub fn exit_fd(&self) -> RawFd {
-        self.pidfd.as_raw_fd()
+        self.pidfd.exit_fd()
     }
 
     pub fn is_alive(&self) -> bool {
-        let mut poll = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, no wait.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        ready == 0
+        self.pidfd.is_alive()
     }
 
     /// The short name of the process (its comm).
@@ -302,6 +283,50 @@ impl Process {
 }
 
 const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// [`Process::check_traceable_by`], of the process that has the number `pid` now: only what
+/// a process held by a pidfd and checked alive afterwards is asked of is known to be its.
+pub fn check_traceable(pid: u32, tracer: &Credentials) -> Result<(), Error> {
+    let uid = tracer.uid;
+    if uid == 0 {
+        return Ok(());
+    }
+    let root = PathBuf::from(format!("/proc/{pid}"));
+    let status = fs::read_to_string(root.join("status")).map_err(|e| proc_error(pid, "status", e))?;
+    let ids = |field: &str| -> Option<Vec<u32>> {
+        let line = status.lines().find_map(|l| l.strip_prefix(field))?;
+        line.split_whitespace().map(|id| id.parse().ok()).collect()
+    };
+    let (Some(uids), Some(gids)) = (ids("Uid:"), ids("Gid:")) else {
+        return Err(Error::NotTraceable(pid, "its credentials cannot be read".into()));
+    };
+    let owner = fs::metadata(&root).map_err(|e| proc_error(pid, "owner", e))?.uid();
+    let real = uids.first().copied().unwrap_or(owner);
+    if real != uid {
+        return Err(Error::NotTraceable(pid, format!("it belongs to uid {real}, and you are uid {uid}")));
+    }
+    if uids.iter().any(|&u| u != uid) || gids.windows(2).any(|g| g[0] != g[1]) || owner != uid {
+        let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join("/");
+        return Err(Error::NotTraceable(
+            pid,
+            format!(
+                "it runs a setuid or setgid program or is not dumpable (uids {}, gids {}), which uid {uid} may not trace",
+                list(&uids),
+                list(&gids)
+            ),
+        ));
+    }
+    // Capabilities the tracer lacks (ambient ones a parent gave it) make it more than its
+    // uid, as ptrace sees it; those of a user namespace of its own (a rootless container's
+    // root) do not.
+    let user_namespace = |of: &str| fs::read_link(format!("/proc/{of}/ns/user")).ok();
+    // Unknown capabilities count as all of them.
+    let more = capabilities_in(&status).unwrap_or(u64::MAX) & !tracer.capabilities;
+    if more != 0 && user_namespace(&pid.to_string()) == user_namespace("self") {
+        return Err(Error::NotTraceable(pid, format!("it holds capabilities ({more:#x}) that uid {uid} lacks")));
+    }
+    Ok(())
+}
 
 /// Who traces a process: a uid and the capabilities it holds (CapPrm).
 #[derive(Debug, Clone, Copy)]

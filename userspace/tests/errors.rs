@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -114,12 +115,19 @@ fn a_process_caught_right_after_exec_is_traced() {
 
 #[test]
 fn without_privileges() {
+    assert!(!Path::new("/run/psleak.sock").exists(), "a daemon on the default socket would be used instead");
     let target = Target::leaky();
     for caps in ["", "+bpf,+perfmon"] {
         let (code, stderr) = psleak_as_nobody(caps, target.pid());
         assert_eq!(code, Some(2), "caps {caps:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("needs root (CAP_SYS_ADMIN"), "caps {caps:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "or have root run `psleak daemon` and trace through it (at /run/psleak.sock, or --socket PATH)"
+            ),
+            "the way without sudo too: {stderr}"
+        );
     }
 }
 

@@ -6,7 +6,7 @@ pub mod text;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backends::poll;
 use crate::model::event::Origin;
@@ -53,7 +53,7 @@ pub struct Report {
 }
 
 /// Why a trace ended: a code in the JSON, a sentence in the text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoppedBy {
     DurationEnded,
@@ -254,7 +254,7 @@ pub struct Heap {
 }
 
 /// Which live memory the reports show.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection {
     /// How many memory sites.
     pub top: usize,
@@ -266,8 +266,19 @@ pub struct Selection {
     pub min_age: Duration,
 }
 
+/// How many memory sites a report shows unless asked otherwise.
+pub const DEFAULT_TOP: usize = 10;
+
+impl Default for Selection {
+    /// Every live site, the `DEFAULT_TOP` largest shown.
+    fn default() -> Self {
+        Self { top: DEFAULT_TOP, sort: SortKey::Bytes, min_size: 0, max_size: None, min_age: Duration::ZERO }
+    }
+}
+
 /// How the memory sites of a report are ranked, largest first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SortKey {
     /// Live bytes.
     #[default]
@@ -280,8 +291,11 @@ pub enum SortKey {
 
 /// Turns one session's ledger into reports, following each site's growth between them.
 pub struct Reporter {
+    /// The target's pid here, and as the user calls it (a daemon's client may be in another
+    /// pid namespace).
     pid: u32,
-    selection: Selection,
+    shown_pid: u32,
+    pub selection: Selection,
     growth: Growth,
     attached_at: Instant,
     last_report: Instant,
@@ -295,24 +309,42 @@ impl Reporter {
     pub fn new(pid: u32, selection: Selection) -> Self {
         let baseline = poll::metrics(pid).ok();
         let now = Instant::now();
-        Self { pid, selection, growth: Growth::default(), attached_at: now, last_report: now, baseline, untraced: None }
+        Self {
+            pid,
+            shown_pid: pid,
+            selection,
+            growth: Growth::default(),
+            attached_at: now,
+            last_report: now,
+            baseline,
+            untraced: None,
+        }
+    }
+
+    /// Reports showing the target as `pid` (the number its user knows it by).
+    pub fn shown_as(self, pid: u32) -> Self {
+        Self { shown_pid: pid, ..self }
     }
 
     /// The report now: `now_ns` on the clock of the events' timestamps; the classic metrics
-    /// only while the target is `alive`.
+    /// only if the target is `alive` after they were read (the pid they were read by was still
+    /// the target's: it changes hands only after an exit).
     pub fn report(
         &mut self,
         ledger: &Ledger,
         describe: &mut dyn Describe,
         now_ns: u64,
-        alive: bool,
+        alive: &dyn Fn() -> bool,
         lost: Lost,
         stopped_by: Option<StoppedBy>,
     ) -> Report {
         let elapsed = self.attached_at.elapsed();
         let since_last = std::mem::replace(&mut self.last_report, Instant::now()).elapsed().as_secs_f64().max(1e-3);
         let filter = Filter {
-            created_by_ns: Some(now_ns.saturating_sub(self.selection.min_age.as_nanos() as u64)),
+            // A client's min_age may be any u64 of milliseconds: past u64 nanoseconds it is forever.
+            created_by_ns: Some(
+                now_ns.saturating_sub(u64::try_from(self.selection.min_age.as_nanos()).unwrap_or(u64::MAX)),
+            ),
             min_size: self.selection.min_size,
             max_size: self.selection.max_size,
             ..Filter::default()
@@ -349,14 +381,14 @@ impl Reporter {
         let age = |ts_ns: u64| now_ns.saturating_sub(ts_ns) as f64 / 1e9;
         let resources = Resources::since(ledger, describe, Mark::default(), age);
         let process = match (self.baseline, poll::metrics(self.pid)) {
-            (Some(before), Ok(now)) if alive => Some(ProcessMetrics { now, since_attach: now.since(&before) }),
+            (Some(before), Ok(now)) if alive() => Some(ProcessMetrics { now, since_attach: now.since(&before) }),
             _ => None,
         };
         Report {
             schema: SCHEMA,
             psleak: env!("CARGO_PKG_VERSION"),
             time: utc_now(),
-            pid: self.pid,
+            pid: self.shown_pid,
             elapsed_s: elapsed.as_secs_f64(),
             is_final: stopped_by.is_some(),
             stopped_by,
@@ -475,7 +507,7 @@ mod tests {
             Selection { top: 5, sort: SortKey::Bytes, min_size: 0, max_size: None, min_age: Duration::ZERO },
         );
         reporter.untraced = Some("no ETW events (the kernel session could not be started)".into());
-        let report = reporter.report(&Ledger::new(), &mut NoNames, 0, true, Lost::default(), None);
+        let report = reporter.report(&Ledger::new(), &mut NoNames, 0, &|| true, Lost::default(), None);
         let text = report.to_text();
         let first = text.lines().next().unwrap();
         assert!(

@@ -71,7 +71,8 @@ impl Paint {
     pub const PLAIN: Paint = Paint { on: false };
 
     fn with(self, code: &str, text: &str) -> String {
-        if self.on {
+        // Nothing to colour (no losses, say) gets no escapes either.
+        if self.on && !text.is_empty() {
             format!("\x1b[{code}m{text}\x1b[0m")
         } else {
             text.to_string()

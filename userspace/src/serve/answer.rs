@@ -3,14 +3,16 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::model::ledger::{Filter, Ledger, Mark, Memory, SiteTotals};
 use crate::model::lost::Lost;
 use crate::model::verdict::Measurement;
-use crate::report::{GrowingSite, LiveTotals, Resources};
-use crate::serve::protocol::{Answer, Batch, Failure, Lines, Reply, Request, VERSION};
+use crate::report::text::Paint;
+use crate::report::{GrowingSite, LiveTotals, Reporter, Resources, Selection, StoppedBy};
+use crate::serve::protocol::{Answer, Batch, Failure, Lines, Reply, Request, MAX_REPORT_SITES, VERSION};
 use crate::sites::frame::Describe;
 
 /// Measurements a session may have under way at once, and batches in one: each batch judges
@@ -18,29 +20,50 @@ use crate::sites::frame::Describe;
 const MAX_MEASUREMENTS: usize = 64;
 const MAX_BATCHES: usize = 1000;
 
-/// The state a session keeps between requests: its memory measurements.
+/// The state a session keeps between requests: its memory measurements, and the reports'
+/// growth from one to the next.
 #[derive(Default)]
 pub struct Answerer {
     measurements: HashMap<u64, Measurement>,
     /// What was lost when each measurement's batch under way began.
     lost_at_window: HashMap<u64, Lost>,
     next_measurement: u64,
-    /// The client asked to detach: the session ends after this reply.
+    /// Made since the session attached (`report` is refused without it).
+    reporter: Option<Reporter>,
+    /// The client asked to detach, or had the session's last report: the session ends after
+    /// this reply.
     pub detached: bool,
 }
 
+/// What a session knows of its target as it answers, besides its ledger and their names.
+pub struct Moment<'a> {
+    pub lost: Lost,
+    /// Whether the target still runs, asked after what is read of it by its pid.
+    pub alive: &'a dyn Fn() -> bool,
+    /// Now, on the clock of the events' timestamps.
+    pub clock_ns: u64,
+}
+
+impl Moment<'static> {
+    /// For a collector that makes no reports (which alone ask whether the target runs, and the time).
+    pub fn without_reports(lost: Lost) -> Self {
+        Self { lost, alive: &|| true, clock_ns: 0 }
+    }
+}
+
 impl Answerer {
-    pub fn new() -> Self {
-        Self { next_measurement: 1, ..Self::default() }
+    /// `reporter`: the session's, made when it attached; `None` where reports are not served.
+    pub fn new(reporter: Option<Reporter>) -> Self {
+        Self { next_measurement: 1, reporter, ..Self::default() }
     }
 
     /// The reply line to one request line, from what the ledger holds now.
-    pub fn handle(&mut self, line: &str, ledger: &Ledger, describe: &mut dyn Describe, lost: Lost) -> String {
+    pub fn handle(&mut self, line: &str, ledger: &Ledger, describe: &mut dyn Describe, now: &Moment<'_>) -> String {
         let request = match serde_json::from_str::<Request>(line) {
             Ok(request) => request,
             Err(e) => return failure(format!("bad request: {e}")),
         };
-        match self.answer(request, ledger, describe, lost) {
+        match self.answer(request, ledger, describe, now) {
             Ok(body) => reply_line(&Reply { ok: true, body }),
             Err(error) => failure(error),
         }
@@ -51,8 +74,9 @@ impl Answerer {
         request: Request,
         ledger: &Ledger,
         describe: &mut dyn Describe,
-        lost: Lost,
+        now: &Moment<'_>,
     ) -> Result<Answer, String> {
+        let lost = now.lost;
         Ok(match request {
             Request::Hello { version } if version == VERSION => Answer::Hello { version: VERSION },
             Request::Hello { version } => {
@@ -107,6 +131,24 @@ impl Answerer {
                 self.measurements.remove(&measurement).ok_or(format!("no measurement {measurement}"))?;
                 self.lost_at_window.remove(&measurement);
                 Answer::Done {}
+            }
+            Request::Report { top, sort, min_size, max_size, min_age_ms, text, colour, stopped_by } => {
+                let reporter = self.reporter.as_mut().ok_or("this collector makes no reports")?;
+                if top > MAX_REPORT_SITES {
+                    return Err(format!(
+                        "a report describes at most {MAX_REPORT_SITES} memory sites (top {top} asked)"
+                    ));
+                }
+                if max_size.is_some_and(|max| max < min_size) {
+                    return Err("max_size is smaller than min_size: nothing would be shown".into());
+                }
+                let min_age = Duration::from_millis(min_age_ms);
+                reporter.selection = Selection { top, sort, min_size, max_size, min_age };
+                let stopped_by = if (now.alive)() { stopped_by } else { Some(StoppedBy::TargetExited) };
+                let report = reporter.report(ledger, describe, now.clock_ns, now.alive, lost, stopped_by);
+                self.detached |= report.is_final;
+                let text = text.then(|| report.render(Paint { on: colour }));
+                Answer::Report { report: Box::new(report), text }
             }
             Request::Detach => {
                 self.detached = true;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use psleak_ebpf::{is_out_of_fds, Allocators, Options, FD_ADVICE};
+use psleak_ebpf::{is_out_of_fds, Options, FD_ADVICE};
 use serde_json::Value;
 
 use crate::error::{say, Error};
@@ -240,14 +240,29 @@ impl Daemon {
                 Ok(Ok(Opening::Attach { version, .. })) if version != VERSION => {
                     failure(format!("protocol version {version} is not served (this daemon speaks {VERSION})"))
                 }
-                Ok(Ok(Opening::Attach { pid, allocators, .. })) => match self.admit_off_the_loop(peer, pid).await {
-                    Ok(mut admitted) => {
-                        admitted.allocators = allocators;
-                        self.start_session(stream, requests, admitted, held);
-                        return;
+                Ok(Ok(Opening::Attach { pid, allocators, stack_bytes, python_frames, final_report, .. })) => {
+                    let defaults = &self.args.options;
+                    let options = stack_bytes.map_or(Ok(defaults.stack_bytes), psleak_ebpf::check_stack_bytes).map(
+                        |stack_bytes| Options {
+                            allocators,
+                            stack_bytes,
+                            python_frames: python_frames.unwrap_or(defaults.python_frames),
+                            ..defaults.clone()
+                        },
+                    );
+                    match options {
+                        Err(why) => failure(format!("bad attach: {why}")),
+                        Ok(options) => match self.admit_off_the_loop(peer, pid).await {
+                            Ok(mut admitted) => {
+                                admitted.options = options;
+                                admitted.final_report = final_report;
+                                self.start_session(stream, requests, admitted, held);
+                                return;
+                            }
+                            Err(why) => failure(why),
+                        },
                     }
-                    Err(why) => failure(why),
-                },
+                }
                 Ok(Err(e)) => failure(format!("bad request: {e} (a connection starts with attach or status)")),
             };
             let sent = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, write_all(&stream, reply.as_bytes())).await;
@@ -273,8 +288,11 @@ impl Daemon {
         let ours = process::pid_seen_by(peer.pid, pid)?;
         // The process is held (pidfd) before it is checked: a pid that changes hands meanwhile
         // is seen exited, never taken for the next process that gets the number.
-        let process = Process::open(ours).map_err(|e| e.to_string())?;
         let client = Credentials::of_peer(peer.uid, peer.pid);
+        // What keeps root from opening it (pid 1 with capabilities beyond the daemon's, say) is
+        // not the reason to give a client that may not trace it anyway.
+        let process =
+            Process::open(ours).map_err(|e| process::check_traceable(ours, &client).err().unwrap_or(e).to_string())?;
         process.check_traceable_by(&client).map_err(|e| e.to_string())?;
         if !process.is_alive() {
             return Err(format!("pid {pid} exited while the daemon attached to it"));
@@ -307,7 +325,7 @@ impl Daemon {
         };
         state.sessions.insert(id, session);
         say(&format!("psleak: session {id}: uid {} (client pid {}) traces pid {ours}", peer.uid, peer.pid));
-        Ok(Admitted { id, process, pid, client, control, allocators: Allocators::default() })
+        Ok(Admitted { id, process, pid, client, control, options: self.args.options.clone(), final_report: false })
     }
 
     /// Runs an admitted session on the blocking pool; the connection's place is held until it ends.
@@ -327,12 +345,12 @@ impl Daemon {
                 .map_err(|e| Error::Io("the client went away".into(), e))
                 .and_then(|stream| Client::new(stream, requests))
                 .and_then(|client| {
-                    let options = Options { allocators: a.allocators, ..self.args.options.clone() };
                     let config = SessionConfig {
-                        options: &options,
+                        options: &a.options,
                         control: &a.control,
                         client: a.client,
                         ledger_room: self.args.ledger_room,
+                        final_report: a.final_report,
                     };
                     session::serve_process(client, a.process, a.pid, &config)
                 });
@@ -421,8 +439,11 @@ struct Admitted {
     pid: u32,
     client: Credentials,
     control: Arc<Control>,
-    /// The allocator families the client asked to be probed.
-    allocators: Allocators,
+    /// The daemon's, with what the client asked for: the allocator families probed, the stack
+    /// depth, Python frames.
+    options: Options,
+    /// The client is a tracer: it gets a last report once the target has exited.
+    final_report: bool,
 }
 
 /// The next request line of a connection that has not attached; `None` when it hung up.

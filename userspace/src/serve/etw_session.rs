@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::backends::etw::follow::{Follow, Input, Request};
 use crate::error::Error;
 use crate::model::lost::Lost;
-use crate::serve::answer::{failure, read_request, reply_line, Answerer};
+use crate::serve::answer::{failure, read_request, reply_line, Answerer, Moment};
 use crate::serve::protocol::{Ready, Reply};
 
 /// How long a sync waits for its mark before answering anyway.
@@ -84,7 +84,7 @@ pub fn serve_followed(stream: TcpStream, followed: &mut impl Follow, ready: &Rea
 }
 
 fn answer_requests(followed: &mut impl Follow, out: &mut TcpStream) -> Result<(), Error> {
-    let mut answerer = Answerer::new();
+    let mut answerer = Answerer::new(None);
     let mut pending = VecDeque::new();
     loop {
         let request = match pending.pop_front() {
@@ -107,7 +107,8 @@ fn answer_requests(followed: &mut impl Follow, out: &mut TcpStream) -> Result<()
         };
         sync(followed, &mut pending);
         let (ledger, mut sites) = followed.ledger_and_sites();
-        let reply = answerer.handle(&line, ledger, &mut sites, Lost::default());
+        // No reports here: `psleak trace` on Windows runs ETW itself.
+        let reply = answerer.handle(&line, ledger, &mut sites, &Moment::without_reports(Lost::default()));
         out.write_all(reply.as_bytes()).map_err(client_gone)?;
         if answerer.detached {
             return Ok(());

@@ -5,9 +5,12 @@
 //! sends its ready line first. A `psleak daemon` connection starts with an [`Opening`]:
 //! `{"op":"attach","pid":P,"version":1}` (with `"allocators":"python"` or `"none"` to leave
 //! allocator families unprobed whose events the client does not need), answered by the same
-//! ready line (or a refusal), or `{"op":"status"}`. From the ready line on both speak [`Request`]: `hello` (the version
-//! handshake), `mark`, `created` (fds and threads since a mark), `begin`/`window`/`batch`/`end`
-//! (memory that grew, batch by batch, by site) and `detach`; hanging up detaches too.
+//! ready line (or a refusal), or `{"op":"status"}`; an attach may also carry `stack_bytes`,
+//! `python_frames` and `final_report` (what `psleak trace` through the daemon asks for). From the ready line on
+//! both speak [`Request`]: `hello` (the version handshake), `mark`, `created` (fds and threads
+//! since a mark), `begin`/`window`/`batch`/`end` (memory that grew, batch by batch, by site),
+//! `report` (what `psleak trace` shows: everything live since attach) and `detach`; hanging up
+//! detaches too.
 
 use std::io;
 use std::path::PathBuf;
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::ledger::Mark;
 use crate::model::lost::Lost;
 use crate::model::verdict::{Tolerance, Verdict};
-use crate::report::{GrowingSite, LiveTotals, Resources, Sited};
+use crate::report::{GrowingSite, LiveTotals, Report, Resources, Sited, SortKey, StoppedBy};
 
 /// The protocol's version, which `hello` and `attach` carry (the Python package reads it from here).
 pub const VERSION: u32 = 1;
@@ -39,6 +42,17 @@ pub enum Opening {
         version: u32,
         #[serde(default)]
         allocators: psleak_ebpf::Allocators,
+        /// Bytes of each creation's stack copied (`psleak_ebpf::check_stack_bytes`); the
+        /// daemon's own setting if left out.
+        #[serde(default)]
+        stack_bytes: Option<u32>,
+        /// Whether the Python stack of each creation is read (the daemon's setting if left out).
+        #[serde(default)]
+        python_frames: Option<bool>,
+        /// The client traces another process (`psleak trace`): when the target exits, the
+        /// session waits for it to ask for the last report.
+        #[serde(default)]
+        final_report: bool,
     },
     /// The sessions this client may see, and the daemon's own state.
     Status,
@@ -79,6 +93,30 @@ pub enum Request {
     End {
         measurement: u64,
     },
+    /// What `psleak trace` shows now: the memory, fds and threads created since attach and
+    /// still live, by site. A report with `stopped_by` (or made once the target has exited) is
+    /// the session's last: it ends once answered.
+    Report {
+        /// How many memory sites, at most `MAX_REPORT_SITES`.
+        #[serde(default = "default_report_top")]
+        top: usize,
+        #[serde(default)]
+        sort: SortKey,
+        #[serde(default)]
+        min_size: u64,
+        #[serde(default)]
+        max_size: Option<u64>,
+        /// Memory younger than this is left out.
+        #[serde(default)]
+        min_age_ms: u64,
+        /// The report as text too (`text`), coloured if `colour`.
+        #[serde(default)]
+        text: bool,
+        #[serde(default)]
+        colour: bool,
+        #[serde(default)]
+        stopped_by: Option<StoppedBy>,
+    },
     /// Ends the session once answered: the probes are detached (as when the client hangs up).
     Detach,
 }
@@ -86,6 +124,14 @@ pub enum Request {
 fn default_top() -> usize {
     5
 }
+
+fn default_report_top() -> usize {
+    crate::report::DEFAULT_TOP
+}
+
+/// The most memory sites a report describes: each costs its stack's symbols, and a client
+/// must not make a report unbounded.
+pub const MAX_REPORT_SITES: usize = 1000;
 
 /// A reply: `{"ok": true, ...}` with the answer's fields, or `{"ok": false, "error": "..."}`.
 #[derive(Debug, Serialize)]
@@ -138,6 +184,11 @@ pub enum Answer {
         measurement: u64,
     },
     Batch(Box<Batch>),
+    Report {
+        report: Box<Report>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
     /// `window`, `end` and `detach`, which only say they were done.
     Done {},
 }

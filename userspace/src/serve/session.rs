@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use psleak_ebpf::Options;
 
-use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
+use crate::backends::ebpf::live::{monotonic_ns, Live, DRAIN_PERIOD};
 use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::process::{Credentials, Process};
-use crate::serve::answer::{failure, reply_line, Answerer};
+use crate::report::{Reporter, Selection};
+use crate::serve::answer::{failure, reply_line, Answerer, Moment};
 use crate::serve::protocol::{Next, Ready, Reply, RequestReader, VERSION};
 
 /// How long a client may leave a reply unread before the session gives up on it.
@@ -65,6 +66,9 @@ pub struct SessionConfig<'a> {
     /// may still trace it (a setuid program may have made it root).
     pub client: Credentials,
     pub ledger_room: usize,
+    /// The client is a tracer, not the target: once the target exits, the session waits for it
+    /// to ask for the last report.
+    pub final_report: bool,
 }
 
 /// The client's end: a non-blocking socket, its requests read a chunk at a time.
@@ -78,6 +82,13 @@ impl Client {
     pub fn new(stream: UnixStream, requests: RequestReader) -> Result<Self, Error> {
         stream.set_nonblocking(true).map_err(client_gone)?;
         Ok(Self { stream, requests })
+    }
+
+    /// Waits at most `timeout` for the client to send something.
+    fn wait_readable(&self, timeout: Duration) {
+        let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) };
     }
 
     fn next(&mut self) -> Result<Next, Error> {
@@ -125,7 +136,8 @@ pub fn serve(stream: UnixStream, pid: u32, options: &Options, ledger_room: usize
             return Err(err);
         }
     };
-    let config = SessionConfig { options, control: &control, client: Credentials::own(), ledger_room };
+    let config =
+        SessionConfig { options, control: &control, client: Credentials::own(), ledger_room, final_report: false };
     serve_process(client, process, pid, &config)
 }
 
@@ -159,9 +171,13 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
     };
     client.send(&reply_line(&Reply { ok: true, body: ready }), &control.stop)?;
 
-    let mut answerer = Answerer::new();
+    let reporter = Reporter::new(live.collector().decoder.process.pid(), Selection::default()).shown_as(pid);
+    let mut answerer = Answerer::new(Some(reporter));
     let mut last_request = Instant::now();
     let mut more = false;
+    // When the target exited while its client makes reports (a tracer, not the target): the
+    // client has REPLY_LIMIT to ask for the last one.
+    let mut exited_at: Option<Instant> = None;
     loop {
         if control.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -170,16 +186,25 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             let _ = client.send(&failure("session ended: idle for too long".into()), &control.stop);
             return Ok(());
         }
-        if !more && !client.requests.has_unread() {
-            live.wait(&[client.stream.as_raw_fd()], DRAIN_PERIOD)?;
-        }
-        more = live.drain_some()?;
-        report_progress(&live, control);
-        if let Some(why) = lost_authorization(&mut live, &config.client) {
-            return Err(end_refused(&mut client, why, control));
-        }
-        if !live.target_alive() {
-            return Ok(()); // the target exited: nobody is left to ask
+        match exited_at {
+            Some(at) if at.elapsed() > REPLY_LIMIT => return Ok(()),
+            Some(_) => client.wait_readable(DRAIN_PERIOD),
+            None => {
+                if !more && !client.requests.has_unread() {
+                    live.wait(&[client.stream.as_raw_fd()], DRAIN_PERIOD)?;
+                }
+                more = live.drain_some()?;
+                report_progress(&live, control);
+                if let Some(why) = lost_authorization(&mut live, &config.client) {
+                    return Err(end_refused(&mut client, why, control));
+                }
+                if !live.target_alive() {
+                    if !config.final_report {
+                        return Ok(()); // the target exited: nobody is left to ask
+                    }
+                    exited_at = Some(exited(&live)?);
+                }
+            }
         }
         let line = match client.next()? {
             Next::Line(line) => line,
@@ -189,17 +214,26 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         last_request = Instant::now();
         let reply = match line {
             Ok(line) => {
-                live.drain_to_now(None)?;
-                // What was drained is the target's only if it is still the target (alive),
-                // and the client's to see only if the target still runs as the client.
-                if let Some(why) = lost_authorization(&mut live, &config.client) {
-                    return Err(end_refused(&mut client, why, control));
-                }
-                if !live.target_alive() {
-                    return Ok(());
+                if exited_at.is_none() {
+                    live.drain_to_now(None)?;
+                    // What was drained is the target's only if it is still the target (alive),
+                    // and the client's to see only if the target still runs as the client.
+                    if let Some(why) = lost_authorization(&mut live, &config.client) {
+                        return Err(end_refused(&mut client, why, control));
+                    }
+                    if !live.target_alive() {
+                        if !config.final_report {
+                            return Ok(());
+                        }
+                        exited_at = Some(exited(&live)?);
+                    }
                 }
                 let lost = live.lost();
-                live.with_sites(|collector, described| answerer.handle(&line, &collector.ledger, described, lost))
+                live.with_sites(|collector, described| {
+                    let alive = || collector.decoder.process.is_alive();
+                    let now = Moment { lost, alive: &alive, clock_ns: monotonic_ns() };
+                    answerer.handle(&line, &collector.ledger, described, &now)
+                })
             }
             Err(why) => failure(why),
         };
@@ -208,6 +242,14 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             return Ok(());
         }
     }
+}
+
+/// The target has exited: what it did until then is read, and the time of that returned.
+/// Nothing is read after: its pid may come to another process once the kernel's cyclic pid
+/// allocation has gone round all of pid_max, which takes far longer than the read.
+fn exited(live: &Live<'_>) -> Result<Instant, Error> {
+    live.drain_to_now(None)?;
+    Ok(Instant::now())
 }
 
 fn report_progress(live: &Live<'_>, control: &Control) {

@@ -5,15 +5,18 @@
 use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::backends::ebpf::live::{Live, DRAIN_PERIOD};
+use crate::backends::ebpf::live::{monotonic_ns, Live, DRAIN_PERIOD};
 use crate::error::{say, Error};
 use crate::model::ledger::Ledger;
 use crate::process::{Credentials, Process};
 use crate::report::{self, Selection, StoppedBy};
+use crate::serve::protocol::DEFAULT_SOCKET;
 use crate::trace::launch::{self, Launched};
+use crate::trace::through_daemon::Remote;
 use crate::trace::Output;
 
 /// What to trace: a running process, or a command started for it.
@@ -32,10 +35,47 @@ pub struct TraceArgs {
     pub options: psleak_ebpf::Options,
     /// Heap blocks and mappings the ledger keeps at most.
     pub ledger_room: usize,
+    /// The daemon to trace through (`--socket`, `PSLEAK_SOCKET`), if one was named.
+    pub socket: Option<PathBuf>,
+    /// The options given that only psleak's own probes take (`--btf`, `--ring-mib`...): a
+    /// daemon's sessions have the daemon's.
+    pub own_probe_options: Vec<&'static str>,
+}
+
+/// Whose probes a trace runs on.
+enum Route {
+    Own,
+    Daemon(PathBuf),
+}
+
+/// The daemon when one is named; psleak's own probes when it may load them; else the daemon on
+/// the default socket, if there is one (as the Python package chooses).
+fn route(args: &TraceArgs) -> Result<Route, Error> {
+    let daemon = |socket: &Path| match args.own_probe_options.as_slice() {
+        [] => Ok(Route::Daemon(socket.to_path_buf())),
+        given => Err(Error::Refused(format!(
+            "{} set up psleak's own probes, and this trace goes through the daemon on {}, which has its own: \
+             leave them out, or run the trace as root without --socket or PSLEAK_SOCKET",
+            given.join(", "),
+            socket.display()
+        ))),
+    };
+    if let Some(socket) = &args.socket {
+        return daemon(socket);
+    }
+    match crate::backends::ebpf::tracer::check_prerequisites(&args.options) {
+        Ok(()) => Ok(Route::Own),
+        Err(Error::NotPrivileged) if Path::new(DEFAULT_SOCKET).exists() => daemon(Path::new(DEFAULT_SOCKET)),
+        Err(Error::NotPrivileged) => Err(Error::Refused(format!(
+            "{}, or have root run `psleak daemon` and trace through it (at {DEFAULT_SOCKET}, or --socket PATH)",
+            Error::NotPrivileged
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
-    crate::backends::ebpf::tracer::check_prerequisites(&args.options)?;
+    let route = route(args)?;
     keep_up_with_busy_targets();
     let mut launched = match &args.target {
         Target::Pid(_) => None,
@@ -46,33 +86,51 @@ pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
         (Target::Pid(pid), None) => *pid,
         (Target::Command(_), None) => unreachable!("a command is launched"),
     };
-    let process = Process::open(pid)?;
-    let name = process.name();
     let started = Instant::now();
-    let mut storage = MaybeUninit::uninit();
-    let mut live = Live::attach(&mut storage, process, &args.options, args.ledger_room)?;
-    // Checked again once the probes count execs: one during the attach may have made the
-    // target a setuid program's.
-    live.collector().decoder.process.check_traceable_by(&Credentials::own())?;
-    let target = &live.target;
-    // Only once the probes are in does a launched command run its own first instruction.
-    if let Some(launched) = &mut launched {
-        launched.release()?;
-    }
-    let attached = format!(
-        "psleak: tracing pid {pid} ({name}{}): {} probes on {}{}, attached in {:.2}s",
-        if launched.is_some() { ", started for it" } else { "" },
-        live.probes.attachments(),
-        target.libc.display(),
-        target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
-        started.elapsed().as_secs_f64(),
-    );
-    let mut reporter = Reporter { output, reports: report::Reporter::new(pid, args.selection) };
-    let traced = watch(args, &mut live, &mut reporter, &attached);
+    let for_it = if launched.is_some() { ", started for it" } else { "" };
+    let traced = match route {
+        Route::Own => {
+            let process = Process::open(pid)?;
+            let name = process.name();
+            let mut storage = MaybeUninit::uninit();
+            let live = Live::attach(&mut storage, process, &args.options, args.ledger_room)?;
+            // Checked again once the probes count execs: one during the attach may have made the
+            // target a setuid program's.
+            live.collector().decoder.process.check_traceable_by(&Credentials::own())?;
+            let target = &live.target;
+            let attached = format!(
+                "psleak: tracing pid {pid} ({name}{for_it}): {} probes on {}{}, attached in {:.2}s",
+                live.probes.attachments(),
+                target.libc.display(),
+                target.python.as_ref().map_or(String::new(), |p| format!(" and {}", p.display())),
+                started.elapsed().as_secs_f64(),
+            );
+            let reports = report::Reporter::new(pid, args.selection);
+            let mut own = Own { live, output, reports, more: false };
+            // Only once the probes are in does a launched command run its own first instruction.
+            release(&mut launched)?;
+            watch(args, &mut own, &attached)
+        }
+        Route::Daemon(socket) => {
+            let (mut remote, ready) = Remote::attach(&socket, pid, &args.options, output, args.selection)?;
+            let attached = format!(
+                "psleak: tracing pid {pid} ({}{for_it}) through the psleak daemon on {}: {ready}, attached in {:.2}s",
+                remote.name,
+                socket.display(),
+                started.elapsed().as_secs_f64(),
+            );
+            release(&mut launched)?;
+            watch(args, &mut remote, &attached)
+        }
+    };
     if let Some(launched) = launched {
         say_how_it_ended(launched);
     }
     traced
+}
+
+fn release(launched: &mut Option<Launched>) -> Result<(), Error> {
+    launched.as_mut().map_or(Ok(()), Launched::release)
 }
 
 /// What became of a command psleak started: its exit status, or that it runs on.
@@ -93,17 +151,24 @@ fn keep_up_with_busy_targets() {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
 }
 
-/// Consumes events as they arrive and reports every interval until the session ends.
-fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attached: &str) -> Result<(), Error> {
+/// A session `watch` runs: on psleak's own probes, or a daemon's.
+pub trait Traced {
+    /// Waits at most `timeout` for something to take in, or for `signals` to be readable.
+    fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error>;
+    /// Takes in what came; why the session ends now, if it does.
+    fn take_in(&mut self) -> Result<Option<StoppedBy>, Error>;
+    /// Emits the report of now; the session's last if `stopped_by`.
+    fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error>;
+}
+
+/// Reports every interval until the session ends, and once more then.
+fn watch(args: &TraceArgs, session: &mut impl Traced, attached: &str) -> Result<(), Error> {
     // Only now does Ctrl-C end the session with a final report.
     let signals = Signals::take()?;
     say(attached);
     let started = Instant::now();
     let ends_at = args.duration.map(|d| started + d);
     let mut next_report = started + args.interval;
-    // Records left after a bounded drain are read on at once, the timers and signals looked at
-    // between turns.
-    let mut more = false;
     let stopped_by = loop {
         let now = Instant::now();
         if ends_at.is_some_and(|end| now >= end) {
@@ -112,31 +177,68 @@ fn watch(args: &TraceArgs, live: &mut Live<'_>, reporter: &mut Reporter, attache
         if now >= next_report {
             // A report right before the end would repeat the final one.
             if ends_at.is_none_or(|end| end.duration_since(now) > args.interval / 2) {
-                reporter.emit(live, None)?;
+                session.report(None)?;
             }
             // A report late by more than an interval (a slow terminal) is not made up for.
             next_report = (next_report + args.interval).max(Instant::now());
         }
         // The probes wake us only when much is waiting (common.bpf.h): drain the rest regularly.
         let until_timer = next_report.min(ends_at.unwrap_or(next_report)).saturating_duration_since(Instant::now());
-        let timeout = if more { Duration::ZERO } else { until_timer.min(DRAIN_PERIOD) };
-        live.wait(&[signals.fd.as_raw_fd()], timeout)?;
+        session.wait(signals.fd.as_raw_fd(), until_timer.min(DRAIN_PERIOD))?;
         match signals.pending() {
             Some(libc::SIGINT) => break StoppedBy::Interrupted,
             Some(_) => break StoppedBy::Terminated,
             None => {}
         }
-        if !live.target_alive() {
-            break StoppedBy::TargetExited;
-        }
-        more = live.drain_some()?;
-        // After what was drained, before anything is shown: the target may have become root.
-        if !still_traceable(live)? {
-            break StoppedBy::TargetChangedUser;
+        if let Some(stopped_by) = session.take_in()? {
+            break stopped_by;
         }
     };
-    drain_final(live, stopped_by)?;
-    reporter.emit(live, Some(stopped_by))
+    session.report(Some(stopped_by))
+}
+
+/// A trace on psleak's own probes: events drained into its own ledger.
+struct Own<'obj> {
+    live: Live<'obj>,
+    output: Output,
+    reports: report::Reporter,
+    /// Records were left after a bounded drain: they are read on at once, the timers and
+    /// signals looked at between turns.
+    more: bool,
+}
+
+impl Traced for Own<'_> {
+    fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error> {
+        self.live.wait(&[signals], if self.more { Duration::ZERO } else { timeout })
+    }
+
+    fn take_in(&mut self) -> Result<Option<StoppedBy>, Error> {
+        if !self.live.target_alive() {
+            return Ok(Some(StoppedBy::TargetExited));
+        }
+        self.more = self.live.drain_some()?;
+        // After what was drained, before anything is shown: the target may have become root.
+        Ok((!still_traceable(&mut self.live)?).then_some(StoppedBy::TargetChangedUser))
+    }
+
+    fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
+        if let Some(stopped_by) = stopped_by {
+            drain_final(&mut self.live, stopped_by)?;
+        }
+        let live = &mut self.live;
+        let lost = live.lost();
+        // Once the target runs as someone we may not trace, nothing of what it does is shown:
+        // neither its ledger (all made since the exec) nor its counters.
+        let censored = stopped_by == Some(StoppedBy::TargetChangedUser);
+        let nothing = Ledger::new();
+        let reports = &mut self.reports;
+        let report = live.with_sites(|collector, described| {
+            let ledger = if censored { &nothing } else { &collector.ledger };
+            let alive = || collector.decoder.process.is_alive() && !censored;
+            reports.report(ledger, described, monotonic_ns(), &alive, lost, stopped_by)
+        });
+        self.output.emit(&report)
+    }
 }
 
 /// SIGINT and SIGTERM, blocked and read from a signalfd: they end the trace with a final report
@@ -213,35 +315,4 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// Emits the reports of one session: the ledger's, with sites symbolized from the target's ELF
-/// files, to the output.
-struct Reporter {
-    output: Output,
-    reports: report::Reporter,
-}
-
-impl Reporter {
-    fn emit(&mut self, live: &mut Live<'_>, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
-        let lost = live.lost();
-        // Once the target runs as someone we may not trace, nothing of what it does is shown:
-        // neither its ledger (all made since the exec) nor its counters.
-        let censored = stopped_by == Some(StoppedBy::TargetChangedUser);
-        let alive = live.target_alive() && !censored;
-        let nothing = Ledger::new();
-        let report = live.with_sites(|collector, described| {
-            let ledger = if censored { &nothing } else { &collector.ledger };
-            self.reports.report(ledger, described, monotonic_ns(), alive, lost, stopped_by)
-        });
-        self.output.emit(&report)
-    }
-}
-
-/// CLOCK_MONOTONIC, the clock of the probes' timestamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -57,9 +57,9 @@ pub fn run(
     let started = Instant::now();
     let mut next_report = started + interval;
     let mut emit = |followed: &mut Followed, stopped_by| {
-        let alive = poll::is_running(pid);
+        let alive = || poll::is_running(pid);
         let (ledger, mut sites) = followed.ledger_and_sites();
-        let report = reporter.report(ledger, &mut sites, now_ns(), alive, Lost::default(), stopped_by);
+        let report = reporter.report(ledger, &mut sites, now_ns(), &alive, Lost::default(), stopped_by);
         output.emit(&report)
     };
     let stopped_by = loop {

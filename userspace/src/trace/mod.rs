@@ -7,6 +7,8 @@ pub mod ebpf;
 pub mod etw;
 #[cfg(target_os = "linux")]
 pub mod launch;
+#[cfg(target_os = "linux")]
+pub mod through_daemon;
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
@@ -62,6 +64,21 @@ impl Output {
         } else {
             report.render(self.paint)
         };
+        self.write(&text)
+    }
+
+    /// Whether reports go out as JSON lines (else as text).
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Whether the text is coloured.
+    pub fn colour(&self) -> bool {
+        self.paint.on
+    }
+
+    /// Writes a report already made (a daemon's), in this output's format.
+    pub fn write(&mut self, text: &str) -> Result<(), Error> {
         match self.sink.write_all(text.as_bytes()).and_then(|()| self.sink.flush()) {
             // `psleak trace ... | head`: the reader is gone, and so is the point of tracing.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::OutputClosed),

@@ -271,7 +271,7 @@ pub(crate) mod tests {
             Selection { top: 5, sort: SortKey::Bytes, min_size: 0, max_size: None, min_age: Duration::ZERO };
         let mut reporter = Reporter::new(std::process::id(), selection);
         let mut sites = Sites { translation: &translation, symbols: &mut Addresses };
-        let report = reporter.report(&ledger, &mut sites, 10, true, Lost::default(), None);
+        let report = reporter.report(&ledger, &mut sites, 10, &|| true, Lost::default(), None);
         let text = report.to_text();
         for line in [
             r"1 handle (type 37 \Device\Afd) open for up to 0.0s, opened at 0x7ff600001000 in ?: 0x1a4",
@@ -341,11 +341,16 @@ pub(crate) mod tests {
     #[test]
     fn the_collector_names_what_a_call_left_from_etw_records() {
         let (mut ledger, mut translation) = (Ledger::new(), Translation::new());
-        let mut answerer = crate::serve::answer::Answerer::new();
+        let mut answerer = crate::serve::answer::Answerer::new(None);
         let mut ask = |request: &str, ledger: &Ledger, translation: &Translation| {
             let mut symbols = FRAMES;
             let mut sites = Sites { translation, symbols: &mut symbols };
-            let reply = answerer.handle(request, ledger, &mut sites, Lost::default());
+            let reply = answerer.handle(
+                request,
+                ledger,
+                &mut sites,
+                &crate::serve::answer::Moment::without_reports(Lost::default()),
+            );
             serde_json::from_str::<serde_json::Value>(&reply).unwrap()
         };
         let stack = [NTDLL_ALLOC, MALLOC, LEAKY, PYTHON];

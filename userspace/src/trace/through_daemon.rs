@@ -1,0 +1,186 @@
+//! `psleak trace` through a `psleak daemon`, for a user who may not load probes: the daemon
+//! attaches them, if it lets this user trace the target (the same rule as for tests: the
+//! target runs as the user), keeps the ledger and names its sites; each report is asked for
+//! (`report`, `protocol.rs`) and written here, in this output's format.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::error::Error;
+use crate::process::Pidfd;
+use crate::report::{Selection, StoppedBy};
+use crate::serve::protocol::VERSION;
+use crate::trace::ebpf::Traced;
+use crate::trace::Output;
+
+/// How long the daemon may take to attach, or to make a report (the first one symbolizes every
+/// library the sites are in).
+const ANSWER_LIMIT: Duration = Duration::from_secs(60);
+
+/// A session of the daemon's, on the target's pid.
+pub struct Remote {
+    socket: PathBuf,
+    stream: BufReader<UnixStream>,
+    /// The target, whose exit ends the trace (held here too: the daemon only answers).
+    target: Pidfd,
+    /// Its comm, for the messages.
+    pub name: String,
+    output: Output,
+    selection: Selection,
+    /// The daemon sent the session's last report (the target exited): nothing more is asked.
+    ended: bool,
+}
+
+/// A reply to `report`; the report is written as the daemon made it.
+#[derive(Deserialize)]
+struct ReportReply<'a> {
+    ok: bool,
+    #[serde(borrow)]
+    report: Option<&'a RawValue>,
+    text: Option<String>,
+    error: Option<String>,
+}
+
+impl Remote {
+    /// Asks the daemon on `socket` to trace `pid` with `options`' stack depth and Python frames;
+    /// the session, and what the daemon attached (in words).
+    pub fn attach(
+        socket: &Path,
+        pid: u32,
+        options: &psleak_ebpf::Options,
+        output: Output,
+        selection: Selection,
+    ) -> Result<(Self, String), Error> {
+        // Before the daemon looks: a pid that is not there is said so here.
+        let target = Pidfd::open(pid)?;
+        let stream = UnixStream::connect(socket).map_err(|e| connect_error(socket, e))?;
+        stream.set_read_timeout(Some(ANSWER_LIMIT)).map_err(|e| gone(socket, e))?;
+        stream.set_write_timeout(Some(ANSWER_LIMIT)).map_err(|e| gone(socket, e))?;
+        let mut remote = Self {
+            socket: socket.to_path_buf(),
+            stream: BufReader::new(stream),
+            target,
+            name: std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string(),
+            output,
+            selection,
+            ended: false,
+        };
+        let attach = json!({
+            "op": "attach",
+            "pid": pid,
+            "version": VERSION,
+            "allocators": "all",
+            "stack_bytes": options.stack_bytes,
+            "python_frames": options.python_frames,
+            "final_report": true,
+        });
+        let ready: Value = serde_json::from_str(&remote.ask(&attach)?).map_err(|e| remote.garbled(e))?;
+        if ready["ok"] != true {
+            return Err(remote.refused(ready["error"].as_str()));
+        }
+        let path = |field: &str| ready[field].as_str().map(str::to_string);
+        let attached = format!(
+            "{} probes on {}{}",
+            ready["probes"],
+            path("libc").unwrap_or_else(|| "?".into()),
+            path("python").map_or(String::new(), |p| format!(" and {p}")),
+        );
+        Ok((remote, attached))
+    }
+
+    /// Sends `request` and reads the reply line.
+    fn ask(&mut self, request: &Value) -> Result<String, Error> {
+        let mut line = request.to_string();
+        line.push('\n');
+        let socket = self.socket.clone();
+        self.stream.get_mut().write_all(line.as_bytes()).map_err(|e| gone(&socket, e))?;
+        let mut reply = String::new();
+        match self.stream.read_line(&mut reply) {
+            Ok(0) => Err(Error::Refused(format!("the psleak daemon on {} ended the session", socket.display()))),
+            Ok(_) => Ok(reply),
+            Err(e) => Err(gone(&socket, e)),
+        }
+    }
+
+    fn refused(&self, why: Option<&str>) -> Error {
+        let why = why.unwrap_or("no reason given");
+        Error::Refused(format!("the psleak daemon on {}: {why}", self.socket.display()))
+    }
+
+    fn garbled(&self, e: serde_json::Error) -> Error {
+        Error::Io(format!("the psleak daemon on {} answered garbage", self.socket.display()), io::Error::other(e))
+    }
+}
+
+impl Traced for Remote {
+    fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error> {
+        let mut fds = [signals, self.target.exit_fd()].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        // SAFETY: valid pollfds, their fds open for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(Error::Io("cannot wait for the target".into(), io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn take_in(&mut self) -> Result<Option<StoppedBy>, Error> {
+        Ok((self.ended || !self.target.is_alive()).then_some(StoppedBy::TargetExited))
+    }
+
+    fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
+        if self.ended {
+            return Ok(());
+        }
+        let s = self.selection;
+        let request = json!({
+            "op": "report",
+            "top": s.top,
+            "sort": s.sort,
+            "min_size": s.min_size,
+            "max_size": s.max_size,
+            "min_age_ms": u64::try_from(s.min_age.as_millis()).unwrap_or(u64::MAX),
+            "text": !self.output.json(),
+            "colour": self.output.colour(),
+            "stopped_by": stopped_by,
+        });
+        let line = self.ask(&request)?;
+        let reply: ReportReply<'_> = serde_json::from_str(&line).map_err(|e| self.garbled(e))?;
+        let report = match (reply.ok, reply.report) {
+            (true, Some(report)) => report,
+            _ => return Err(self.refused(reply.error.as_deref())),
+        };
+        #[derive(Deserialize)]
+        struct Finality {
+            #[serde(rename = "final")]
+            is_final: bool,
+        }
+        let finality: Finality = serde_json::from_str(report.get()).map_err(|e| self.garbled(e))?;
+        // The daemon's session is over after its last report (the target exited meanwhile).
+        self.ended = finality.is_final;
+        match reply.text {
+            Some(text) if !self.output.json() => self.output.write(&text),
+            _ => self.output.write(&format!("{}\n", report.get())),
+        }
+    }
+}
+
+fn connect_error(socket: &Path, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        return Error::Refused(format!(
+            "the psleak daemon on {} does not admit this user: its --socket-mode and --socket-group say who may connect",
+            socket.display()
+        ));
+    }
+    Error::Io(format!("no psleak daemon answers on {}", socket.display()), e)
+}
+
+fn gone(socket: &Path, e: io::Error) -> Error {
+    Error::Io(format!("the psleak daemon on {} stopped answering", socket.display()), e)
+}
