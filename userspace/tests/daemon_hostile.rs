@@ -220,15 +220,6 @@ fn a_pid_that_changes_hands_during_the_attach_is_never_traced_for_the_wrong_user
     assert_no_probes_remain();
 }
 
-/// A root-owned setuid copy of the leaky target, which any user may run (and become root).
-fn setuid_leaky() -> std::path::PathBuf {
-    let dir = fresh_dir("setuid", 0o755);
-    let setuid = dir.join("leaky-setuid");
-    std::fs::copy(common::leaky(), &setuid).unwrap();
-    std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    setuid
-}
-
 fn effective_uid(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uids = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();

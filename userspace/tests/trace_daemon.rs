@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::daemon::{as_user, assert_error, user_a, Client, Daemon};
+use common::daemon::{as_user, assert_error, setuid_leaky, user_a, Client, Daemon};
 use common::{build_target, leaky, line_of, psleak, start_psleak, suspects_at, Target, Tracer};
 use serde_json::{json, Value};
 
@@ -214,4 +214,29 @@ fn after_its_target_exits_a_tracers_session_gives_the_last_report_once_then_ends
     let _silent = tracer_session(&daemon, target.pid());
     drop(target);
     assert!(common::wait_until(Duration::from_secs(20), || daemon.sessions() == 0), "{}", daemon.log());
+}
+
+#[test]
+fn a_target_that_becomes_root_and_exits_gives_its_tracer_no_report_of_roots_program() {
+    // The attack: a program that execs a setuid one, which opens a file of root's and exits
+    // at once, before the session's next look at whom it runs as.
+    let daemon = open_daemon();
+    let setuid = setuid_leaky();
+    let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
+    let pid = target.pid().to_string();
+    let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
+    let (child, _) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
+    let tracer = Tracer::from_child(child);
+    target.exec(&setuid);
+    target.run("file 1");
+    drop(target);
+    let output = tracer.into_output();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "no report at all: {stdout}");
+    assert!(
+        stderr.trim_end().lines().last().unwrap().contains(": session ended: the target exec'd a new program"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
 }

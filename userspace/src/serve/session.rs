@@ -32,6 +32,11 @@ const REPLY_LIMIT: Duration = Duration::from_secs(10);
 /// How often a session blocked on its client looks at `Control::stop`.
 const STOP_CHECK_PERIOD: Duration = Duration::from_millis(100);
 
+/// How often a session tells its owner its events and losses (`psleak daemon --status`): the
+/// losses are read from the kernel, and a flood's reader turns thousands of times a second
+/// (each turn reading them made a daemon's session cost 3x the CPU per event of psleak trace).
+const PROGRESS_PERIOD: Duration = Duration::from_millis(100);
+
 /// Heap blocks and mappings a session's ledger keeps at most, unless told otherwise.
 pub const DEFAULT_LEDGER_ROOM: usize = 2_000_000;
 
@@ -178,6 +183,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
     // When the target exited while its client makes reports (a tracer, not the target): the
     // client has REPLY_LIMIT to ask for the last one.
     let mut exited_at: Option<Instant> = None;
+    let mut progress_told = Instant::now();
     loop {
         if control.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -194,7 +200,10 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                     live.wait(&[client.stream.as_raw_fd()], DRAIN_PERIOD)?;
                 }
                 more = live.drain_some()?;
-                report_progress(&live, control);
+                if progress_told.elapsed() >= PROGRESS_PERIOD {
+                    report_progress(&live, control);
+                    progress_told = Instant::now();
+                }
                 if let Some(why) = lost_authorization(&mut live, &config.client) {
                     return Err(end_refused(&mut client, why, control));
                 }
@@ -202,7 +211,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                     if !config.final_report {
                         return Ok(()); // the target exited: nobody is left to ask
                     }
-                    exited_at = Some(exited(&live)?);
+                    exited_at = Some(exited(&mut live).map_err(|why| end_refused(&mut client, why, control))?);
                 }
             }
         }
@@ -225,7 +234,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                         if !config.final_report {
                             return Ok(());
                         }
-                        exited_at = Some(exited(&live)?);
+                        exited_at = Some(exited(&mut live).map_err(|why| end_refused(&mut client, why, control))?);
                     }
                 }
                 let lost = live.lost();
@@ -238,6 +247,9 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             Err(why) => failure(why),
         };
         client.send(&reply, &control.stop)?;
+        // What was answered, the owner's status shows at once.
+        report_progress(&live, control);
+        progress_told = Instant::now();
         if answerer.detached {
             return Ok(());
         }
@@ -246,9 +258,13 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
 
 /// The target has exited: what it did until then is read, and the time of that returned.
 /// Nothing is read after: its pid may come to another process once the kernel's cyclic pid
-/// allocation has gone round all of pid_max, which takes far longer than the read.
-fn exited(live: &Live<'_>) -> Result<Instant, Error> {
-    live.drain_to_now(None)?;
+/// allocation has gone round all of pid_max, which takes far longer than the read. An exec
+/// among what was read cannot be checked any more (whom the new program ran as): refused.
+fn exited(live: &mut Live<'_>) -> Result<Instant, String> {
+    live.drain_to_now(None).map_err(|e| e.to_string())?;
+    if live.new_execs() > 0 {
+        return Err("the target exec'd a new program and exited before psleak could check whom it ran as".into());
+    }
     Ok(Instant::now())
 }
 

@@ -176,6 +176,15 @@ pub fn test_user(name: &str) -> (u32, u32) {
     (id("-u").unwrap(), id("-g").unwrap())
 }
 
+/// A root-owned setuid copy of the leaky target, which any user may run (and become root).
+pub fn setuid_leaky() -> PathBuf {
+    let dir = fresh_dir("setuid", 0o755);
+    let setuid = dir.join("leaky-setuid");
+    std::fs::copy(super::leaky(), &setuid).unwrap();
+    std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    setuid
+}
+
 /// The two users of the hostile tests: one attacks, the other is its victim.
 pub fn user_a() -> (u32, u32) {
     test_user("psleak-test-a")
