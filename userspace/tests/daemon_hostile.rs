@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::daemon::{as_user, assert_error, connections_as, fresh_dir, user_a, user_b, Client, Daemon, UserClient};
+use common::daemon::{
+    as_user, assert_error, connections_as, fresh_dir, setuid_leaky, user_a, user_b, Client, Daemon, UserClient,
+};
 use common::{assert_no_probes_remain, run_psleak, wait_until, Killed, Target};
 use serde_json::json;
 
