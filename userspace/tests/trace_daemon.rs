@@ -225,18 +225,18 @@ fn a_target_that_becomes_root_and_exits_gives_its_tracer_no_report_of_roots_prog
     let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
     let pid = target.pid().to_string();
     let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
-    let (child, _) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
+    let (child, mut stderr) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
     let tracer = Tracer::from_child(child);
     target.exec(&setuid);
     target.run("file 1");
     drop(target);
     let output = tracer.into_output();
-    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{said}");
     assert!(stdout.is_empty(), "no report at all: {stdout}");
-    assert!(
-        stderr.trim_end().lines().last().unwrap().contains(": session ended: the target exec'd a new program"),
-        "{stderr}"
-    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.contains(": session ended: the target exec'd a new program"), "{said}");
     let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
 }
