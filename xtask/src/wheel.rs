@@ -53,6 +53,7 @@ pub fn checks(wheel: &Path, venv: &Path) -> Vec<(&'static str, Result)> {
         ("wheel: stripped", module.as_ref().map_err(Clone::clone).and_then(|m| stripped(m))),
         ("wheel: auditwheel show accepts it", audited(wheel, venv)),
         ("wheel: an sdist beside it", built(wheel.parent().unwrap_or(&unpacked), ".tar.gz").map(drop)),
+        ("wheel: the license's text in it", module.as_ref().map_err(Clone::clone).and_then(|_| licensed(&unpacked))),
         ("wheel: one version everywhere", versions(venv)),
     ]
 }
@@ -86,6 +87,18 @@ fn needed(module: &Path) -> Result {
     match foreign.as_slice() {
         [] => Ok(()),
         _ => Err(format!("the module needs {} from the system", foreign.join(", "))),
+    }
+}
+
+/// The LICENSE file, as the metadata's License-File names it.
+fn licensed(unpacked: &Path) -> Result {
+    let info = unpacked.join(format!("psleak-{VERSION}.dist-info"));
+    let metadata = std::fs::read_to_string(info.join("METADATA")).map_err(|e| format!("no METADATA: {e}"))?;
+    let text = std::fs::read_to_string(info.join("licenses/LICENSE")).unwrap_or_default();
+    let license = std::fs::read_to_string(root().join("LICENSE")).map_err(|e| format!("no LICENSE: {e}"))?;
+    match (metadata.lines().any(|l| l == "License-File: LICENSE"), text == license) {
+        (true, true) => Ok(()),
+        (named, _) => Err(format!("dist-info/licenses/LICENSE is not the LICENSE (METADATA names it: {named})")),
     }
 }
 
