@@ -130,7 +130,7 @@ impl Process {
 
     /// The short name of the process (its comm).
     pub fn name(&self) -> String {
-        read_trimmed(format!("/proc/{}/comm", self.pid)).unwrap_or_default()
+        name_of(self.pid)
     }
 
     /// Re-reads which files are mapped executable (after a dlopen, say). What was seen before
@@ -410,6 +410,11 @@ fn proc_error(pid: u32, what: &str, err: io::Error) -> Error {
 /// The task flags of a /proc/PID/stat line (field 9; the comm in parentheses may hold spaces).
 fn stat_flags(stat: &str) -> Option<u64> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(6)?.parse().ok()
+}
+
+/// The short name (comm) of whatever process has the number `pid` now; empty if none.
+pub fn name_of(pid: u32) -> String {
+    read_trimmed(format!("/proc/{pid}/comm")).unwrap_or_default()
 }
 
 fn read_trimmed(path: String) -> Option<String> {

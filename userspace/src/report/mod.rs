@@ -254,7 +254,7 @@ pub struct Heap {
 }
 
 /// Which live memory the reports show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Selection {
     /// How many memory sites.
     pub top: usize,

@@ -6,11 +6,11 @@
 //! `{"op":"attach","pid":P,"version":1}` (with `"allocators":"python"` or `"none"` to leave
 //! allocator families unprobed whose events the client does not need), answered by the same
 //! ready line (or a refusal), or `{"op":"status"}`; an attach may also carry `stack_bytes`,
-//! `python_frames` and `final_report` (what `psleak trace` through the daemon asks for). From the ready line on
-//! both speak [`Request`]: `hello` (the version handshake), `mark`, `created` (fds and threads
-//! since a mark), `begin`/`window`/`batch`/`end` (memory that grew, batch by batch, by site),
-//! `report` (what `psleak trace` shows: everything live since attach) and `detach`; hanging up
-//! detaches too.
+//! `python_frames` and `final_report` (what `psleak trace` through the daemon asks for). From
+//! the ready line on both speak [`Request`]: `hello` (the version handshake), `mark`, `created`
+//! (fds and threads since a mark), `begin`/`window`/`batch`/`end` (memory that grew, batch by
+//! batch, by site), `report` (what `psleak trace` shows: everything live since attach) and
+//! `detach`; hanging up detaches too.
 
 use std::io;
 use std::path::PathBuf;

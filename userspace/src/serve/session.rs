@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use psleak_ebpf::Options;
 
-use crate::backends::ebpf::live::{monotonic_ns, Live, DRAIN_PERIOD};
+use crate::backends::ebpf::live::{monotonic_ns, wait_readable, Live, DRAIN_PERIOD};
 use crate::error::Error;
 use crate::model::lost::Lost;
 use crate::process::{Credentials, Process};
@@ -87,13 +87,6 @@ impl Client {
     pub fn new(stream: UnixStream, requests: RequestReader) -> Result<Self, Error> {
         stream.set_nonblocking(true).map_err(client_gone)?;
         Ok(Self { stream, requests })
-    }
-
-    /// Waits at most `timeout` for the client to send something.
-    fn wait_readable(&self, timeout: Duration) {
-        let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) };
     }
 
     fn next(&mut self) -> Result<Next, Error> {
@@ -194,7 +187,11 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         }
         match exited_at {
             Some(at) if at.elapsed() > REPLY_LIMIT => return Ok(()),
-            Some(_) => client.wait_readable(DRAIN_PERIOD),
+            // What the client sends: nothing else is waited for any more (a failed wait is seen
+            // by the read that follows).
+            Some(_) => {
+                let _ = wait_readable(&[client.stream.as_raw_fd()], DRAIN_PERIOD);
+            }
             None => {
                 if !more && !client.requests.has_unread() {
                     live.wait(&[client.stream.as_raw_fd()], DRAIN_PERIOD)?;
@@ -204,14 +201,10 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                     report_progress(&live, control);
                     progress_told = Instant::now();
                 }
-                if let Some(why) = lost_authorization(&mut live, &config.client) {
-                    return Err(end_refused(&mut client, why, control));
-                }
-                if !live.target_alive() {
-                    if !config.final_report {
-                        return Ok(()); // the target exited: nobody is left to ask
-                    }
-                    exited_at = Some(exited(&mut live).map_err(|why| end_refused(&mut client, why, control))?);
+                match after_drain(&mut live, &mut client, config)? {
+                    Drained::GoOn => {}
+                    Drained::End => return Ok(()),
+                    Drained::Exited(at) => exited_at = Some(at),
                 }
             }
         }
@@ -225,16 +218,10 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             Ok(line) => {
                 if exited_at.is_none() {
                     live.drain_to_now(None)?;
-                    // What was drained is the target's only if it is still the target (alive),
-                    // and the client's to see only if the target still runs as the client.
-                    if let Some(why) = lost_authorization(&mut live, &config.client) {
-                        return Err(end_refused(&mut client, why, control));
-                    }
-                    if !live.target_alive() {
-                        if !config.final_report {
-                            return Ok(());
-                        }
-                        exited_at = Some(exited(&mut live).map_err(|why| end_refused(&mut client, why, control))?);
+                    match after_drain(&mut live, &mut client, config)? {
+                        Drained::GoOn => {}
+                        Drained::End => return Ok(()),
+                        Drained::Exited(at) => exited_at = Some(at),
                     }
                 }
                 let lost = live.lost();
@@ -254,6 +241,32 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             return Ok(());
         }
     }
+}
+
+/// What a session does once it has drained the ring.
+enum Drained {
+    GoOn,
+    /// The target exited, and nobody is left to ask (its client was the target).
+    End,
+    /// The target exited at this time, and its client, a tracer, may ask for the last report.
+    Exited(Instant),
+}
+
+/// After a drain: what was drained is the target's only if it is still the target (alive), and
+/// the client's to see only if the target still runs as the client; a refusal is told the
+/// client and is the session's error.
+fn after_drain(live: &mut Live<'_>, client: &mut Client, config: &SessionConfig<'_>) -> Result<Drained, Error> {
+    let refused = |client: &mut Client, why| end_refused(client, why, config.control);
+    if let Some(why) = lost_authorization(live, &config.client) {
+        return Err(refused(client, why));
+    }
+    if live.target_alive() {
+        return Ok(Drained::GoOn);
+    }
+    if !config.final_report {
+        return Ok(Drained::End);
+    }
+    exited(live).map(Drained::Exited).map_err(|why| refused(client, why))
 }
 
 /// The target has exited: what it did until then is read, and the time of that returned.

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::backends::ebpf::live::wait_readable;
 use crate::error::Error;
-use crate::process::Pidfd;
+use crate::process::{self, Pidfd};
 use crate::report::{Selection, StoppedBy};
 use crate::serve::protocol::VERSION;
 use crate::trace::ebpf::Traced;
@@ -67,7 +68,7 @@ impl Remote {
             socket: socket.to_path_buf(),
             stream: BufReader::new(stream),
             target,
-            name: std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string(),
+            name: process::name_of(pid),
             output,
             selection,
             ended: false,
@@ -121,13 +122,8 @@ impl Remote {
 
 impl Traced for Remote {
     fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error> {
-        let mut fds = [signals, self.target.exit_fd()].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-        // SAFETY: valid pollfds, their fds open for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
-        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return Err(Error::Io("cannot wait for the target".into(), io::Error::last_os_error()));
-        }
-        Ok(())
+        wait_readable(&[signals, self.target.exit_fd()], timeout)
+            .map_err(|e| Error::Io("cannot wait for the target".into(), e))
     }
 
     fn take_in(&mut self) -> Result<Option<StoppedBy>, Error> {

@@ -84,16 +84,8 @@ impl<'obj> Live<'obj> {
     /// Waits at most `timeout` for the probes to wake us (much is waiting in the ring), the
     /// target to exit, or one of `also` to be readable; the caller then looks at each.
     pub fn wait(&self, also: &[RawFd], timeout: Duration) -> Result<(), Error> {
-        let ours = [self.ring.epoll_fd(), self.exit_fd()];
-        let mut fds: Vec<libc::pollfd> =
-            ours.iter().chain(also).map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-        // SAFETY: valid pollfds, their fds open for the duration of the call (ours are owned by
-        // `self`, the caller's borrowed from it).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
-        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return Err(Error::Io("cannot wait for the event ring".into(), io::Error::last_os_error()));
-        }
-        Ok(())
+        let fds: Vec<RawFd> = [self.ring.epoll_fd(), self.exit_fd()].into_iter().chain(also.iter().copied()).collect();
+        wait_readable(&fds, timeout).map_err(|e| Error::Io("cannot wait for the event ring".into(), e))
     }
 
     pub fn collector(&self) -> Ref<'_, Collector> {
@@ -190,6 +182,19 @@ impl<'obj> Live<'obj> {
         let new = execs - self.execs_told;
         self.execs_told = execs;
         new
+    }
+}
+
+/// Waits at most `timeout` for one of `fds` (open for the call) to be readable, or hung up; a
+/// signal ends the wait early, which is no error.
+pub fn wait_readable(fds: &[RawFd], timeout: Duration) -> io::Result<()> {
+    let mut polled: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: valid pollfds, their fds open for the duration of the call (the caller's promise).
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout.as_millis() as i32) };
+    match io::Error::last_os_error() {
+        e if n < 0 && e.kind() != io::ErrorKind::Interrupted => Err(e),
+        _ => Ok(()),
     }
 }
 
