@@ -119,6 +119,17 @@ impl Process {
         check_traceable(self.pid, tracer)
     }
 
+    /// `check_traceable_by` after the process exec'd: one that is gone since cannot be checked,
+    /// and what its new program did is not `tracer`'s to see on trust.
+    pub fn check_exec_traceable_by(&self, tracer: &Credentials) -> Result<(), Error> {
+        match self.check_traceable_by(tracer) {
+            Err(Error::NoSuchProcess(pid)) => {
+                Err(Error::NotTraceable(pid, "it exited before psleak could check whom its new program ran as".into()))
+            }
+            checked => checked,
+        }
+    }
+
     /// The pidfd: readable once the process has exited.
     pub fn exit_fd(&self) -> RawFd {
         self.pidfd.exit_fd()

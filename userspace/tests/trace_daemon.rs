@@ -150,6 +150,10 @@ fn tracer_session(daemon: &Daemon, pid: u32) -> Client {
 fn a_report_request_out_of_bounds_is_refused_and_the_session_goes_on() {
     let daemon = open_daemon();
     let mut target = Target::leaky();
+    // A test's session (no final_report) is not a tracer's: it makes no reports.
+    let mut tests = Client::attach(&daemon, target.pid());
+    assert_error(&tests.ask(r#"{"op":"report"}"#), "this session makes no reports");
+    drop(tests);
     let mut client = tracer_session(&daemon, target.pid());
     target.run("malloc 2 100");
     let cases = [

@@ -28,7 +28,7 @@ pub struct Answerer {
     /// What was lost when each measurement's batch under way began.
     lost_at_window: HashMap<u64, Lost>,
     next_measurement: u64,
-    /// Made since the session attached (`report` is refused without it).
+    /// Made when a tracer's session attached (`report` is refused without it).
     reporter: Option<Reporter>,
     /// The client asked to detach, or had the session's last report: the session ends after
     /// this reply.
@@ -52,7 +52,7 @@ impl Moment<'static> {
 }
 
 impl Answerer {
-    /// `reporter`: the session's, made when it attached; `None` where reports are not served.
+    /// `reporter`: a tracer's session's, made when it attached; `None` where reports are not served.
     pub fn new(reporter: Option<Reporter>) -> Self {
         Self { next_measurement: 1, reporter, ..Self::default() }
     }
@@ -133,7 +133,10 @@ impl Answerer {
                 Answer::Done {}
             }
             Request::Report { top, sort, min_size, max_size, min_age_ms, text, colour, stopped_by } => {
-                let reporter = self.reporter.as_mut().ok_or("this collector makes no reports")?;
+                let reporter = self
+                    .reporter
+                    .as_mut()
+                    .ok_or("this session makes no reports: a tracer asks for them at attach (final_report)")?;
                 if top > MAX_REPORT_SITES {
                     return Err(format!(
                         "a report describes at most {MAX_REPORT_SITES} memory sites (top {top} asked)"

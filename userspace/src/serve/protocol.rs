@@ -49,8 +49,8 @@ pub enum Opening {
         /// Whether the Python stack of each creation is read (the daemon's setting if left out).
         #[serde(default)]
         python_frames: Option<bool>,
-        /// The client traces another process (`psleak trace`): when the target exits, the
-        /// session waits for it to ask for the last report.
+        /// The client traces another process (`psleak trace`): it is served `report`, and when
+        /// the target exits the session waits for it to ask for the last one.
         #[serde(default)]
         final_report: bool,
     },
@@ -94,7 +94,7 @@ pub enum Request {
         measurement: u64,
     },
     /// What `psleak trace` shows now: the memory, fds and threads created since attach and
-    /// still live, by site. A report with `stopped_by` (or made once the target has exited) is
+    /// still live, by site (to a session attached with `final_report`). A report with `stopped_by` (or made once the target has exited) is
     /// the session's last: it ends once answered.
     Report {
         /// How many memory sites, at most `MAX_REPORT_SITES`.

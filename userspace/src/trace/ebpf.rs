@@ -222,9 +222,12 @@ impl Traced for Own<'_> {
     }
 
     fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
-        if let Some(stopped_by) = stopped_by {
-            drain_final(&mut self.live, stopped_by)?;
-        }
+        // A target that became someone else's by its end (its exec unchecked when it exited,
+        // say) is shown as one that did: censored.
+        let stopped_by = match stopped_by {
+            Some(stopped_by) if !drain_final(&mut self.live, stopped_by)? => Some(StoppedBy::TargetChangedUser),
+            other => other,
+        };
         let live = &mut self.live;
         let lost = live.lost();
         // Once the target runs as someone we may not trace, nothing of what it does is shown:
@@ -279,12 +282,12 @@ impl Signals {
     }
 }
 
-/// The last drain: what the ring holds, unless the target now runs as someone we may not see.
-/// Asked to stop, the user gets at most `SIGNALLED_DRAIN` of it (in a flood, a full ring
-/// takes a while to read).
-fn drain_final(live: &mut Live<'_>, stopped_by: StoppedBy) -> Result<(), Error> {
+/// The last drain: what the ring holds, unless the target now runs as someone we may not see;
+/// whether what the ledger holds may be shown. Asked to stop, the user gets at most
+/// `SIGNALLED_DRAIN` of it (in a flood, a full ring takes a while to read).
+fn drain_final(live: &mut Live<'_>, stopped_by: StoppedBy) -> Result<bool, Error> {
     if stopped_by == StoppedBy::TargetChangedUser || !still_traceable(live)? {
-        return Ok(());
+        return Ok(false);
     }
     let signalled = [StoppedBy::Interrupted, StoppedBy::Terminated].contains(&stopped_by);
     let unread = live.drain_to_now(signalled.then(|| Instant::now() + SIGNALLED_DRAIN))?;
@@ -294,7 +297,7 @@ fn drain_final(live: &mut Live<'_>, stopped_by: StoppedBy) -> Result<(), Error> 
             unread.div_ceil(1024)
         ));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// How long the final drain may take once a signal asked psleak to stop.
@@ -306,9 +309,8 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
     if live.new_execs() == 0 {
         return Ok(true);
     }
-    match live.collector().decoder.process.check_traceable_by(&Credentials::own()) {
+    match live.collector().decoder.process.check_exec_traceable_by(&Credentials::own()) {
         Ok(()) => Ok(true),
-        Err(Error::NoSuchProcess(_)) => Ok(true), // it exited since: the exit ends the session
         Err(Error::NotTraceable(_, why)) => {
             say(&format!("psleak: the target exec'd, and {why}: tracing stops"));
             Ok(false)
