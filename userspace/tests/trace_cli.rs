@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use common::daemon::fresh_dir;
@@ -140,6 +141,84 @@ fn a_command_started_for_the_trace_is_followed_from_its_first_instruction() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(", started for it): "), "{stderr}");
     assert!(stderr.trim_end().ends_with("ended (exit status: 3)"), "its exit status is said: {stderr}");
+}
+
+#[test]
+fn what_a_command_does_in_a_library_it_loaded_just_before_it_exits_is_named() {
+    // Its address space is gone once it has exited: it is held at its exit until psleak has
+    // read every event it made (before, the library's blocks were `0x... in ?`).
+    let (program, library) = common::loads_late();
+    for _ in 0..3 {
+        let out = psleak().args(["trace", "--json", "--"]).arg(&program).arg(&library).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(report["stopped_by"], "target_exited");
+        common::assert_the_late_library_is_named(&report);
+        assert!(String::from_utf8_lossy(&out.stderr).trim_end().ends_with("ended (exit status: 0)"));
+    }
+}
+
+/// A trace of `command`, in a process group of its own, once psleak says it is tracing it; the
+/// command's pid.
+struct CommandTrace {
+    tracer: std::process::Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+    command: u32,
+}
+
+impl CommandTrace {
+    fn start(command: &[&str]) -> Self {
+        let mut tracing = psleak();
+        tracing.args(["trace", "--"]).args(command).stdout(Stdio::null()).process_group(0);
+        let (tracer, stderr) = common::start_psleak(&mut tracing, "tracing pid");
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", tracer.id())).unwrap();
+        let command = children.split_whitespace().next().unwrap().parse().unwrap();
+        Self { tracer, stderr, command }
+    }
+
+    /// Whether psleak ended well, and the rest of what it said.
+    fn end(mut self) -> (bool, String) {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stderr, &mut rest).unwrap();
+        (self.tracer.wait().unwrap().success(), rest)
+    }
+}
+
+fn state_of(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap()
+}
+
+#[test]
+fn a_command_gets_its_signals_stops_and_goes_on_as_it_would_without_psleak() {
+    // A signal it sends itself reaches its handler.
+    let trapped = psleak().args(["trace", "--", "sh", "-c", "trap 'exit 5' USR1; kill -USR1 $$; sleep 5"]).output();
+    let stderr = String::from_utf8(trapped.unwrap().stderr).unwrap();
+    assert!(stderr.trim_end().ends_with("ended (exit status: 5)"), "{stderr}");
+
+    // Stopped, it stays so until a SIGCONT (job control), then goes on.
+    let trace = CommandTrace::start(&["sh", "-c", "kill -STOP $$; exit 6"]);
+    let command = trace.command;
+    let started = std::time::Instant::now();
+    while !matches!(state_of(command), 't' | 'T') {
+        assert!(started.elapsed().as_secs() < 10, "the command never stopped");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(matches!(state_of(command), 't' | 'T'), "nothing but a SIGCONT may resume it");
+    // SAFETY: kill(2) of the command, our grandchild, still there (stopped).
+    unsafe { libc::kill(command as i32, libc::SIGCONT) };
+    let (_, stderr) = trace.end();
+    assert!(stderr.trim_end().ends_with("ended (exit status: 6)"), "{stderr}");
+
+    // Ctrl-C (SIGINT to the process group) ends both: the trace with its last report.
+    let trace = CommandTrace::start(&["sleep", "10"]);
+    // SAFETY: kill(2) of the process group the tracer leads.
+    unsafe { libc::kill(-(trace.tracer.id() as i32), libc::SIGINT) };
+    let (ended_well, stderr) = trace.end();
+    assert!(ended_well, "{stderr}");
+    assert!(stderr.trim_end().ends_with("ended (signal: 2 (SIGINT))"), "{stderr}");
 }
 
 #[test]

@@ -83,6 +83,17 @@ fn a_command_started_through_the_daemon_is_followed_from_its_first_instruction_t
 }
 
 #[test]
+fn through_the_daemon_what_a_command_does_just_before_it_exits_is_named() {
+    // The daemon reads the command's last events while it is held at its exit (a mark).
+    let daemon = open_daemon();
+    let (program, library) = common::loads_late();
+    let (code, stdout, stderr) =
+        run(trace_as_user(&daemon.socket, &["--json", "--", program.to_str().unwrap(), library.to_str().unwrap()]));
+    assert_eq!(code, Some(0), "{stderr}");
+    common::assert_the_late_library_is_named(&last_report(&stdout));
+}
+
+#[test]
 fn the_stack_depth_asked_through_the_daemon_is_the_one_its_probes_copy() {
     let daemon = open_daemon();
     let program = build_target("deep_leak", false);

@@ -109,7 +109,7 @@ pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
             let mut own = Own { live, output, reports, more: false };
             // Only once the probes are in does a launched command run its own first instruction.
             release(&mut launched)?;
-            watch(args, &mut own, &attached)
+            watch(args, &mut own, &attached, launched.as_mut())
         }
         Route::Daemon(socket) => {
             let (mut remote, ready) = Remote::attach(&socket, pid, &args.options, output, args.selection)?;
@@ -120,7 +120,7 @@ pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
                 started.elapsed().as_secs_f64(),
             );
             release(&mut launched)?;
-            watch(args, &mut remote, &attached)
+            watch(args, &mut remote, &attached, launched.as_mut())
         }
     };
     if let Some(launched) = launched {
@@ -135,9 +135,10 @@ fn release(launched: &mut Option<Launched>) -> Result<(), Error> {
 
 /// What became of a command psleak started: its exit status, or that it runs on.
 fn say_how_it_ended(mut launched: Launched) {
-    match launched.child.try_wait() {
-        Ok(Some(status)) => say(&format!("psleak: {} ended ({status})", launched.name)),
-        _ => say(&format!("psleak: {} (pid {}) runs on", launched.name, launched.pid())),
+    launched.let_go();
+    match launched.status() {
+        Some(status) => say(&format!("psleak: {} ended ({status})", launched.name)),
+        None => say(&format!("psleak: {} (pid {}) runs on", launched.name, launched.pid())),
     }
 }
 
@@ -157,18 +158,29 @@ pub trait Traced {
     fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error>;
     /// Takes in what came; why the session ends now, if it does.
     fn take_in(&mut self) -> Result<Option<StoppedBy>, Error>;
+    /// Takes in everything the target did until now, while it is held at its exit: the
+    /// session names it while the target's memory is there; why the session ends, if it does.
+    fn catch_up(&mut self) -> Result<Option<StoppedBy>, Error>;
     /// Emits the report of now; the session's last if `stopped_by`.
     fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error>;
 }
 
-/// Reports every interval until the session ends, and once more then.
-fn watch(args: &TraceArgs, session: &mut impl Traced, attached: &str) -> Result<(), Error> {
+/// Reports every interval until the session ends, and once more then. A command psleak started
+/// is held at its exit until the session has caught up with it.
+fn watch(
+    args: &TraceArgs,
+    session: &mut impl Traced,
+    attached: &str,
+    mut launched: Option<&mut Launched>,
+) -> Result<(), Error> {
     // Only now does Ctrl-C end the session with a final report.
     let signals = Signals::take()?;
     say(attached);
     let started = Instant::now();
     let ends_at = args.duration.map(|d| started + d);
     let mut next_report = started + args.interval;
+    // The command psleak started may have stopped before SIGCHLD was ours to read.
+    let mut child_stopped = true;
     let stopped_by = loop {
         let now = Instant::now();
         if ends_at.is_some_and(|end| now >= end) {
@@ -187,8 +199,20 @@ fn watch(args: &TraceArgs, session: &mut impl Traced, attached: &str) -> Result<
         session.wait(signals.fd.as_raw_fd(), until_timer.min(DRAIN_PERIOD))?;
         match signals.pending() {
             Some(libc::SIGINT) => break StoppedBy::Interrupted,
-            Some(_) => break StoppedBy::Terminated,
+            Some(libc::SIGTERM) => break StoppedBy::Terminated,
+            Some(_) => child_stopped = true, // SIGCHLD
             None => {}
+        }
+        if std::mem::take(&mut child_stopped) {
+            if let Some(command) = launched.as_deref_mut() {
+                if command.at_exit() {
+                    let caught_up = session.catch_up();
+                    command.let_go();
+                    if let Some(stopped_by) = caught_up? {
+                        break stopped_by;
+                    }
+                }
+            }
         }
         if let Some(stopped_by) = session.take_in()? {
             break stopped_by;
@@ -221,6 +245,11 @@ impl Traced for Own<'_> {
         Ok((!still_traceable(&mut self.live)?).then_some(StoppedBy::TargetChangedUser))
     }
 
+    fn catch_up(&mut self) -> Result<Option<StoppedBy>, Error> {
+        self.live.drain_to_now(None)?;
+        Ok((!still_traceable(&mut self.live)?).then_some(StoppedBy::TargetChangedUser))
+    }
+
     fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
         // A target that became someone else's by its end (its exec unchecked when it exited,
         // say) is shown as one that did: censored.
@@ -245,7 +274,8 @@ impl Traced for Own<'_> {
 }
 
 /// SIGINT and SIGTERM, blocked and read from a signalfd: they end the trace with a final report
-/// instead of killing it. (psleak trace has no other thread the signals could go to.)
+/// instead of killing it; SIGCHLD, which says that a command psleak started stopped. (psleak
+/// trace has no other thread the signals could go to.)
 struct Signals {
     fd: OwnedFd,
 }
@@ -260,6 +290,7 @@ impl Signals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
                 return Err(failed());
             }

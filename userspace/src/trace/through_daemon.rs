@@ -130,6 +130,16 @@ impl Traced for Remote {
         Ok((self.ended || !self.target.is_alive()).then_some(StoppedBy::TargetExited))
     }
 
+    fn catch_up(&mut self) -> Result<Option<StoppedBy>, Error> {
+        // The daemon reads everything the probes wrote before it answers (a mark is the
+        // cheapest question).
+        let reply: Value = serde_json::from_str(&self.ask(&json!({"op": "mark"}))?).map_err(|e| self.garbled(e))?;
+        match reply["ok"] == true {
+            true => Ok(None),
+            false => Err(self.refused(reply["error"].as_str())),
+        }
+    }
+
     fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
         if self.ended {
             return Ok(());

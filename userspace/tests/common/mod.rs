@@ -34,6 +34,25 @@ pub fn build_variant(name: &str, out: &str, flags: &[&str]) -> PathBuf {
     out
 }
 
+/// `tests/targets/loads_late.c` built as its program and as the library it is given.
+pub fn loads_late() -> (PathBuf, PathBuf) {
+    let flags = ["-O0", "-g", "-fno-omit-frame-pointer", "-DLIBRARY", "-shared", "-fPIC"];
+    let library = build_variant("loads_late", "libloads_late.so", &flags);
+    (build_target("loads_late", false), library)
+}
+
+/// The leak of `loads_late`'s library in a report of it: named by its function and line, with
+/// the program's call under it, although the command had exited when the report was made.
+pub fn assert_the_late_library_is_named(report: &Value) {
+    let suspects = report["suspects"].as_array().unwrap();
+    let leak = suspects.iter().find(|s| s["count"] == 5 && s["bytes"] == 15000);
+    let leak = leak.unwrap_or_else(|| panic!("the library's 5 blocks: {report:#}"));
+    let (function, line) = (&leak["site"]["function"], &leak["site"]["line"]);
+    assert_eq!((function, line), (&"leak_late".into(), &line_of("loads_late", "LEAK_LINE").into()), "{leak:#}");
+    let caller = leak["stack"].as_array().unwrap().iter().find(|f| f["function"] == "main");
+    assert_eq!(caller.map(|f| &f["line"]), Some(&line_of("loads_late", "CALL_LINE").into()), "{leak:#}");
+}
+
 /// The line of `tests/targets/NAME.c` that holds `marker`.
 pub fn line_of(name: &str, marker: &str) -> u64 {
     line_of_file(&repo_root().join("tests/targets").join(format!("{name}.c")), marker)
