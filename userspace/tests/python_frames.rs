@@ -46,6 +46,37 @@ fn a_leak_through_ctypes_is_named_by_its_python_line_and_each_caller_is_its_own_
     }
 }
 
+#[test]
+fn a_frame_whose_code_was_freed_before_it_was_read_is_never_named_after_its_successor() {
+    // psleak reads a frame's code object when it drains the event, milliseconds later; by then
+    // the function may be gone and another's code, name and file at the same addresses. Such a
+    // frame is left out; before, it was named after the function that came to live there.
+    let script = repo_root().join("tests/targets/python_calls.py");
+    let call = line_of_file(&script, "GENERATED_LINE");
+    for python in this_machines_pythons() {
+        let mut target = Target::start(Command::new(&python).arg(&script));
+        let tracer = Tracer::attach(target.pid(), &["--top", "1000", "--min-size", "3000", "--max-size", "3049"]);
+        target.run("generated 50");
+        let report = tracer.finish();
+        let mut blocks = 0;
+        for site in report["suspects"].as_array().unwrap() {
+            let frames = site["python"].as_array().unwrap();
+            if !frames.iter().any(|f| f["function"] == "generated" && f["line"] == call) {
+                continue;
+            }
+            blocks += site["count"].as_u64().unwrap();
+            let Some(gen) = frames.iter().find(|f| f["function"].as_str().unwrap().starts_with("gen_")) else {
+                continue;
+            };
+            let i: u64 = gen["function"].as_str().unwrap()["gen_".len()..].parse().unwrap();
+            let size = site["bytes"].as_u64().unwrap() / site["count"].as_u64().unwrap();
+            assert_eq!(size, 3000 + i, "{}: a block of gen_{} named gen_{i}: {site:#}", python.display(), size - 3000);
+            assert_eq!(gen["file"], format!("gen_{i}.py"), "{}: {site:#}", python.display());
+        }
+        assert_eq!(blocks, 50, "{}: every block, named or not: {report:#}", python.display());
+    }
+}
+
 /// The extension `name` built from `source` (in the repository) for `python` with `compiler`
 /// and `flags`, against the interpreter's own headers: the directory it is in and the module's
 /// file name.

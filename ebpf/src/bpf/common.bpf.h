@@ -138,6 +138,45 @@ static __always_inline __u64 read_user_u64(__u64 addr)
 	return value;
 }
 
+/* A span of a struct, read in one go into 8-byte words, and its fields at the loader's
+ * offsets: indexed as arrays of their own size (aligned loads), masked into the span, where
+ * the verifier then sees them. */
+#define SPAN_U64(words, n, offset) ((words)[((offset) >> 3) & ((n) - 1)])
+#define SPAN_U32(words, n, offset) (((__u32 *)(words))[((offset) >> 2) & (2 * (n) - 1)])
+#define SPAN_U8(words, n, offset) (((__u8 *)(words))[(offset) & (8 * (n) - 1)])
+
+/* str's state bits that say how its text is kept: compact and ascii (the others change). */
+#define STR_COMPACT_ASCII (0x20 | 0x40)
+
+/* The first `len` bytes of a little-endian word: a short name's text, not what follows it. */
+static __always_inline __u64 low_bytes(__u64 word, __u64 len)
+{
+	return len >= 8 ? word : word & ((1ULL << (8 * len)) - 1);
+}
+
+/* The stamp of the code object at `code` (events.h); what cannot be read counts as zeros. A
+ * global function, verified once, as read_python_stack. */
+__noinline __u64 code_stamp(__u64 code)
+{
+	__u64 span[PSLEAK_CODE_SPAN / 8];
+	bpf_probe_read_user(span, sizeof(span), (void *)(code + py_layout.code_span));
+	__u64 qualname = SPAN_U64(span, PSLEAK_CODE_SPAN / 8, py_layout.code_qualname);
+	__u64 stamp = qualname;
+	stamp = PY_STAMP_MIX(stamp, SPAN_U64(span, PSLEAK_CODE_SPAN / 8, py_layout.code_filename));
+	stamp = PY_STAMP_MIX(stamp, SPAN_U32(span, PSLEAK_CODE_SPAN / 8, py_layout.code_firstlineno));
+	/* The qualname's own fields only: past its text, another object may start. */
+	__u64 name[PSLEAK_NAME_SPAN / 8] = {};
+	bpf_probe_read_user(name, py_layout.name_span_len & (PSLEAK_NAME_SPAN - 1), (void *)(qualname + 0x10));
+	__u64 length = name[0];
+	stamp = PY_STAMP_MIX(stamp, length);
+	if ((SPAN_U32(name, PSLEAK_NAME_SPAN / 8, py_layout.name_state) & STR_COMPACT_ASCII) == STR_COMPACT_ASCII) {
+		stamp = PY_STAMP_MIX(stamp, low_bytes(SPAN_U64(name, PSLEAK_NAME_SPAN / 8, py_layout.name_ascii), length));
+		__u64 rest = length > 8 ? length - 8 : 0;
+		stamp = PY_STAMP_MIX(stamp, low_bytes(SPAN_U64(name, PSLEAK_NAME_SPAN / 8, py_layout.name_ascii + 8), rest));
+	}
+	return stamp;
+}
+
 /* The current thread's Python frames, innermost first, into `py`; how many. A global function,
  * verified once: inlined at each event's reservation, the walk made the programs too large. */
 __noinline int read_python_stack(struct py_stack *py)
@@ -162,19 +201,25 @@ __noinline int read_python_stack(struct py_stack *py)
 	if (py_layout.cframe_frame >= 0 && frame)
 		frame = read_user_u64(frame + py_layout.cframe_frame);
 	__u32 depth = 0;
+	__u32 span_len = py_layout.frame_span_len & (PSLEAK_FRAME_SPAN - 1);
+	const int words = PSLEAK_FRAME_SPAN / 8;
 	for (int step = 0; step < PY_WALK_STEPS && frame && depth < PSLEAK_PY_FRAMES; step++) {
-		__u8 owner = 0;
-		if (py_layout.frame_owner >= 0)
-			bpf_probe_read_user(&owner, sizeof(owner), (void *)(frame + py_layout.frame_owner));
+		/* Only the frame's own fields: past them, the thread's frame stack may end. */
+		__u64 span[PSLEAK_FRAME_SPAN / 8] = {};
+		if (bpf_probe_read_user(span, span_len, (void *)(frame + py_layout.frame_span)))
+			break;
+		__u8 owner = py_layout.frame_owner >= 0 ? SPAN_U8(span, words, py_layout.frame_owner) : 0;
 		if (owner != 3) { /* FRAME_OWNED_BY_CSTACK: an entry shim, no code of the program's */
 			struct py_frame *f = &py->frames[depth & (PSLEAK_PY_FRAMES - 1)];
-			f->code = read_user_u64(frame + py_layout.frame_code);
-			f->instr = read_user_u64(frame + py_layout.frame_instr);
-			if (!py_layout.instr_is_pointer)
-				f->instr &= 0xffffffff; /* f_lasti, an int */
+			f->code = SPAN_U64(span, words, py_layout.frame_code);
+			if (py_layout.instr_is_pointer)
+				f->instr = SPAN_U64(span, words, py_layout.frame_instr);
+			else
+				f->instr = SPAN_U32(span, words, py_layout.frame_instr); /* f_lasti, an int */
+			f->stamp = code_stamp(f->code);
 			depth++;
 		}
-		frame = read_user_u64(frame + py_layout.frame_back);
+		frame = SPAN_U64(span, words, py_layout.frame_back);
 	}
 	py->depth = depth;
 	return depth;

@@ -121,11 +121,27 @@ struct stack_scan {
 #define PSLEAK_PY_FRAMES 16
 
 /* One Python frame: its code object, and where in it the thread is (an instruction pointer
- * from 3.11 on, f_lasti before): userspace reads the code object for its name, file and line. */
+ * from 3.11 on, f_lasti before): userspace reads the code object for its name, file and line.
+ * It reads it later (a drain may come tens of milliseconds after), when the code may have been
+ * freed and another put at its address, its strings too. `stamp` is what the code was when the
+ * event was made: userspace names the frame only from a code object that still has it. */
 struct py_frame {
 	__u64 code;
 	__u64 instr;
+	__u64 stamp;
 };
+
+/* Each frame is read in one go: PSLEAK_FRAME_SPAN bytes at most from `py_layout.frame_span`
+ * (the fields it needs: code, caller, instruction, owner), then its code object's
+ * PSLEAK_CODE_SPAN bytes from `code_span` (the fields of the stamp), then PSLEAK_NAME_SPAN
+ * bytes of its qualname's str from its length on (`name_span`). */
+#define PSLEAK_FRAME_SPAN 128
+#define PSLEAK_CODE_SPAN 128
+#define PSLEAK_NAME_SPAN 64
+/* The stamp of a code object, from fields that do not change while it lives: the addresses of
+ * its qualname and filename, its first line, and its qualname's length and first 16 bytes of
+ * text (an ASCII one's: others' bytes there are filled in lazily). Userspace mixes the same. */
+#define PY_STAMP_MIX(stamp, word) (((stamp) << 13 | (stamp) >> 51) ^ (__u64)(word))
 
 struct py_stack {
 	__u32 depth;
@@ -144,15 +160,26 @@ struct py_layout {
 	__u32 key;              /* _PyRuntime's autoTSSkey._key */
 	__u32 tstate_frame;     /* PyThreadState -> frame (3.9, 3.10), cframe (3.11, 3.12), current_frame (3.13) */
 	__s32 cframe_frame;     /* _PyCFrame -> current_frame (3.11, 3.12); -1 when there is no cframe */
-	__u32 frame_code;       /* the frame's code object */
-	__u32 frame_back;       /* the frame it was called from */
-	__u32 frame_instr;      /* its instruction pointer, or its f_lasti (an int) before 3.11 */
-	__s32 frame_owner;      /* 3.11+: who owns the frame (3: the C stack, a shim frame to skip); -1 before */
 	__u32 instr_is_pointer; /* 1 from 3.11 on */
 	__u32 pthread_specific; /* glibc: struct pthread's specific[] (second-level key blocks) */
 	__u32 key_data_size;    /* glibc: sizeof(struct pthread_key_data) */
 	__u32 key_data_data;    /* glibc: its `data` */
-	__u32 pad;
+	/* A frame's span: where it starts in the frame, how long it is, and in it: */
+	__u32 frame_span;
+	__u32 frame_span_len;
+	__u32 frame_code;       /* the frame's code object */
+	__u32 frame_back;       /* the frame it was called from */
+	__u32 frame_instr;      /* its instruction pointer, or its f_lasti (an int) before 3.11 */
+	__s32 frame_owner;      /* 3.11+: who owns the frame (3: the C stack, a shim frame to skip); -1 before */
+	/* A code object's span: where it starts in the code object, and in it: */
+	__u32 code_span;
+	__u32 code_qualname;    /* co_qualname (3.11+), co_name before */
+	__u32 code_filename;    /* co_filename */
+	__u32 code_firstlineno; /* co_firstlineno, an int */
+	/* A str's span starts at its length (0x10), and is this long; in it: */
+	__u32 name_span_len;
+	__u32 name_state;       /* its state bits (compact, ascii) */
+	__u32 name_ascii;       /* an ASCII str's text */
 };
 
 /* The record layout of an event carrying EVF_STACK_SCAN; `py` holds what EVF_PY_STACK says. */

@@ -43,6 +43,46 @@ struct Layout {
     ascii_data: u64,
 }
 
+/// A field of a span the probes read in one go: its offset in the struct, and its size.
+type Field = (u64, u64);
+
+/// The span that holds `fields`: from the 8-aligned offset before the first to the end of the
+/// last; each field's offset in it.
+fn span_of(fields: &[Field]) -> (u64, u64) {
+    let start = fields.iter().map(|&(at, _)| at).min().unwrap_or(0) & !7;
+    let end = fields.iter().map(|&(at, size)| at + size).max().unwrap_or(start);
+    (start, end - start)
+}
+
+/// Where a str's span starts (its length, after the object's header); the probes read a
+/// qualname's from there.
+const STR_SPAN: u64 = 0x10;
+/// Its state bits that say how its text is kept: compact and ascii (the others change).
+const STR_COMPACT_ASCII: u32 = 0x20 | 0x40;
+
+impl Layout {
+    /// The frame's fields the probes read (events.h `py_layout`).
+    fn frame_fields(&self) -> Vec<Field> {
+        let instr_size = if self.minor >= 11 { 8 } else { 4 }; // f_lasti: an int
+        let mut fields =
+            vec![(self.frame_code.into(), 8), (self.frame_back.into(), 8), (self.frame_instr.into(), instr_size)];
+        if let Ok(owner) = u64::try_from(self.frame_owner) {
+            fields.push((owner, 1));
+        }
+        fields
+    }
+
+    /// The code object's fields that make its stamp.
+    fn code_fields(&self) -> [Field; 3] {
+        [(self.code_qualname, 8), (self.code_filename, 8), (self.code_firstlineno, 4)]
+    }
+
+    /// A str's fields that go into a stamp: its length, its state, an ASCII one's first 16 bytes.
+    fn name_fields(&self) -> [Field; 3] {
+        [(STR_SPAN, 8), (0x20, 4), (self.ascii_data, 16)]
+    }
+}
+
 const LAYOUTS: [Layout; 5] = [
     Layout {
         minor: 9,
@@ -144,7 +184,8 @@ pub struct PythonStacks {
     code_type: u64,
     /// Where the interpreter's evaluation loop is in the process (none if not found).
     eval_loop: Vec<std::ops::Range<u64>>,
-    codes: HashMap<u64, Option<Code>>,
+    /// By address and stamp: a code object freed and another put at its address is another.
+    codes: HashMap<(u64, u64), Option<Code>>,
 }
 
 /// What a code object names, read once.
@@ -184,20 +225,32 @@ impl PythonStacks {
             let at = index as usize * 4;
             Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
         };
+        let (frame_span, frame_span_len) = span_of(&layout.frame_fields());
+        let (code_span, _) = span_of(&layout.code_fields());
+        // Offsets in a span; small by construction (`each_span_holds_its_fields_where_the_probes_read_them`).
+        let within = |at: u64, span: u64| (at - span) as u32;
         let probes = types::py_layout {
             runtime,
             key: layout.key,
             tstate_frame: layout.tstate_frame,
             cframe_frame: layout.cframe_frame,
-            frame_code: layout.frame_code,
-            frame_back: layout.frame_back,
-            frame_instr: layout.frame_instr,
-            frame_owner: layout.frame_owner,
             instr_is_pointer: u32::from(minor >= 11),
             pthread_specific: field(PTHREAD_SPECIFIC, 2)?,
             key_data_size: field(KEY_DATA_SIZE, 0)?,
             key_data_data: field(KEY_DATA_DATA, 2)?,
-            pad: 0,
+            frame_span: frame_span as u32,
+            frame_span_len: frame_span_len as u32,
+            frame_code: within(layout.frame_code.into(), frame_span),
+            frame_back: within(layout.frame_back.into(), frame_span),
+            frame_instr: within(layout.frame_instr.into(), frame_span),
+            frame_owner: u64::try_from(layout.frame_owner).map_or(-1, |owner| within(owner, frame_span) as i32),
+            code_span: code_span as u32,
+            code_qualname: within(layout.code_qualname, code_span),
+            code_filename: within(layout.code_filename, code_span),
+            code_firstlineno: within(layout.code_firstlineno, code_span),
+            name_span_len: span_of(&layout.name_fields()).1 as u32,
+            name_state: within(0x20, STR_SPAN),
+            name_ascii: within(layout.ascii_data, STR_SPAN),
         };
         Some(Self { layout, probes, code_type, eval_loop, codes: HashMap::new() })
     }
@@ -219,19 +272,22 @@ impl PythonStacks {
     /// gone (or never was one) is left out.
     pub fn frames(&mut self, stack: &types::py_stack, process: &Process) -> Vec<PyFrame> {
         let depth = (stack.depth as usize).min(stack.frames.len());
-        stack.frames[..depth].iter().filter_map(|f| self.frame(f.code, f.instr, process)).collect()
+        stack.frames[..depth].iter().filter_map(|f| self.frame(f, process)).collect()
     }
 
-    fn frame(&mut self, code: u64, instr: u64, process: &Process) -> Option<PyFrame> {
-        if !self.codes.contains_key(&code) {
+    fn frame(&mut self, frame: &types::py_frame, process: &Process) -> Option<PyFrame> {
+        let (code, instr) = (frame.code, frame.instr);
+        let key = (code, frame.stamp);
+        if !self.codes.contains_key(&key) {
             if self.codes.len() >= MAX_CODES {
                 self.codes.clear();
             }
-            let read = self.read_code(code, process);
-            self.codes.insert(code, read);
+            // The code the probe saw, or nothing: not what came to its address since.
+            let read = self.read_code(code, process).filter(|(_, stamp)| *stamp == frame.stamp);
+            self.codes.insert(key, read.map(|(info, _)| info));
         }
         let layout = self.layout;
-        let info = self.codes.get(&code)?.as_ref()?;
+        let info = self.codes.get(&key)?.as_ref()?;
         let line = match layout.minor {
             9 => lnotab_line(&info.linetable, info.firstlineno, instr),
             10 => linetable_line_310(&info.linetable, info.firstlineno, instr.saturating_mul(2)),
@@ -247,22 +303,51 @@ impl PythonStacks {
         })
     }
 
-    fn read_code(&self, code: u64, process: &Process) -> Option<Code> {
+    /// The code object at `code`, and its stamp.
+    fn read_code(&self, code: u64, process: &Process) -> Option<(Code, u64)> {
         let layout = self.layout;
         let word = |addr: u64| process.read(addr, 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()));
-        // ob_type, after ob_refcnt.
-        if word(code + 8)? != self.code_type {
+        // A live code object: its type, after a reference count (1 to 2^32 - 1, which marks the
+        // immortal ones of 3.12+). A freed one may look intact while its strings and line table
+        // are already another's: in its first word, an allocator keeps a pointer or 0.
+        let alive = || Some((1..=u64::from(u32::MAX)).contains(&word(code)?) && word(code + 8)? == self.code_type);
+        if !alive()? {
             return None;
         }
         let firstlineno = process.read(code + layout.code_firstlineno, 4)?;
-        let firstlineno = i64::from(i32::from_ne_bytes(firstlineno.try_into().ok()?));
-        let qualname = self.read_str(word(code + layout.code_qualname)?, process)?;
-        let filename = self.read_str(word(code + layout.code_filename)?, process)?;
+        let firstlineno = u32::from_ne_bytes(firstlineno.try_into().ok()?);
+        let (qualname, filename) = (word(code + layout.code_qualname)?, word(code + layout.code_filename)?);
+        // As the probe reads it: what cannot be read counts as zeros.
+        let name_len = self.probes.name_span_len as usize;
+        let name = process.read(qualname + STR_SPAN, name_len).unwrap_or_else(|| vec![0; name_len]);
+        let stamp = self.stamp(qualname, filename, firstlineno, &name);
+        let (qualname, filename) = (self.read_str(qualname, process)?, self.read_str(filename, process)?);
         let table = word(code + layout.code_linetable)?;
         // A bytes object: its size (ob_size) at 0x10, its bytes (ob_sval) at 0x20.
         let size = usize::try_from(word(table + 0x10)?).ok()?.min(MAX_LINETABLE);
         let linetable = process.read(table + 0x20, size)?;
-        Some(Code { qualname, filename, firstlineno, linetable })
+        let firstlineno = i64::from(firstlineno as i32);
+        // Still so once all of it was read: it was not freed meanwhile.
+        alive()?.then_some((Code { qualname, filename, firstlineno, linetable }, stamp))
+    }
+
+    /// The stamp of a code object (common.bpf.h `code_stamp`), from its fields and the span
+    /// of its qualname (`name`).
+    fn stamp(&self, qualname: u64, filename: u64, firstlineno: u32, name: &[u8]) -> u64 {
+        let at = |offset: u32, size: usize| {
+            let mut bytes = [0u8; 8];
+            let field = name.get(offset as usize..offset as usize + size).unwrap_or(&[0; 8][..size]);
+            bytes[..size].copy_from_slice(field);
+            u64::from_ne_bytes(bytes)
+        };
+        let mut stamp = mix(mix(qualname, filename), u64::from(firstlineno));
+        let length = at(0, 8);
+        stamp = mix(stamp, length);
+        if at(self.probes.name_state, 4) as u32 & STR_COMPACT_ASCII == STR_COMPACT_ASCII {
+            stamp = mix(stamp, low_bytes(at(self.probes.name_ascii, 8), length));
+            stamp = mix(stamp, low_bytes(at(self.probes.name_ascii + 8, 8), length.saturating_sub(8)));
+        }
+        stamp
     }
 
     /// A compact str: its length at 0x10, its state at 0x20; ASCII ones only are read here (the
@@ -277,6 +362,19 @@ impl PythonStacks {
         }
         let bytes = process.read(obj + self.layout.ascii_data, length.min(MAX_STRING))?;
         Some(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// events.h's PY_STAMP_MIX.
+fn mix(stamp: u64, word: u64) -> u64 {
+    stamp.rotate_left(13) ^ word
+}
+
+/// common.bpf.h's LOW_BYTES: the first `len` bytes of a little-endian word.
+fn low_bytes(word: u64, len: u64) -> u64 {
+    match len {
+        8.. => word,
+        _ => word & ((1u64 << (8 * len)) - 1),
     }
 }
 
@@ -396,6 +494,29 @@ mod tests {
         let binary = Binary::open(&libpython).unwrap();
         let [hot, cold] = EVAL_LOOP.map(|part| binary.function_span(part).unwrap());
         assert!(hot.is_some() && cold.is_some(), "{}: {hot:?} {cold:?}", libpython.display());
+    }
+
+    #[test]
+    fn each_span_holds_its_fields_where_the_probes_read_them() {
+        // The probes read each span into a buffer of events.h's PSLEAK_*_SPAN bytes and mask
+        // each field's offset to a place in it aligned to the field's size: a field out of its
+        // span, or not so aligned, would be read from elsewhere.
+        const FRAME_SPAN: u64 = 128;
+        const CODE_SPAN: u64 = 128;
+        const NAME_SPAN: u64 = 64;
+        for layout in &LAYOUTS {
+            let spans = [(layout.frame_fields(), FRAME_SPAN), (layout.code_fields().to_vec(), CODE_SPAN)];
+            let name = (layout.name_fields().to_vec(), NAME_SPAN);
+            for (fields, buffer) in spans.into_iter().chain([name]) {
+                let (start, len) = span_of(&fields);
+                assert!(len < buffer, "3.{}: a span of {len} bytes", layout.minor);
+                for (at, size) in fields {
+                    let within = at - start;
+                    let aligned = within % size.min(8) == 0;
+                    assert!(aligned && within + size <= len, "3.{}: {at:#x} in {start:#x}+{len}", layout.minor);
+                }
+            }
+        }
     }
 
     #[test]
