@@ -2,7 +2,7 @@
 
 * ``@pytest.mark.psleak(times=..., checkers=..., ...)`` runs the marked test function through
   ``MemoryLeakTestCase.execute`` with those arguments (its fixtures are set up once); the
-  arguments are checked when the tests are collected.
+  arguments are checked when the tests are collected: a wrong one is a collection error.
 * The ``psleak`` fixture is a ``MemoryLeakTestCase`` whose ``execute`` a test may call itself.
 * ``--psleak-require=checks|trace`` (or ``PSLEAK_REQUIRE``): a check that cannot run fails the
   test instead of skipping it; ``trace``: and the session stops at once without the tracer.
@@ -88,17 +88,23 @@ def psleak_fixture():
     return _Case()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Refuses, as one usage error, every marker whose arguments execute() would refuse."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A test file whose psleak markers execute() would refuse does not collect: the session
+    stops at collection with its error, which names each of them. (A usage error raised in a
+    pytest-xdist worker would crash it.)"""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.passed:
+        return
     problems = []
-    for item in items:
-        marker = item.get_closest_marker("psleak")
-        if marker is not None:
-            problem = _marker_problem(marker)
-            if problem:
-                problems.append(f"{item.nodeid}: @pytest.mark.psleak: {problem}")
+    for item in report.result:
+        marker = item.get_closest_marker("psleak") if isinstance(item, pytest.Item) else None
+        problem = marker and _marker_problem(marker)
+        if problem:
+            problems.append(f"{item.nodeid}: @pytest.mark.psleak: {problem}")
     if problems:
-        raise pytest.UsageError("\n".join(problems))
+        report.outcome, report.longrepr, report.result = "failed", "\n".join(problems), []
 
 
 def _marker_problem(marker):

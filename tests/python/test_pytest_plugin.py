@@ -128,11 +128,18 @@ def test_a_configuration_mistake_is_one_usage_error(tmp_path, env, said):
     ],
     ids=["misspelled", "unknown-checker", "checkers-not-names", "bad-value", "positional"],
 )
-def test_a_wrong_marker_is_refused_at_collection(tmp_path, marker, said):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["alone", "xdist"])
+def test_a_wrong_marker_is_refused_at_collection(tmp_path, marker, said, workers):
+    # As a test file that does not import: the session stops with the collection error, which
+    # names the test and what is wrong (under pytest-xdist, a usage error crashed the workers).
     source = f"import pytest\n@pytest.mark.psleak({marker})\ndef test_x():\n    pass\n\ndef test_y():\n    pass\n"
-    result = run_pytest(tmp_path, source=source)
-    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
-    assert f"ERROR: test_user.py::test_x: @pytest.mark.psleak: {said}" in result.stderr, result.stderr
+    result = run_pytest(tmp_path, *workers, source=source)
+    # pytest-xdist says a collection error with its own exit status.
+    stopped = pytest.ExitCode.TESTS_FAILED if workers else pytest.ExitCode.INTERRUPTED
+    assert result.returncode == stopped, result.stdout + result.stderr
+    assert "ERROR collecting test_user.py" in result.stdout, result.stdout
+    assert f"test_user.py::test_x: @pytest.mark.psleak: {said}" in result.stdout, result.stdout
+    assert "INTERNALERROR" not in result.stdout + result.stderr
     assert "passed" not in result.stdout, "no test ran"
 
 

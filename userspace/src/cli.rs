@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::exit_status;
+use crate::error::{exit_status, say};
 use crate::report::{Selection, SortKey};
 #[cfg(target_os = "linux")]
 use crate::serve::{
@@ -281,14 +281,40 @@ fn ring_mib(s: &str) -> Result<u32, String> {
     }
 }
 
+/// clap's refusal of a command line in one line: what is wrong (clap spreads it over lines,
+/// its tips too), then the usage, and where more is said.
+fn one_line(rendered: &str) -> String {
+    let (what, usage) = rendered.split_once("Usage:").unwrap_or((rendered, ""));
+    let usage = usage.lines().next().unwrap_or("").trim();
+    let mut said = String::new();
+    for line in what.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(if line.starts_with("tip:") { "; " } else { " " });
+        }
+        said.push_str(line);
+    }
+    let what = said.strip_prefix("error: ").unwrap_or(&said);
+    match usage {
+        "" => format!("{what} (--help says more)"),
+        usage => format!("{what} (usage: {usage}; --help says more)"),
+    }
+}
+
 /// Runs the command line `args` (the program name first); returns the exit status: 0, or 2
 /// after one line on stderr saying what went wrong.
 pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            say(&format!("psleak: {}", one_line(&e.render().to_string())));
+            return 2;
+        }
         Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print(); // --help, --version
+            return 0;
         }
     };
     raise_open_files_limit();

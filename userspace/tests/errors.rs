@@ -129,6 +129,13 @@ fn without_privileges() {
             "the way without sudo too: {stderr}"
         );
     }
+    // A pid that is not there is the first thing wrong, whoever asks.
+    let gone = unused_pid();
+    let (code, stderr) = psleak_as_nobody("", gone);
+    assert_eq!(
+        (code, stderr.trim_end()),
+        (Some(2), &*format!("psleak: no process with pid {gone}: check the pid with `ps -p {gone}`"))
+    );
 }
 
 #[test]
@@ -175,12 +182,16 @@ fn invalid_arguments() {
         vec!["trace", "--pid", &pid, "--interval", "NaN"],
         vec!["daemon", "--idle-timeout", "1e300"],
         vec!["trace", "--pid", "-5"],
+        vec!["trace", "--pid", &pid, "--", "true"],
+        vec!["trace", "--bogus"],
         vec!["trace"],
         vec!["untrace"],
     ] {
+        // One line, as every refusal (clap's own spread over five, its usage and a tip too).
         let (code, stderr) = run_psleak(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("psleak: ") && stderr.contains("--help says more"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     assert_refused(

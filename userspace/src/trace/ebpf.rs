@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backends::ebpf::live::{monotonic_ns, Live, DRAIN_PERIOD};
 use crate::error::{say, Error};
 use crate::model::ledger::Ledger;
-use crate::process::{Credentials, Process};
+use crate::process::{Credentials, Pidfd, Process};
 use crate::report::{self, Selection, StoppedBy};
 use crate::serve::protocol::DEFAULT_SOCKET;
 use crate::trace::launch::{self, Launched};
@@ -75,6 +75,10 @@ fn route(args: &TraceArgs) -> Result<Route, Error> {
 }
 
 pub fn run(args: &TraceArgs, output: Output) -> Result<(), Error> {
+    if let Target::Pid(pid) = args.target {
+        // A pid that is not there is said so first, to anyone: whose probes would trace it is moot.
+        Pidfd::open(pid)?;
+    }
     let route = route(args)?;
     keep_up_with_busy_targets();
     let mut launched = match &args.target {
