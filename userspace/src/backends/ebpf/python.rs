@@ -46,8 +46,8 @@ struct Layout {
 /// A field of a span the probes read in one go: its offset in the struct, and its size.
 type Field = (u64, u64);
 
-/// The span that holds `fields`: from the 8-aligned offset before the first to the end of the
-/// last; each field's offset in it.
+/// The span that holds `fields`: where it starts (8-aligned, at or before the first) and how
+/// long it is (to the end of the last).
 fn span_of(fields: &[Field]) -> (u64, u64) {
     let start = fields.iter().map(|&(at, _)| at).min().unwrap_or(0) & !7;
     let end = fields.iter().map(|&(at, size)| at + size).max().unwrap_or(start);
@@ -57,6 +57,8 @@ fn span_of(fields: &[Field]) -> (u64, u64) {
 /// Where a str's span starts (its length, after the object's header); the probes read a
 /// qualname's from there.
 const STR_SPAN: u64 = 0x10;
+/// Where a str keeps its state bits.
+const STR_STATE: u64 = 0x20;
 /// Its state bits that say how its text is kept: compact and ascii (the others change).
 const STR_COMPACT_ASCII: u32 = 0x20 | 0x40;
 
@@ -79,7 +81,7 @@ impl Layout {
 
     /// A str's fields that go into a stamp: its length, its state, an ASCII one's first 16 bytes.
     fn name_fields(&self) -> [Field; 3] {
-        [(STR_SPAN, 8), (0x20, 4), (self.ascii_data, 16)]
+        [(STR_SPAN, 8), (STR_STATE, 4), (self.ascii_data, 16)]
     }
 }
 
@@ -249,7 +251,7 @@ impl PythonStacks {
             code_filename: within(layout.code_filename, code_span),
             code_firstlineno: within(layout.code_firstlineno, code_span),
             name_span_len: span_of(&layout.name_fields()).1 as u32,
-            name_state: within(0x20, STR_SPAN),
+            name_state: within(STR_STATE, STR_SPAN),
             name_ascii: within(layout.ascii_data, STR_SPAN),
         };
         Some(Self { layout, probes, code_type, eval_loop, codes: HashMap::new() })
@@ -350,14 +352,13 @@ impl PythonStacks {
         stamp
     }
 
-    /// A compact str: its length at 0x10, its state at 0x20; ASCII ones only are read here (the
-    /// names and paths of code), others are said as such.
+    /// A compact str: its length, then its state; ASCII ones only are read here (the names and
+    /// paths of code), others are said as such.
     fn read_str(&self, obj: u64, process: &Process) -> Option<String> {
-        let header = process.read(obj + 0x10, 0x14)?;
+        let header = process.read(obj + STR_SPAN, (STR_STATE - STR_SPAN + 4) as usize)?;
         let length = usize::try_from(u64::from_ne_bytes(header[..8].try_into().ok()?)).ok()?;
-        let state = u32::from_ne_bytes(header[0x10..0x14].try_into().ok()?);
-        const COMPACT_ASCII: u32 = 0x20 | 0x40;
-        if state & COMPACT_ASCII != COMPACT_ASCII {
+        let state = u32::from_ne_bytes(header[(STR_STATE - STR_SPAN) as usize..].try_into().ok()?);
+        if state & STR_COMPACT_ASCII != STR_COMPACT_ASCII {
             return Some("<non-ASCII>".into());
         }
         let bytes = process.read(obj + self.layout.ascii_data, length.min(MAX_STRING))?;
