@@ -47,10 +47,7 @@ impl Pidfd {
     }
 
     pub fn is_alive(&self) -> bool {
-        let mut poll = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, no wait.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        ready == 0
+        !crate::backends::ebpf::live::readable_now(self.0.as_raw_fd())
     }
 }
 
@@ -128,6 +125,17 @@ impl Process {
             }
             checked => checked,
         }
+    }
+
+    /// After the process exec'd: why tracing it stops, in words, if `tracer` may not trace its
+    /// new program (or could not check any more whom it runs as).
+    pub fn exec_refusal(&self, tracer: &Credentials) -> Option<String> {
+        let why = match self.check_exec_traceable_by(tracer) {
+            Ok(()) => return None,
+            Err(Error::NotTraceable(_, why)) => why,
+            Err(e) => e.to_string(),
+        };
+        Some(format!("the target exec'd, and {why}: tracing stops"))
     }
 
     /// The pidfd: readable once the process has exited.

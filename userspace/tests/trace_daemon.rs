@@ -232,9 +232,11 @@ fn after_its_target_exits_a_tracers_session_gives_the_last_report_once_then_ends
 }
 
 #[test]
-fn a_target_that_becomes_root_and_exits_gives_its_tracer_no_report_of_roots_program() {
+fn a_target_that_becomes_root_and_exits_shows_its_tracer_nothing_of_roots_program() {
     // The attack: a program that execs a setuid one, which opens a file of root's and exits
-    // at once, before the session's next look at whom it runs as.
+    // at once, before the session's next look at whom it runs as. The tracer is told, and its
+    // last report shows nothing, as psleak trace's own probes do (trace_hostile.rs); before, the
+    // daemon's refusal ended it with no report and exit status 2.
     let daemon = open_daemon();
     let setuid = setuid_leaky();
     let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
@@ -249,9 +251,47 @@ fn a_target_that_becomes_root_and_exits_gives_its_tracer_no_report_of_roots_prog
     let mut said = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(2), "{said}");
-    assert!(stdout.is_empty(), "no report at all: {stdout}");
+    assert_eq!(output.status.code(), Some(0), "{said}");
     assert_eq!(said.lines().count(), 1, "{said}");
-    assert!(said.contains(": session ended: the target exec'd a new program"), "{said}");
+    assert!(said.starts_with("psleak: the target exec'd, and ") && said.contains(": tracing stops"), "{said}");
+    assert_eq!(stdout.lines().count(), 1, "the last report alone: {stdout}");
+    let report = last_report(&stdout);
+    assert_eq!((&report["final"], &report["stopped_by"]), (&true.into(), &"target_changed_user".into()));
+    assert_eq!(report["fds"].as_array().unwrap().len(), 0, "nothing of root's is shown: {report:#}");
+    assert_eq!(report["suspects"].as_array().unwrap().len(), 0, "{report:#}");
+    assert!(report["process"].is_null(), "{report:#}");
+    let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
+}
+
+#[test]
+fn a_target_that_becomes_root_and_runs_on_ends_its_tracers_trace_at_once() {
+    // The daemon tells the tracer unasked (`protocol::Over`): it does not wait an interval to
+    // learn that its session is over.
+    let daemon = open_daemon();
+    let setuid = setuid_leaky();
+    let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
+    let pid = target.pid().to_string();
+    let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
+    let (child, mut stderr) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
+    let tracer = Tracer::from_child(child);
+    target.exec(&setuid);
+    target.run("file 1");
+    let tracer_pid = tracer.pid();
+    let ended = common::wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{tracer_pid}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    if !ended {
+        tracer.signal(libc::SIGKILL);
+    }
+    let output = tracer.into_output();
+    assert!(ended, "the trace goes on while the target runs as root");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(said.contains("psleak: the target exec'd, and it runs a setuid or setgid program"), "{said}");
+    let report = last_report(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(report["stopped_by"], "target_changed_user", "{report:#}");
+    assert_eq!(report["fds"].as_array().unwrap().len(), 0, "nothing of root's is shown: {report:#}");
+    target.run("malloc 1 1"); // it runs on
     let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
 }

@@ -42,12 +42,15 @@ pub struct Moment<'a> {
     pub alive: &'a dyn Fn() -> bool,
     /// Now, on the clock of the events' timestamps.
     pub clock_ns: u64,
+    /// The target is no longer the client's to see: a report is the last, and says so (the
+    /// session gives it nothing of the target).
+    pub censored: bool,
 }
 
 impl Moment<'static> {
     /// For a collector that makes no reports (which alone ask whether the target runs, and the time).
     pub fn without_reports(lost: Lost) -> Self {
-        Self { lost, alive: &|| true, clock_ns: 0 }
+        Self { lost, alive: &|| true, clock_ns: 0, censored: false }
     }
 }
 
@@ -147,7 +150,11 @@ impl Answerer {
                 }
                 let min_age = Duration::from_millis(min_age_ms);
                 reporter.selection = Selection { top, sort, min_size, max_size, min_age };
-                let stopped_by = if (now.alive)() { stopped_by } else { Some(StoppedBy::TargetExited) };
+                let stopped_by = match (now.censored, (now.alive)()) {
+                    (true, _) => Some(StoppedBy::TargetChangedUser),
+                    (false, false) => Some(StoppedBy::TargetExited),
+                    (false, true) => stopped_by,
+                };
                 let report = reporter.report(ledger, describe, now.clock_ns, now.alive, lost, stopped_by);
                 self.detached |= report.is_final;
                 let text = text.then(|| report.render(Paint { on: colour }));

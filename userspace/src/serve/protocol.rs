@@ -10,7 +10,8 @@
 //! the ready line on both speak [`Request`]: `hello` (the version handshake), `mark`, `created`
 //! (fds and threads since a mark), `begin`/`window`/`batch`/`end` (memory that grew, batch by
 //! batch, by site), `report` (what `psleak trace` shows: everything live since attach) and
-//! `detach`; hanging up detaches too.
+//! `detach`; hanging up detaches too. One line comes unasked, to a tracer only: [`Over`], when
+//! its target came to run as someone it may not trace.
 
 use std::io;
 use std::path::PathBuf;
@@ -191,6 +192,15 @@ pub enum Answer {
     },
     /// `window`, `end` and `detach`, which only say they were done.
     Done {},
+}
+
+/// What the daemon tells a tracer unasked, between replies, once its target runs as someone
+/// it may not trace (a setuid program): its session is over, and its next `report` is the last,
+/// which shows nothing of the target. `why` is for the tracer's user.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Over {
+    pub over: StoppedBy,
+    pub why: String,
 }
 
 /// The answer to `batch`: the verdict so far, and the sites that grew.

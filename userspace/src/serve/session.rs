@@ -20,11 +20,12 @@ use psleak_ebpf::Options;
 
 use crate::backends::ebpf::live::{monotonic_ns, wait_readable, Live, DRAIN_PERIOD};
 use crate::error::Error;
+use crate::model::ledger::Ledger;
 use crate::model::lost::Lost;
 use crate::process::{Credentials, Process};
-use crate::report::{Reporter, Selection};
+use crate::report::{Reporter, Selection, StoppedBy};
 use crate::serve::answer::{failure, reply_line, Answerer, Moment};
-use crate::serve::protocol::{Next, Ready, Reply, RequestReader, VERSION};
+use crate::serve::protocol::{self, Next, Ready, Reply, RequestReader, VERSION};
 
 /// How long a client may leave a reply unread before the session gives up on it.
 const REPLY_LIMIT: Duration = Duration::from_secs(10);
@@ -177,10 +178,12 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
     let mut answerer = Answerer::new(reporter);
     let mut last_request = Instant::now();
     let mut more = false;
-    // When the target exited while its client makes reports (a tracer, not the target): the
-    // client has REPLY_LIMIT to ask for the last one.
-    let mut exited_at: Option<Instant> = None;
+    // When the target exited, or became someone the client may not trace, while its client
+    // makes reports (a tracer, not the target): the client has REPLY_LIMIT to ask for the last.
+    let mut over: Option<Ended> = None;
     let mut progress_told = Instant::now();
+    // What a censored session's last report shows of the target: nothing.
+    let nothing = Ledger::new();
     loop {
         if control.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -189,8 +192,8 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
             let _ = client.send(&failure("session ended: idle for too long".into()), &control.stop);
             return Ok(());
         }
-        match exited_at {
-            Some(at) if at.elapsed() > REPLY_LIMIT => return Ok(()),
+        match &over {
+            Some(over) if over.at.elapsed() > REPLY_LIMIT => return over.ended(),
             // What the client sends: nothing else is waited for any more (a failed wait is seen
             // by the read that follows).
             Some(_) => {
@@ -208,7 +211,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
                 match after_drain(&mut live, &mut client, config)? {
                     Drained::GoOn => {}
                     Drained::End => return Ok(()),
-                    Drained::Exited(at) => exited_at = Some(at),
+                    Drained::Ended(ended) => over = Some(ended),
                 }
             }
         }
@@ -220,19 +223,21 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         last_request = Instant::now();
         let reply = match line {
             Ok(line) => {
-                if exited_at.is_none() {
+                if over.is_none() {
                     live.drain_to_now(None)?;
                     match after_drain(&mut live, &mut client, config)? {
                         Drained::GoOn => {}
                         Drained::End => return Ok(()),
-                        Drained::Exited(at) => exited_at = Some(at),
+                        Drained::Ended(ended) => over = Some(ended),
                     }
                 }
                 let lost = live.lost();
+                let censored = over.as_ref().is_some_and(|over| over.censored.is_some());
                 live.with_sites(|collector, described| {
-                    let alive = || collector.decoder.process.is_alive();
-                    let now = Moment { lost, alive: &alive, clock_ns: monotonic_ns() };
-                    answerer.handle(&line, &collector.ledger, described, &now)
+                    let alive = || !censored && collector.decoder.process.is_alive();
+                    let ledger = if censored { &nothing } else { &collector.ledger };
+                    let now = Moment { lost, alive: &alive, clock_ns: monotonic_ns(), censored };
+                    answerer.handle(&line, ledger, described, &now)
                 })
             }
             Err(why) => failure(why),
@@ -242,7 +247,7 @@ pub fn serve_process(mut client: Client, process: Process, pid: u32, config: &Se
         report_progress(&live, control);
         progress_told = Instant::now();
         if answerer.detached {
-            return Ok(());
+            return over.map_or(Ok(()), |over| over.ended());
         }
     }
 }
@@ -252,17 +257,36 @@ enum Drained {
     GoOn,
     /// The target exited, and nobody is left to ask (its client was the target).
     End,
-    /// The target exited at this time, and its client, a tracer, may ask for the last report.
-    Exited(Instant),
+    /// The client, a tracer, may ask for the last report.
+    Ended(Ended),
+}
+
+/// A tracer's session whose target is gone, or no longer its client's to see.
+struct Ended {
+    /// When: the client has REPLY_LIMIT from then to ask for the last report.
+    at: Instant,
+    /// Why the target is no longer the client's to see, if it is not: its last report then
+    /// shows nothing of it, and says why (as psleak trace's own probes do).
+    censored: Option<String>,
+}
+
+impl Ended {
+    /// How the session ends: a censored one with its reason, for the daemon's log.
+    fn ended(&self) -> Result<(), Error> {
+        self.censored.as_ref().map_or(Ok(()), |why| Err(Error::Refused(why.clone())))
+    }
 }
 
 /// After a drain: what was drained is the target's only if it is still the target (alive), and
-/// the client's to see only if the target still runs as the client; a refusal is told the
-/// client and is the session's error.
+/// the client's to see only if the target still runs as the client. A refusal is told a test's
+/// client and is the session's error; a tracer is told at once that its session is over, and
+/// gets a last report that shows nothing.
 fn after_drain(live: &mut Live<'_>, client: &mut Client, config: &SessionConfig<'_>) -> Result<Drained, Error> {
-    let refused = |client: &mut Client, why| end_refused(client, why, config.control);
     if let Some(why) = lost_authorization(live, &config.client) {
-        return Err(refused(client, why));
+        if !config.final_report {
+            return Err(end_refused(client, why, config.control));
+        }
+        return censored(client, why, config.control);
     }
     if live.target_alive() {
         return Ok(Drained::GoOn);
@@ -270,16 +294,24 @@ fn after_drain(live: &mut Live<'_>, client: &mut Client, config: &SessionConfig<
     if !config.final_report {
         return Ok(Drained::End);
     }
-    exited(live, &config.client).map(Drained::Exited).map_err(|why| refused(client, why))
+    // What it did until its exit is read, and nothing after: its pid may come to another
+    // process once the kernel's cyclic pid allocation has gone round all of pid_max, which
+    // takes far longer than the read. An exec among it cannot be checked any more.
+    live.drain_to_now(None)?;
+    match lost_authorization(live, &config.client) {
+        Some(why) => censored(client, why, config.control),
+        None => Ok(Drained::Ended(Ended { at: Instant::now(), censored: None })),
+    }
 }
 
-/// The target has exited: what it did until then is read, and the time of that returned.
-/// Nothing is read after: its pid may come to another process once the kernel's cyclic pid
-/// allocation has gone round all of pid_max, which takes far longer than the read. An exec
-/// among what was read cannot be checked any more (whom the new program ran as): refused.
-fn exited(live: &mut Live<'_>, client: &Credentials) -> Result<Instant, String> {
-    live.drain_to_now(None).map_err(|e| e.to_string())?;
-    lost_authorization(live, client).map_or(Ok(Instant::now()), Err)
+/// Tells a tracer at once that its target is no longer its to see (`protocol::Over`): its
+/// session is over, and its last report shows nothing.
+fn censored(client: &mut Client, why: String, control: &Control) -> Result<Drained, Error> {
+    let notice = protocol::Over { over: StoppedBy::TargetChangedUser, why: why.clone() };
+    let mut line = serde_json::to_string(&notice).expect("notices serialize");
+    line.push('\n');
+    client.send(&line, &control.stop)?;
+    Ok(Drained::Ended(Ended { at: Instant::now(), censored: Some(why) }))
 }
 
 fn report_progress(live: &Live<'_>, control: &Control) {
@@ -294,10 +326,7 @@ fn lost_authorization(live: &mut Live<'_>, client: &Credentials) -> Option<Strin
     if live.new_execs() == 0 {
         return None;
     }
-    match live.collector().decoder.process.check_exec_traceable_by(client) {
-        Ok(()) => None,
-        Err(e) => Some(format!("the target exec'd a new program: {e}")),
-    }
+    live.collector().decoder.process.exec_refusal(client)
 }
 
 /// Tells the client why its session ends, and returns that as the session's error.

@@ -344,12 +344,11 @@ fn still_traceable(live: &mut Live<'_>) -> Result<bool, Error> {
     if live.new_execs() == 0 {
         return Ok(true);
     }
-    match live.collector().decoder.process.check_exec_traceable_by(&Credentials::own()) {
-        Ok(()) => Ok(true),
-        Err(Error::NotTraceable(_, why)) => {
-            say(&format!("psleak: the target exec'd, and {why}: tracing stops"));
+    match live.collector().decoder.process.exec_refusal(&Credentials::own()) {
+        None => Ok(true),
+        Some(why) => {
+            say(&format!("psleak: {why}"));
             Ok(false)
         }
-        Err(e) => Err(e),
     }
 }

@@ -4,7 +4,7 @@
 //! (`report`, `protocol.rs`) and written here, in this output's format.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,11 +13,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::backends::ebpf::live::wait_readable;
-use crate::error::Error;
+use crate::backends::ebpf::live::{readable_now, wait_readable};
+use crate::error::{say, Error};
 use crate::process::{self, Pidfd};
 use crate::report::{Selection, StoppedBy};
-use crate::serve::protocol::VERSION;
+use crate::serve::protocol::{self, VERSION};
 use crate::trace::ebpf::Traced;
 use crate::trace::Output;
 
@@ -37,6 +37,8 @@ pub struct Remote {
     selection: Selection,
     /// The daemon sent the session's last report (the target exited): nothing more is asked.
     ended: bool,
+    /// The daemon said the session is over (`protocol::Over`): the next report is the last.
+    over: Option<StoppedBy>,
 }
 
 /// A reply to `report`; the report is written as the daemon made it.
@@ -72,6 +74,7 @@ impl Remote {
             output,
             selection,
             ended: false,
+            over: None,
         };
         let attach = json!({
             "op": "attach",
@@ -100,14 +103,49 @@ impl Remote {
     fn ask(&mut self, request: &Value) -> Result<String, Error> {
         let mut line = request.to_string();
         line.push('\n');
-        let socket = self.socket.clone();
-        self.stream.get_mut().write_all(line.as_bytes()).map_err(|e| gone(&socket, e))?;
-        let mut reply = String::new();
-        match self.stream.read_line(&mut reply) {
-            Ok(0) => Err(Error::Refused(format!("the psleak daemon on {} ended the session", socket.display()))),
-            Ok(_) => Ok(reply),
-            Err(e) => Err(gone(&socket, e)),
+        self.stream.get_mut().write_all(line.as_bytes()).map_err(|e| gone(&self.socket, e))?;
+        loop {
+            let reply = self.read_line()?;
+            if !self.took_notice(&reply) {
+                return Ok(reply);
+            }
         }
+    }
+
+    fn read_line(&mut self) -> Result<String, Error> {
+        let mut line = String::new();
+        match self.stream.read_line(&mut line) {
+            Ok(0) => Err(Error::Refused(format!("the psleak daemon on {} ended the session", self.socket.display()))),
+            Ok(_) => Ok(line),
+            Err(e) => Err(gone(&self.socket, e)),
+        }
+    }
+
+    /// Whether `line` is the daemon's notice that the session is over (told the user, and
+    /// kept), rather than a reply.
+    fn took_notice(&mut self, line: &str) -> bool {
+        match serde_json::from_str::<protocol::Over>(line) {
+            Ok(notice) => {
+                say(&format!("psleak: {}", notice.why));
+                self.over = Some(notice.over);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Reads what the daemon said unasked, if it did: that the session is over (a notice), or
+    /// that it ended it (a refusal: idle too long, the daemon stopping).
+    fn take_unasked(&mut self) -> Result<(), Error> {
+        if self.stream.buffer().is_empty() && !readable_now(self.stream.get_ref().as_raw_fd()) {
+            return Ok(());
+        }
+        let line = self.read_line()?;
+        if self.took_notice(&line) {
+            return Ok(());
+        }
+        let said: Value = serde_json::from_str(&line).map_err(|e| self.garbled(e))?;
+        Err(self.refused(said["error"].as_str()))
     }
 
     fn refused(&self, why: Option<&str>) -> Error {
@@ -122,12 +160,16 @@ impl Remote {
 
 impl Traced for Remote {
     fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error> {
-        wait_readable(&[signals, self.target.exit_fd()], timeout)
+        wait_readable(&[signals, self.target.exit_fd(), self.stream.get_ref().as_raw_fd()], timeout)
             .map_err(|e| Error::Io("cannot wait for the target".into(), e))
     }
 
     fn take_in(&mut self) -> Result<Option<StoppedBy>, Error> {
-        Ok((self.ended || !self.target.is_alive()).then_some(StoppedBy::TargetExited))
+        if self.over.is_none() && !self.ended {
+            self.take_unasked()?;
+        }
+        let exited = (self.ended || !self.target.is_alive()).then_some(StoppedBy::TargetExited);
+        Ok(self.over.or(exited))
     }
 
     fn catch_up(&mut self) -> Result<Option<StoppedBy>, Error> {

@@ -198,6 +198,13 @@ pub fn wait_readable(fds: &[RawFd], timeout: Duration) -> io::Result<()> {
     }
 }
 
+/// Whether `fd` is readable (or hung up) now, without waiting.
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut polled = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, its fd open for the call (the caller's promise); no wait.
+    unsafe { libc::poll(&mut polled, 1, 0) == 1 }
+}
+
 /// Now, on CLOCK_MONOTONIC: the clock of the probes' timestamps.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
