@@ -8,8 +8,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStderr, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::daemon::{as_user, assert_error, setuid_leaky, user_a, Client, Daemon};
@@ -231,6 +232,28 @@ fn after_its_target_exits_a_tracers_session_gives_the_last_report_once_then_ends
     assert!(common::wait_until(Duration::from_secs(20), || daemon.sessions() == 0), "{}", daemon.log());
 }
 
+/// User A's process traced through `daemon`, once it has exec'd a setuid program (which makes
+/// it root) and opened a file of root's; the trace's psleak, its stderr after its first line,
+/// and the setuid program's directory (to remove).
+fn traced_into_root(daemon: &Daemon, target: &mut Target) -> (Tracer, BufReader<ChildStderr>, PathBuf) {
+    let setuid = setuid_leaky();
+    let pid = target.pid().to_string();
+    let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
+    let (child, stderr) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
+    target.exec(&setuid);
+    target.run("file 1");
+    (Tracer::from_child(child), stderr, setuid.parent().unwrap().to_path_buf())
+}
+
+/// A trace's last report once its target became root: nothing of root's program is shown.
+fn assert_nothing_of_roots(stdout: &str) {
+    let report = last_report(stdout);
+    assert_eq!((&report["final"], &report["stopped_by"]), (&true.into(), &"target_changed_user".into()));
+    assert_eq!(report["fds"].as_array().unwrap().len(), 0, "nothing of root's is shown: {report:#}");
+    assert_eq!(report["suspects"].as_array().unwrap().len(), 0, "{report:#}");
+    assert!(report["process"].is_null(), "{report:#}");
+}
+
 #[test]
 fn a_target_that_becomes_root_and_exits_shows_its_tracer_nothing_of_roots_program() {
     // The attack: a program that execs a setuid one, which opens a file of root's and exits
@@ -238,29 +261,19 @@ fn a_target_that_becomes_root_and_exits_shows_its_tracer_nothing_of_roots_progra
     // last report shows nothing, as psleak trace's own probes do (trace_hostile.rs); before, the
     // daemon's refusal ended it with no report and exit status 2.
     let daemon = open_daemon();
-    let setuid = setuid_leaky();
     let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
-    let pid = target.pid().to_string();
-    let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
-    let (child, mut stderr) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
-    let tracer = Tracer::from_child(child);
-    target.exec(&setuid);
-    target.run("file 1");
+    let (tracer, mut stderr, setuid) = traced_into_root(&daemon, &mut target);
     drop(target);
     let output = tracer.into_output();
     let mut said = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    stderr.read_to_string(&mut said).unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{said}");
     assert_eq!(said.lines().count(), 1, "{said}");
     assert!(said.starts_with("psleak: the target exec'd, and ") && said.contains(": tracing stops"), "{said}");
     assert_eq!(stdout.lines().count(), 1, "the last report alone: {stdout}");
-    let report = last_report(&stdout);
-    assert_eq!((&report["final"], &report["stopped_by"]), (&true.into(), &"target_changed_user".into()));
-    assert_eq!(report["fds"].as_array().unwrap().len(), 0, "nothing of root's is shown: {report:#}");
-    assert_eq!(report["suspects"].as_array().unwrap().len(), 0, "{report:#}");
-    assert!(report["process"].is_null(), "{report:#}");
-    let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
+    assert_nothing_of_roots(&stdout);
+    let _ = std::fs::remove_dir_all(setuid);
 }
 
 #[test]
@@ -268,14 +281,8 @@ fn a_target_that_becomes_root_and_runs_on_ends_its_tracers_trace_at_once() {
     // The daemon tells the tracer unasked (`protocol::Over`): it does not wait an interval to
     // learn that its session is over.
     let daemon = open_daemon();
-    let setuid = setuid_leaky();
     let mut target = Target::start(as_user(&mut Command::new(leaky()), user_a()));
-    let pid = target.pid().to_string();
-    let mut command = trace_as_user(&daemon.socket, &["--json", "--pid", &pid, "--interval", "3600"]);
-    let (child, mut stderr) = start_psleak(command.stdout(Stdio::piped()), "through the psleak daemon on");
-    let tracer = Tracer::from_child(child);
-    target.exec(&setuid);
-    target.run("file 1");
+    let (tracer, mut stderr, setuid) = traced_into_root(&daemon, &mut target);
     let tracer_pid = tracer.pid();
     let ended = common::wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(format!("/proc/{tracer_pid}/stat")).map_or(true, |s| s.contains(") Z "))
@@ -286,12 +293,10 @@ fn a_target_that_becomes_root_and_runs_on_ends_its_tracers_trace_at_once() {
     let output = tracer.into_output();
     assert!(ended, "the trace goes on while the target runs as root");
     let mut said = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    stderr.read_to_string(&mut said).unwrap();
     assert_eq!(output.status.code(), Some(0), "{said}");
     assert!(said.contains("psleak: the target exec'd, and it runs a setuid or setgid program"), "{said}");
-    let report = last_report(&String::from_utf8_lossy(&output.stdout));
-    assert_eq!(report["stopped_by"], "target_changed_user", "{report:#}");
-    assert_eq!(report["fds"].as_array().unwrap().len(), 0, "nothing of root's is shown: {report:#}");
+    assert_nothing_of_roots(&String::from_utf8_lossy(&output.stdout));
     target.run("malloc 1 1"); // it runs on
-    let _ = std::fs::remove_dir_all(setuid.parent().unwrap());
+    let _ = std::fs::remove_dir_all(setuid);
 }
