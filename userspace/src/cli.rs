@@ -308,6 +308,11 @@ fn one_line(rendered: &str) -> String {
 pub fn run<T: Into<OsString> + Clone>(args: impl IntoIterator<Item = T>) -> u8 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
+        // `psleak` alone: its help, which lists the commands, and a failure.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return 2;
+        }
         Err(e) if e.use_stderr() => {
             say(&format!("psleak: {}", one_line(&e.render().to_string())));
             return 2;

@@ -198,6 +198,10 @@ fn invalid_arguments() {
         &["trace", "--pid", &pid, "--min-size", "100", "--max-size", "10"],
         "--max-size is smaller than --min-size",
     );
+    // psleak alone: its help, which names its commands, and a failure.
+    let (code, stderr) = run_psleak(&[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("Commands:") && stderr.contains("trace"), "{stderr}");
 }
 
 #[test]

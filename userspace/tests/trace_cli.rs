@@ -148,8 +148,10 @@ fn what_a_command_does_in_a_library_it_loaded_just_before_it_exits_is_named() {
     // Its address space is gone once it has exited: it is held at its exit until psleak has
     // read every event it made (before, the library's blocks were `0x... in ?`).
     let (program, library) = common::loads_late();
-    for _ in 0..3 {
-        let out = psleak().args(["trace", "--json", "--"]).arg(&program).arg(&library).output().unwrap();
+    // Its main thread exits it, or another thread while the main one waits (its exit stops the
+    // main thread too).
+    for how in [&[][..], &["thread"], &[], &["thread"]] {
+        let out = psleak().args(["trace", "--json", "--"]).arg(&program).arg(&library).args(how).output().unwrap();
         assert!(out.status.success(), "{out:?}");
         let stdout = String::from_utf8(out.stdout).unwrap();
         let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();

@@ -148,33 +148,36 @@ static __always_inline __u64 read_user_u64(__u64 addr)
 /* str's state bits that say how its text is kept: compact and ascii (the others change). */
 #define STR_COMPACT_ASCII (0x20 | 0x40)
 
-/* The first `len` bytes of a little-endian word: a short name's text, not what follows it. */
-static __always_inline __u64 low_bytes(__u64 word, __u64 len)
-{
-	return len >= 8 ? word : word & ((1ULL << (8 * len)) - 1);
-}
-
 /* The stamp of the code object at `code` (events.h); what cannot be read counts as zeros. A
  * global function, verified once, as read_python_stack. */
 __noinline __u64 code_stamp(__u64 code)
 {
-	__u64 span[PSLEAK_CODE_SPAN / 8];
-	bpf_probe_read_user(span, sizeof(span), (void *)(code + py_layout.code_span));
+	__u64 span[PSLEAK_CODE_SPAN / 8] = {};
+	bpf_probe_read_user(span, py_layout.code_span_len & (PSLEAK_CODE_SPAN - 1), (void *)(code + py_layout.code_span));
 	__u64 qualname = SPAN_U64(span, PSLEAK_CODE_SPAN / 8, py_layout.code_qualname);
 	__u64 stamp = qualname;
 	stamp = PY_STAMP_MIX(stamp, SPAN_U64(span, PSLEAK_CODE_SPAN / 8, py_layout.code_filename));
 	stamp = PY_STAMP_MIX(stamp, SPAN_U32(span, PSLEAK_CODE_SPAN / 8, py_layout.code_firstlineno));
-	/* The qualname's own fields only: past its text, another object may start. */
 	__u64 name[PSLEAK_NAME_SPAN / 8] = {};
-	bpf_probe_read_user(name, py_layout.name_span_len & (PSLEAK_NAME_SPAN - 1), (void *)(qualname + 0x10));
+	__u64 str = qualname + 0x10;
+	bpf_probe_read_user(name, py_layout.name_span_len & (PSLEAK_NAME_SPAN - 1), (void *)str);
 	__u64 length = name[0];
 	stamp = PY_STAMP_MIX(stamp, length);
+	__u64 hash = SPAN_U64(name, PSLEAK_NAME_SPAN / 8, py_layout.name_hash);
+	if (hash != (__u64)-1)
+		return PY_STAMP_MIX(stamp, hash) & ~(__u64)PY_STAMP_FROM_TEXT;
 	if ((SPAN_U32(name, PSLEAK_NAME_SPAN / 8, py_layout.name_state) & STR_COMPACT_ASCII) == STR_COMPACT_ASCII) {
-		stamp = PY_STAMP_MIX(stamp, low_bytes(SPAN_U64(name, PSLEAK_NAME_SPAN / 8, py_layout.name_ascii), length));
-		__u64 rest = length > 8 ? length - 8 : 0;
-		stamp = PY_STAMP_MIX(stamp, low_bytes(SPAN_U64(name, PSLEAK_NAME_SPAN / 8, py_layout.name_ascii + 8), rest));
+		/* Its text, and not a byte past it (the object may end there), into the code's span,
+		 * which is done with. */
+		__u64 *text = span;
+		for (int i = 0; i < PSLEAK_NAME_TEXT / 8; i++)
+			text[i] = 0;
+		__u32 size = length < PSLEAK_NAME_TEXT ? length : PSLEAK_NAME_TEXT;
+		bpf_probe_read_user(text, size, (void *)(str + py_layout.name_ascii));
+		for (int i = 0; i < PSLEAK_NAME_TEXT / 8; i++)
+			stamp = PY_STAMP_MIX(stamp, text[i]);
 	}
-	return stamp;
+	return stamp | PY_STAMP_FROM_TEXT;
 }
 
 /* The current thread's Python frames, innermost first, into `py`; how many. A global function,

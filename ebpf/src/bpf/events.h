@@ -131,17 +131,28 @@ struct py_frame {
 	__u64 stamp;
 };
 
-/* Each frame is read in one go: PSLEAK_FRAME_SPAN bytes at most from `py_layout.frame_span`
- * (the fields it needs: code, caller, instruction, owner), then its code object's
- * PSLEAK_CODE_SPAN bytes from `code_span` (the fields of the stamp), then PSLEAK_NAME_SPAN
- * bytes of its qualname's str from its length on (`name_span`). */
-#define PSLEAK_FRAME_SPAN 128
-#define PSLEAK_CODE_SPAN 128
-#define PSLEAK_NAME_SPAN 64
+/* Each frame is read in one go, the span of the fields needed (its code, caller, instruction
+ * and owner), then its code object's span (the fields of the stamp), then its qualname's
+ * (length and state) and text. Each span is the loader's (`py_layout`), read into a buffer of
+ * these many bytes (powers of two), and never past its object: the probe cannot read a page
+ * the process has not touched, which userspace, reading /proc/PID/mem, would. */
+enum py_span {
+	PSLEAK_FRAME_SPAN = 128,
+	PSLEAK_CODE_SPAN = 128,
+	PSLEAK_NAME_SPAN = 32,
+	/* Bytes of an ASCII qualname's text in the stamp, at most: its first ones. */
+	PSLEAK_NAME_TEXT = 64,
+};
 /* The stamp of a code object, from fields that do not change while it lives: the addresses of
- * its qualname and filename, its first line, and its qualname's length and first 16 bytes of
- * text (an ASCII one's: others' bytes there are filled in lazily). Userspace mixes the same. */
+ * its qualname and filename, its first line, and its qualname's length and hash (set once,
+ * from its text; an interned name has it). A qualname without a hash yet gives its first
+ * PSLEAK_NAME_TEXT bytes of text instead (an ASCII one's: others' bytes there are filled in
+ * lazily), zero-padded, and the stamp says so (PY_STAMP_FROM_TEXT): its hash may be set by the
+ * time userspace reads it. Userspace mixes the same. */
 #define PY_STAMP_MIX(stamp, word) (((stamp) << 13 | (stamp) >> 51) ^ (__u64)(word))
+enum py_stamp_flag {
+	PY_STAMP_FROM_TEXT = 1,
+};
 
 struct py_stack {
 	__u32 depth;
@@ -171,15 +182,17 @@ struct py_layout {
 	__u32 frame_back;       /* the frame it was called from */
 	__u32 frame_instr;      /* its instruction pointer, or its f_lasti (an int) before 3.11 */
 	__s32 frame_owner;      /* 3.11+: who owns the frame (3: the C stack, a shim frame to skip); -1 before */
-	/* A code object's span: where it starts in the code object, and in it: */
+	/* A code object's span: where it starts in the code object, how long it is, and in it: */
 	__u32 code_span;
+	__u32 code_span_len;
 	__u32 code_qualname;    /* co_qualname (3.11+), co_name before */
 	__u32 code_filename;    /* co_filename */
 	__u32 code_firstlineno; /* co_firstlineno, an int */
 	/* A str's span starts at its length (0x10), and is this long; in it: */
 	__u32 name_span_len;
+	__u32 name_hash;        /* its hash, -1 until computed */
 	__u32 name_state;       /* its state bits (compact, ascii) */
-	__u32 name_ascii;       /* an ASCII str's text */
+	__u32 name_ascii;       /* an ASCII str's text, from the span's start (past it) */
 };
 
 /* The record layout of an event carrying EVF_STACK_SCAN; `py` holds what EVF_PY_STACK says. */

@@ -22,3 +22,5 @@ enum alloc_op unused_alloc_op = ALLOC_OP_SIZE_ARG1;
 enum free_op unused_free_op = FREE_OP_PTR_ARG1;
 enum event_flag unused_event_flag = EVF_STACK_SCAN;
 enum loss_kind unused_loss_kind = LOSS_RING_FULL;
+enum py_span unused_py_span = PSLEAK_FRAME_SPAN;
+enum py_stamp_flag unused_py_stamp_flag = PY_STAMP_FROM_TEXT;

@@ -286,7 +286,7 @@ struct Signals {
 
 impl Signals {
     fn take() -> Result<Self, Error> {
-        let failed = || Error::Io("cannot handle SIGINT and SIGTERM".into(), io::Error::last_os_error());
+        let failed = || Error::Io("cannot handle SIGINT, SIGTERM and SIGCHLD".into(), io::Error::last_os_error());
         // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initializes it;
         // the other calls take valid pointers to it, and a null old mask.
         unsafe {

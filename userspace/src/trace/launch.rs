@@ -31,7 +31,8 @@ enum Hold {
     Free,
 }
 
-/// A command started and held at its entry point.
+/// A command started for the trace: held at its entry point until released, then followed to
+/// its exit.
 pub struct Launched {
     child: Child,
     /// How the user wrote it, for messages.
@@ -61,14 +62,14 @@ impl Launched {
             return Ok(());
         }
         // SAFETY: ptrace on our own stopped tracee; no pointers passed.
-        if unsafe { libc::ptrace(libc::PTRACE_DETACH, self.raw_pid(), 0, 0) } != 0 {
+        if unsafe { libc::ptrace(libc::PTRACE_DETACH, self.raw_pid(), 0usize, 0usize) } != 0 {
             return Err(Error::Io(format!("cannot let {} run", self.name), io::Error::last_os_error()));
         }
         self.hold = Hold::Free;
         // Seized, not traced as before: its stops for job control are its own (PTRACE_LISTEN).
         let options = libc::PTRACE_O_TRACEEXIT as usize;
         // SAFETY: ptrace on our own child; the options travel in the data argument.
-        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, self.raw_pid(), 0, options) } == 0 {
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, self.raw_pid(), 0usize, options) } == 0 {
             self.hold = Hold::Followed;
             return Ok(());
         }
@@ -97,7 +98,7 @@ impl Launched {
     pub fn let_go(&mut self) {
         if self.hold == Hold::Followed {
             // SAFETY: ptrace on our own seized tracee; no pointers passed.
-            if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, self.raw_pid(), 0, 0) } != 0 {
+            if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, self.raw_pid(), 0usize, 0usize) } != 0 {
                 self.hold = Hold::Free; // it is gone: the wait says how it ended
                 return;
             }
@@ -109,6 +110,11 @@ impl Launched {
                 };
                 match stop_of(status) {
                     Some(Stop::Signal(signal)) => self.detach(signal),
+                    // On its way out: it ends in a moment.
+                    Some(Stop::Exit) => {
+                        self.detach(0);
+                        self.ending = true;
+                    }
                     Some(_) => self.detach(0),
                     None => self.resume(status),
                 }
@@ -166,13 +172,13 @@ impl Launched {
                 Some(Stop::Exit) => self.hold = Hold::AtExit,
                 // Stopped by SIGSTOP or SIGTSTP: it stays so until a SIGCONT, as without psleak.
                 Some(Stop::Group) => {
-                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0usize, 0usize);
                 }
                 Some(Stop::Signal(signal)) => {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, signal as usize);
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0usize, signal as usize);
                 }
                 Some(Stop::Other) => {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0usize, 0usize);
                 }
                 None => {}
             }
@@ -181,7 +187,7 @@ impl Launched {
 
     fn detach(&mut self, signal: libc::c_int) {
         // SAFETY: ptrace on our own stopped tracee; the signal travels in the data argument.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.raw_pid(), 0, signal as usize) };
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.raw_pid(), 0usize, signal as usize) };
         self.ending |= signal != 0;
         self.hold = Hold::Free;
     }
@@ -238,7 +244,7 @@ pub fn launch(command: &[OsString]) -> Result<Launched, Error> {
     cmd.args(args);
     // SAFETY: between fork and exec, only ptrace(2), which is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| match libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) {
+        cmd.pre_exec(|| match libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize) {
             0 => Ok(()),
             _ => Err(io::Error::last_os_error()),
         });
@@ -262,25 +268,25 @@ fn hold_at_entry(launched: &Launched) -> Result<(), Error> {
     // value; errno tells a failed peek from a word of -1.
     unsafe {
         *libc::__errno_location() = 0;
-        let word = libc::ptrace(libc::PTRACE_PEEKTEXT, pid, entry as *mut libc::c_void, 0);
+        let word = libc::ptrace(libc::PTRACE_PEEKTEXT, pid, entry as *mut libc::c_void, 0usize);
         if word == -1 && *libc::__errno_location() != 0 {
             return Err(failed("its entry point cannot be read"));
         }
         let trap = (word & !0xff) | 0xcc; // int3 in the entry's first byte
         if libc::ptrace(libc::PTRACE_POKETEXT, pid, entry as *mut libc::c_void, trap) != 0
-            || libc::ptrace(libc::PTRACE_CONT, pid, 0, 0) != 0
+            || libc::ptrace(libc::PTRACE_CONT, pid, 0usize, 0usize) != 0
         {
             return Err(failed("its entry point cannot be written"));
         }
         wait_for_trap(pid).map_err(|()| failed("it ended before its entry point"))?;
         let mut regs = std::mem::zeroed::<libc::user_regs_struct>();
         if libc::ptrace(libc::PTRACE_POKETEXT, pid, entry as *mut libc::c_void, word) != 0
-            || libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut libc::user_regs_struct) != 0
+            || libc::ptrace(libc::PTRACE_GETREGS, pid, 0usize, &mut regs as *mut libc::user_regs_struct) != 0
         {
             return Err(failed("its registers cannot be read"));
         }
         regs.rip = entry; // back onto the restored instruction
-        if libc::ptrace(libc::PTRACE_SETREGS, pid, 0, &regs as *const libc::user_regs_struct) != 0 {
+        if libc::ptrace(libc::PTRACE_SETREGS, pid, 0usize, &regs as *const libc::user_regs_struct) != 0 {
             return Err(failed("its registers cannot be written"));
         }
     }
@@ -300,7 +306,7 @@ fn wait_for_trap(pid: libc::pid_t) -> Result<(), ()> {
             libc::SIGTRAP => return Ok(()),
             // SAFETY: resumes our own stopped tracee with the signal it was stopped by.
             signal => unsafe {
-                libc::ptrace(libc::PTRACE_CONT, pid, 0, signal);
+                libc::ptrace(libc::PTRACE_CONT, pid, 0usize, signal as usize);
             },
         }
     }

@@ -160,6 +160,8 @@ impl Remote {
 
 impl Traced for Remote {
     fn wait(&mut self, signals: RawFd, timeout: Duration) -> Result<(), Error> {
+        // What the daemon said may be read already: then nothing is waited for.
+        let timeout = if self.stream.buffer().is_empty() { timeout } else { Duration::ZERO };
         wait_readable(&[signals, self.target.exit_fd(), self.stream.get_ref().as_raw_fd()], timeout)
             .map_err(|e| Error::Io("cannot wait for the target".into(), e))
     }
@@ -173,6 +175,9 @@ impl Traced for Remote {
     }
 
     fn catch_up(&mut self) -> Result<Option<StoppedBy>, Error> {
+        if self.ended || self.over.is_some() {
+            return Ok(self.over); // the daemon read it all already
+        }
         // The daemon reads everything the probes wrote before it answers (a mark is the
         // cheapest question).
         let reply: Value = serde_json::from_str(&self.ask(&json!({"op": "mark"}))?).map_err(|e| self.garbled(e))?;

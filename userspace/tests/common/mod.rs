@@ -49,7 +49,7 @@ pub fn assert_the_late_library_is_named(report: &Value) {
     let leak = leak.unwrap_or_else(|| panic!("the library's 5 blocks: {report:#}"));
     let (function, line) = (&leak["site"]["function"], &leak["site"]["line"]);
     assert_eq!((function, line), (&"leak_late".into(), &line_of("loads_late", "LEAK_LINE").into()), "{leak:#}");
-    let caller = leak["stack"].as_array().unwrap().iter().find(|f| f["function"] == "main");
+    let caller = leak["stack"].as_array().unwrap().iter().find(|f| f["function"] == "load_and_leak");
     assert_eq!(caller.map(|f| &f["line"]), Some(&line_of("loads_late", "CALL_LINE").into()), "{leak:#}");
 }
 

@@ -9,7 +9,8 @@
 //! with the GIL held or released; `_PyRuntime` is in the dynamic symbols of every build here.
 //!
 //! The target's memory is its own to forge: every read is bounded, and a code object is
-//! believed only if its type is `PyCode_Type`.
+//! believed only if its type is `PyCode_Type`, it is alive (a reference count in its first
+//! word), and it is the one the probe saw (the frame's stamp, events.h).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -57,10 +58,15 @@ fn span_of(fields: &[Field]) -> (u64, u64) {
 /// Where a str's span starts (its length, after the object's header); the probes read a
 /// qualname's from there.
 const STR_SPAN: u64 = 0x10;
-/// Where a str keeps its state bits.
+/// Where a str keeps its hash (-1 until computed) and its state bits.
+const STR_HASH: u64 = 0x18;
 const STR_STATE: u64 = 0x20;
 /// Its state bits that say how its text is kept: compact and ascii (the others change).
 const STR_COMPACT_ASCII: u32 = 0x20 | 0x40;
+/// Bytes of an ASCII qualname's text in a stamp, at most: its first ones.
+const NAME_TEXT: u64 = types::py_span::PSLEAK_NAME_TEXT.0 as u64;
+/// A stamp made from the qualname's text, which had no hash yet.
+const FROM_TEXT: u64 = types::py_stamp_flag::PY_STAMP_FROM_TEXT.0 as u64;
 
 impl Layout {
     /// The frame's fields the probes read (events.h `py_layout`).
@@ -79,9 +85,9 @@ impl Layout {
         [(self.code_qualname, 8), (self.code_filename, 8), (self.code_firstlineno, 4)]
     }
 
-    /// A str's fields that go into a stamp: its length, its state, an ASCII one's first 16 bytes.
+    /// A str's fields that go into a stamp (or an ASCII one's text, read apart).
     fn name_fields(&self) -> [Field; 3] {
-        [(STR_SPAN, 8), (STR_STATE, 4), (self.ascii_data, 16)]
+        [(STR_SPAN, 8), (STR_HASH, 8), (STR_STATE, 4)]
     }
 }
 
@@ -228,7 +234,7 @@ impl PythonStacks {
             Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
         };
         let (frame_span, frame_span_len) = span_of(&layout.frame_fields());
-        let (code_span, _) = span_of(&layout.code_fields());
+        let (code_span, code_span_len) = span_of(&layout.code_fields());
         // Offsets in a span; small by construction (`each_span_holds_its_fields_where_the_probes_read_them`).
         let within = |at: u64, span: u64| (at - span) as u32;
         let probes = types::py_layout {
@@ -247,10 +253,12 @@ impl PythonStacks {
             frame_instr: within(layout.frame_instr.into(), frame_span),
             frame_owner: u64::try_from(layout.frame_owner).map_or(-1, |owner| within(owner, frame_span) as i32),
             code_span: code_span as u32,
+            code_span_len: code_span_len as u32,
             code_qualname: within(layout.code_qualname, code_span),
             code_filename: within(layout.code_filename, code_span),
             code_firstlineno: within(layout.code_firstlineno, code_span),
             name_span_len: span_of(&layout.name_fields()).1 as u32,
+            name_hash: within(STR_HASH, STR_SPAN),
             name_state: within(STR_STATE, STR_SPAN),
             name_ascii: within(layout.ascii_data, STR_SPAN),
         };
@@ -285,7 +293,8 @@ impl PythonStacks {
                 self.codes.clear();
             }
             // The code the probe saw, or nothing: not what came to its address since.
-            let read = self.read_code(code, process).filter(|(_, stamp)| *stamp == frame.stamp);
+            let read = self.read_code(code, frame.stamp & FROM_TEXT != 0, process);
+            let read = read.filter(|(_, stamp)| *stamp == frame.stamp);
             self.codes.insert(key, read.map(|(info, _)| info));
         }
         let layout = self.layout;
@@ -305,8 +314,9 @@ impl PythonStacks {
         })
     }
 
-    /// The code object at `code`, and its stamp.
-    fn read_code(&self, code: u64, process: &Process) -> Option<(Code, u64)> {
+    /// The code object at `code`, and its stamp (from its qualname's text, not its hash, if
+    /// `from_text`).
+    fn read_code(&self, code: u64, from_text: bool, process: &Process) -> Option<(Code, u64)> {
         let layout = self.layout;
         let word = |addr: u64| process.read(addr, 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()));
         // A live code object: its type, after a reference count (1 to 2^32 - 1, which marks the
@@ -319,10 +329,7 @@ impl PythonStacks {
         let firstlineno = process.read(code + layout.code_firstlineno, 4)?;
         let firstlineno = u32::from_ne_bytes(firstlineno.try_into().ok()?);
         let (qualname, filename) = (word(code + layout.code_qualname)?, word(code + layout.code_filename)?);
-        // As the probe reads it: what cannot be read counts as zeros.
-        let name_len = self.probes.name_span_len as usize;
-        let name = process.read(qualname + STR_SPAN, name_len).unwrap_or_else(|| vec![0; name_len]);
-        let stamp = self.stamp(qualname, filename, firstlineno, &name);
+        let stamp = self.stamp(qualname, filename, firstlineno, from_text, process);
         let (qualname, filename) = (self.read_str(qualname, process)?, self.read_str(filename, process)?);
         let table = word(code + layout.code_linetable)?;
         // A bytes object: its size (ob_size) at 0x10, its bytes (ob_sval) at 0x20.
@@ -333,23 +340,32 @@ impl PythonStacks {
         alive()?.then_some((Code { qualname, filename, firstlineno, linetable }, stamp))
     }
 
-    /// The stamp of a code object (common.bpf.h `code_stamp`), from its fields and the span
-    /// of its qualname (`name`).
-    fn stamp(&self, qualname: u64, filename: u64, firstlineno: u32, name: &[u8]) -> u64 {
-        let at = |offset: u32, size: usize| {
-            let mut bytes = [0u8; 8];
-            let field = name.get(offset as usize..offset as usize + size).unwrap_or(&[0; 8][..size]);
-            bytes[..size].copy_from_slice(field);
-            u64::from_ne_bytes(bytes)
+    /// The stamp of a code object (common.bpf.h `code_stamp`), from its fields and its
+    /// qualname's, read as the probe reads them: what cannot be read counts as zeros. From the
+    /// qualname's text if `from_text` (the probe found it had no hash yet), else from its hash.
+    fn stamp(&self, qualname: u64, filename: u64, firstlineno: u32, from_text: bool, process: &Process) -> u64 {
+        let read = |addr: u64, len: usize| process.read(addr, len).unwrap_or_else(|| vec![0; len]);
+        let word = |bytes: &[u8], at: usize| {
+            let mut word = [0u8; 8];
+            let field = bytes.get(at..).unwrap_or_default();
+            let n = field.len().min(8);
+            word[..n].copy_from_slice(&field[..n]);
+            u64::from_ne_bytes(word)
         };
-        let mut stamp = mix(mix(qualname, filename), u64::from(firstlineno));
-        let length = at(0, 8);
-        stamp = mix(stamp, length);
-        if at(self.probes.name_state, 4) as u32 & STR_COMPACT_ASCII == STR_COMPACT_ASCII {
-            stamp = mix(stamp, low_bytes(at(self.probes.name_ascii, 8), length));
-            stamp = mix(stamp, low_bytes(at(self.probes.name_ascii + 8, 8), length.saturating_sub(8)));
+        let str = qualname.wrapping_add(STR_SPAN);
+        let name = read(str, self.probes.name_span_len as usize);
+        let length = word(&name, 0);
+        let mut stamp = mix(mix(mix(qualname, filename), u64::from(firstlineno)), length);
+        if !from_text {
+            return mix(stamp, word(&name, self.probes.name_hash as usize)) & !FROM_TEXT;
         }
-        stamp
+        let state = word(&name, self.probes.name_state as usize) as u32;
+        if state & STR_COMPACT_ASCII == STR_COMPACT_ASCII {
+            let mut text = read(str.wrapping_add(self.probes.name_ascii.into()), length.min(NAME_TEXT) as usize);
+            text.resize(NAME_TEXT as usize, 0);
+            stamp = text.chunks_exact(8).fold(stamp, |stamp, w| mix(stamp, word(w, 0)));
+        }
+        stamp | FROM_TEXT
     }
 
     /// A compact str: its length, then its state; ASCII ones only are read here (the names and
@@ -369,14 +385,6 @@ impl PythonStacks {
 /// events.h's PY_STAMP_MIX.
 fn mix(stamp: u64, word: u64) -> u64 {
     stamp.rotate_left(13) ^ word
-}
-
-/// common.bpf.h's LOW_BYTES: the first `len` bytes of a little-endian word.
-fn low_bytes(word: u64, len: u64) -> u64 {
-    match len {
-        8.. => word,
-        _ => word & ((1u64 << (8 * len)) - 1),
-    }
 }
 
 /// `3.12` from `libpython3.12.so.1.0` or `python3.12`.
@@ -502,12 +510,13 @@ mod tests {
         // The probes read each span into a buffer of events.h's PSLEAK_*_SPAN bytes and mask
         // each field's offset to a place in it aligned to the field's size: a field out of its
         // span, or not so aligned, would be read from elsewhere.
-        const FRAME_SPAN: u64 = 128;
-        const CODE_SPAN: u64 = 128;
-        const NAME_SPAN: u64 = 64;
+        let size = |span: types::py_span| u64::from(span.0);
         for layout in &LAYOUTS {
-            let spans = [(layout.frame_fields(), FRAME_SPAN), (layout.code_fields().to_vec(), CODE_SPAN)];
-            let name = (layout.name_fields().to_vec(), NAME_SPAN);
+            let spans = [
+                (layout.frame_fields(), size(types::py_span::PSLEAK_FRAME_SPAN)),
+                (layout.code_fields().to_vec(), size(types::py_span::PSLEAK_CODE_SPAN)),
+            ];
+            let name = (layout.name_fields().to_vec(), size(types::py_span::PSLEAK_NAME_SPAN));
             for (fields, buffer) in spans.into_iter().chain([name]) {
                 let (start, len) = span_of(&fields);
                 assert!(len < buffer, "3.{}: a span of {len} bytes", layout.minor);
