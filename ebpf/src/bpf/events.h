@@ -133,7 +133,7 @@ struct py_frame {
 
 /* Each frame is read in one go, the span of the fields needed (its code, caller, instruction
  * and owner), then its code object's span (the fields of the stamp), then its qualname's
- * (length and state) and text. Each span is the loader's (`py_layout`), read into a buffer of
+ * (length, hash and state), and its text if it has no hash yet. Each span is the loader's (`py_layout`), read into a buffer of
  * these many bytes (powers of two), and never past its object: the probe cannot read a page
  * the process has not touched, which userspace, reading /proc/PID/mem, would. */
 enum py_span {
