@@ -182,7 +182,12 @@ fn live_in_windows(ledger: &Ledger, windows: &[(Mark, Mark)]) -> Vec<SiteTotals>
 }
 
 pub fn reply_line<T: Serialize>(reply: &Reply<T>) -> String {
-    let mut line = serde_json::to_string(reply).expect("replies serialize");
+    json_line(reply)
+}
+
+/// One line of the protocol: a reply, or a notice a session sends unasked.
+pub fn json_line(message: &impl Serialize) -> String {
+    let mut line = serde_json::to_string(message).expect("the protocol's messages serialize");
     line.push('\n');
     line
 }

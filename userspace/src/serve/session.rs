@@ -24,7 +24,7 @@ use crate::model::ledger::Ledger;
 use crate::model::lost::Lost;
 use crate::process::{Credentials, Process};
 use crate::report::{Reporter, Selection, StoppedBy};
-use crate::serve::answer::{failure, reply_line, Answerer, Moment};
+use crate::serve::answer::{failure, json_line, reply_line, Answerer, Moment};
 use crate::serve::protocol::{self, Next, Ready, Reply, RequestReader, VERSION};
 
 /// How long a client may leave a reply unread before the session gives up on it.
@@ -308,9 +308,7 @@ fn after_drain(live: &mut Live<'_>, client: &mut Client, config: &SessionConfig<
 /// session is over, and its last report shows nothing.
 fn censored(client: &mut Client, why: String, control: &Control) -> Result<Drained, Error> {
     let notice = protocol::Over { over: StoppedBy::TargetChangedUser, why: why.clone() };
-    let mut line = serde_json::to_string(&notice).expect("notices serialize");
-    line.push('\n');
-    client.send(&line, &control.stop)?;
+    client.send(&json_line(&notice), &control.stop)?;
     Ok(Drained::Ended(Ended { at: Instant::now(), censored: Some(why) }))
 }
 

@@ -85,10 +85,8 @@ impl Remote {
             "python_frames": options.python_frames,
             "final_report": true,
         });
-        let ready: Value = serde_json::from_str(&remote.ask(&attach)?).map_err(|e| remote.garbled(e))?;
-        if ready["ok"] != true {
-            return Err(remote.refused(ready["error"].as_str()));
-        }
+        let line = remote.ask(&attach)?;
+        let ready = remote.answered(&line)?;
         let path = |field: &str| ready[field].as_str().map(str::to_string);
         let attached = format!(
             "{} probes on {}{}",
@@ -144,8 +142,17 @@ impl Remote {
         if self.took_notice(&line) {
             return Ok(());
         }
-        let said: Value = serde_json::from_str(&line).map_err(|e| self.garbled(e))?;
-        Err(self.refused(said["error"].as_str()))
+        self.answered(&line)?;
+        Err(self.refused(None))
+    }
+
+    /// A reply that says it was done (`ok`); its refusal, or garbage, as the error.
+    fn answered(&self, line: &str) -> Result<Value, Error> {
+        let reply: Value = serde_json::from_str(line).map_err(|e| self.garbled(e))?;
+        match reply["ok"] == true {
+            true => Ok(reply),
+            false => Err(self.refused(reply["error"].as_str())),
+        }
     }
 
     fn refused(&self, why: Option<&str>) -> Error {
@@ -180,11 +187,8 @@ impl Traced for Remote {
         }
         // The daemon reads everything the probes wrote before it answers (a mark is the
         // cheapest question).
-        let reply: Value = serde_json::from_str(&self.ask(&json!({"op": "mark"}))?).map_err(|e| self.garbled(e))?;
-        match reply["ok"] == true {
-            true => Ok(None),
-            false => Err(self.refused(reply["error"].as_str())),
-        }
+        let line = self.ask(&json!({"op": "mark"}))?;
+        self.answered(&line).map(|_| None)
     }
 
     fn report(&mut self, stopped_by: Option<StoppedBy>) -> Result<(), Error> {
